@@ -1,0 +1,24 @@
+"""Stage 1: ratings → prompts, golden pages and preference pairs (Ray Data).
+
+    python -m jobs.data --run runs/demo [--config configs/tiny.yaml] [--set data.split=random]
+"""
+
+from __future__ import annotations
+
+from jobs.common import open_run, ray_session, stage_parser
+from pagellm.data.pipeline import run_data_stage
+
+
+def run(folder, cfg) -> dict:
+    return run_data_stage(cfg, folder.data)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = stage_parser("data", __doc__).parse_args(argv)
+    folder, cfg = open_run(args)
+    with ray_session():
+        run(folder, cfg)
+
+
+if __name__ == "__main__":
+    main()

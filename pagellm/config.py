@@ -1,0 +1,235 @@
+"""Typed configuration: YAML files plus dotted overrides (`--set ppo.lr=1e-5`).
+
+Every model forbids unknown keys, so a typo in a config file or an override fails
+before any work starts instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SimulatorConfig(Strict):
+    users: int = Field(400, ge=2)
+    items: int = Field(300, ge=10)
+    categories: int = Field(12, ge=1)
+    latent_dim: int = Field(8, ge=1)
+    interactions_per_user: int = Field(40, ge=5)
+    taste_drift: float = Field(0.05, ge=0.0)
+    rating_noise: float = Field(0.5, ge=0.0)
+    popularity_exponent: float = Field(1.0, ge=0.0)
+    satiation: float = Field(0.5, ge=0.0, le=1.0)
+
+
+class DataConfig(Strict):
+    source: Literal["simulator", "amazon", "movielens", "sequence", "csv", "parquet"] = "simulator"
+    path: str | None = None
+    items_path: str | None = None
+    # Generic CSV/Parquet: canonical name -> column name in the file.
+    columns: dict[str, str] = Field(default_factory=dict)
+    # Valid rating range; None takes the reader's own (MovieLens 0.5-5, Amazon 1-5).
+    rating_scale: tuple[float, float] | None = None
+    positive_threshold: float = 3.0  # positive: rating > this
+    negative_threshold: float = 3.0  # non-preferred: rating < this
+    kcore: int = Field(0, ge=0)  # min interactions per user and per item; 0 = off
+    split: Literal["chrono", "random", "leave_one_out"] = "chrono"
+    split_ratios: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    history_len: int = Field(20, ge=1)
+    page_len: int = Field(10, ge=2)
+    category_cap: float = Field(0.4, gt=0.0, le=1.0)
+    # Which label of an item's category path feeds diversity: "leaf", "top" or an index.
+    category_level: str = "leaf"
+    ranking_swaps: int = Field(2, ge=1)
+    sft_windows: int = Field(1, ge=1)  # SFT rows per user (earlier cut points of the history)
+    max_users: int | None = None
+    simulator: SimulatorConfig = Field(default_factory=SimulatorConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> "DataConfig":
+        if abs(sum(self.split_ratios) - 1.0) > 1e-6:
+            raise ValueError(f"data.split_ratios must sum to 1, got {self.split_ratios}")
+        if self.source != "simulator" and not self.path:
+            raise ValueError(f"data.path is required for data.source={self.source!r}")
+        return self
+
+
+class LoraConfig(Strict):
+    enabled: bool = False
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] | str = "all-linear"
+
+
+class ModelConfig(Strict):
+    # A hub name, a local directory, or "config" for random init from `arch` + `init`.
+    name: str = "config"
+    arch: Literal["gpt2", "llama"] = "gpt2"
+    # Config fields for random init (e.g. n_layer, n_embd); merged over the arch defaults.
+    init: dict[str, Any] = Field(default_factory=dict)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+
+
+class TrainCommon(Strict):
+    epochs: int = Field(1, ge=0)
+    lr: float = Field(1e-4, gt=0)
+    batch_size: int = Field(32, ge=1)
+    weight_decay: float = 0.0
+    warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0)
+    grad_clip: float = 1.0
+    workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    zero_stage: int = Field(0, ge=0, le=3)
+    log_every: int = Field(20, ge=1)
+
+
+class SFTConfig(TrainCommon):
+    epochs: int = 10
+    lr: float = 2e-5
+    meta_epochs: int = Field(0, ge=0)
+    meta_lr: float = 5e-5
+
+
+class RewardConfig(TrainCommon):
+    epochs: int = 5
+    lr: float = 1e-5
+    batch_size: int = 64
+    heads: Literal["sum", "coarse", "fine"] = "sum"
+    val_fraction: float = Field(0.1, gt=0.0, lt=1.0)
+    patience: int = Field(2, ge=1)
+
+
+class PPOConfig(Strict):
+    enabled: bool = True
+    steps: int = Field(50, ge=0)
+    batch_size: int = Field(64, ge=1)
+    mini_batch_size: int = Field(32, ge=1)
+    epochs: int = Field(5, ge=1)  # optimisation epochs per batch
+    lr: float = 1e-5
+    clip: float = 0.2
+    value_clip: float = 0.2
+    kl_beta: float = 0.1
+    gamma: float = 1.0
+    lam: float = 0.95
+    vf_coef: float = 0.5
+    entropy_coef: float = 0.0
+    normalize_reward: bool = True
+    temperature: float = 1.0
+    reward: Literal["sum", "coarse", "fine"] = "sum"
+    max_staleness: int = Field(1, ge=0)
+    rollout_actors: int = Field(1, ge=1)
+    reward_actors: int = Field(1, ge=1)
+    checkpoint_every: int = Field(10, ge=1)
+    grad_clip: float = 1.0
+    advantage: str = "gae"
+    policy_loss: str = "clipped"
+
+
+class EvalConfig(Strict):
+    list_len: int = Field(100, ge=10)
+    page_len: int = Field(10, ge=1)
+    exclude_history: bool = True
+    max_users: int | None = None
+    batch_size: int = 64
+    baselines: list[str] = Field(default_factory=lambda: ["popularity", "sasrec"])
+    sasrec: dict[str, Any] = Field(default_factory=dict)
+
+
+class ServeConfig(Strict):
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_k: int = Field(50, ge=1)
+    max_history: int = Field(200, ge=1)
+    max_batch_size: int = 16
+    batch_wait_timeout_s: float = 0.005
+    num_replicas: int | Literal["auto"] = 1
+    autoscaling: dict[str, Any] = Field(default_factory=dict)
+
+
+class Config(Strict):
+    seed: int = 0
+    run_dir: str | None = None  # set by the CLI from --out/--run; may be a URI
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    sft: SFTConfig = Field(default_factory=SFTConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
+    ppo: PPOConfig = Field(default_factory=PPOConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+
+
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+class ConfigError(ValueError):
+    """A config file or override is wrong; raised before any work starts."""
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {dotted}: {key!r} is a value, not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`a.b=v` -> ("a.b", v) with v parsed as YAML (so 1e-5, true, [1,2] work)."""
+    if "=" not in text:
+        raise ConfigError(f"--set expects key=value, got {text!r}")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"--set expects key=value, got {text!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    # YAML 1.1 reads "1e-5" as a string; a number written that way is meant as a float.
+    if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+        value = float(value)
+    return key, value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML config (default: configs/tiny.yaml), apply overrides, validate."""
+    path = Path(path) if path else DEFAULT_CONFIG
+    if not path.exists():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value)
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as exc:
+        lines = [f"invalid config ({path}{' + overrides' if overrides else ''}):"]
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err["loc"])
+            lines.append(f"  {where}: {err['msg']}")
+        raise ConfigError("\n".join(lines)) from None
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))

@@ -1,0 +1,86 @@
+"""Baseline recommenders scored on the same tracks as the policy.
+
+Every baseline works on dense item indices 0..n_items-1 and answers through one
+interface: `fit` on training sequences, `score` every item for a batch of histories.
+The page track ranks those scores (`rank`); the full-ranking track feeds them to
+`pagellm.eval.metrics.evaluate_full_ranking`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+
+@runtime_checkable
+class Baseline(Protocol):
+    name: str
+
+    def fit(self, train_sequences: list[list[int]], n_items: int) -> None:
+        """Learn from each user's training items in time order."""
+
+    def score(self, histories: list[list[int]]) -> np.ndarray:
+        """[len(histories), n_items] float scores, higher = recommend first."""
+
+
+def check_sequences(sequences: Sequence[Sequence[int]], n_items: int, what: str) -> None:
+    """Raise a clear error for an item index outside 0..n_items-1."""
+    for u, seq in enumerate(sequences):
+        for x in seq:
+            if not 0 <= int(x) < n_items:
+                raise ValueError(f"{what}[{u}] holds item {x}, outside 0..{n_items - 1}")
+
+
+def rank(
+    baseline: Baseline,
+    histories: Sequence[Sequence[int]],
+    k: int,
+    exclude: Sequence[Iterable[int]] | None = None,
+    batch_size: int = 1024,
+) -> list[list[int]]:
+    """Top-k item indices per user, best first, never an excluded item.
+
+    exclude[u] lists items user u must not get (usually the history); when fewer than k
+    items remain the list is shorter rather than padded with excluded items.
+    """
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if exclude is not None and len(exclude) != len(histories):
+        raise ValueError(f"{len(exclude)} exclude lists for {len(histories)} histories")
+    out: list[list[int]] = []
+    for start in range(0, len(histories), batch_size):
+        batch = [list(h) for h in histories[start : start + batch_size]]
+        scores = np.array(baseline.score(batch), dtype=np.float64, copy=True)
+        n_items = scores.shape[1]
+        if exclude is not None:
+            for r, items in enumerate(exclude[start : start + batch_size]):
+                idx = np.fromiter((int(x) for x in items), dtype=np.int64)
+                scores[r, idx[(idx >= 0) & (idx < n_items)]] = -np.inf
+        kk = min(k, n_items)
+        top = np.argpartition(-scores, kk - 1, axis=1)[:, :kk]
+        order = np.argsort(-np.take_along_axis(scores, top, axis=1), axis=1, kind="stable")
+        top = np.take_along_axis(top, order, axis=1)
+        valid = np.isfinite(np.take_along_axis(scores, top, axis=1))
+        out.extend(row[ok].tolist() for row, ok in zip(top, valid))
+    return out
+
+
+def make_baseline(name: str, params: dict[str, Any] | None = None) -> Baseline:
+    """A baseline by its config name ("popularity", "sasrec") with its hyperparameters."""
+    params = dict(params or {})
+    if name == "popularity":
+        from pagellm.eval.baselines.popularity import PopularityBaseline
+
+        if params:
+            raise ValueError(f"popularity takes no parameters, got {sorted(params)}")
+        return PopularityBaseline()
+    if name == "sasrec":
+        from pagellm.eval.baselines.sasrec import SASRec
+
+        return SASRec(params)
+    raise ValueError(f"unknown baseline {name!r}; known: popularity, sasrec")
+
+
+__all__ = ["Baseline", "check_sequences", "make_baseline", "rank"]

@@ -1,0 +1,355 @@
+"""Constrained page decoding: a page is K distinct, allowed item tokens and then <eos>.
+
+The rule at response position t (t = 0..K), given the items already on the page:
+  - an item is allowed iff t < K, it is not on the page yet and not excluded;
+  - <eos> is allowed iff no item is allowed (t == K, or every item is used or excluded).
+So <eos> is always the only choice when it is allowed, and a page is shorter than K only
+when fewer than K items were allowed for that prompt (its row then ends early, padded).
+
+Every token's log-probability is taken under that constrained distribution (masked, then
+temperature-scaled, renormalised over item tokens + eos). `generate_pages` and
+`constrained_logprobs` share `_step_logprobs`, so a teacher-forced pass reproduces the
+behaviour logprobs of a rollout exactly (up to float noise between cached and uncached
+attention) — the PPO ratio starts at 1.
+
+The loop is written out instead of using HF generate + LogitsProcessors: it is short,
+batched with left padding and a KV cache, and hands back the exact constrained logprobs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pagellm.vocab import TokenLayout
+
+MODES = ("greedy", "sample", "beam")
+
+
+@dataclass
+class PageBatch:
+    """Pages for a batch of prompts; tensors live on the model's device.
+
+    items:          item indices per page (length k, fewer only if fewer were allowed)
+    sequences:      [B, L + k + 1] left-padded prompt followed by the response
+    attention_mask: [B, L + k + 1] 1 on prompt and response tokens, 0 on padding
+    response_ids:   [B, k + 1] item tokens then eos, pad after an early eos
+    logprobs:       [B, k + 1] constrained log-probability of each response token (0 on pad)
+    response_mask:  [B, k + 1] True on real response tokens (items and eos)
+    prompt_lens:    unpadded prompt lengths (the prompt occupies sequences[b, L - len:L])
+    """
+
+    items: list[list[int]]
+    sequences: torch.Tensor
+    attention_mask: torch.Tensor
+    response_ids: torch.Tensor
+    logprobs: torch.Tensor
+    response_mask: torch.Tensor
+    prompt_lens: list[int]
+
+    @property
+    def prompt_width(self) -> int:
+        return self.sequences.shape[1] - self.response_ids.shape[1]
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask, position_ids) with prompts right-aligned, so every row's
+    next token sits at the same column and one cached step serves the whole batch."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt) :] = torch.as_tensor(prompt, dtype=torch.long)
+        mask[row, width - len(prompt) :] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return ids.to(device), mask.to(device), positions.to(device)
+
+
+def exclusion_mask(exclude, batch: int, n_items: int, device) -> torch.Tensor:
+    """Bool [B, n_items], True where the item may not appear on that row's page."""
+    mask = torch.zeros((batch, n_items), dtype=torch.bool)
+    if exclude is None:
+        return mask.to(device)
+    if len(exclude) != batch:
+        raise ValueError(f"exclude has {len(exclude)} entries for {batch} prompts")
+    for row, items in enumerate(exclude):
+        items = [int(i) for i in items]
+        bad = [i for i in items if not 0 <= i < n_items]
+        if bad:
+            raise ValueError(f"exclude[{row}] holds item indices outside 0..{n_items - 1}: {bad[:5]}")
+        mask[row, items] = True
+    return mask.to(device)
+
+
+def _step_logprobs(logits: torch.Tensor, layout: TokenLayout, blocked: torch.Tensor, t: int, k: int, temperature: float):
+    """Constrained log-probabilities over [item_0..item_{n-1}, eos] at position t.
+
+    logits [N, V]; blocked [N, n_items] (used or excluded). Returns [N, n_items + 1].
+    """
+    lo, hi = layout.item_offset, layout.item_offset + layout.n_items
+    scores = torch.cat([logits[:, lo:hi], logits[:, layout.eos_id : layout.eos_id + 1]], dim=-1).float()
+    scores = scores / temperature
+    items_ok = ~blocked if t < k else torch.zeros_like(blocked)
+    eos_ok = ~items_ok.any(dim=-1, keepdim=True)
+    allowed = torch.cat([items_ok, eos_ok], dim=-1)
+    return scores.masked_fill(~allowed, float("-inf")).log_softmax(dim=-1)
+
+
+def _entropy(logp: torch.Tensor) -> torch.Tensor:
+    p = logp.exp()
+    return -(p * torch.where(p > 0, logp, torch.zeros_like(logp))).sum(dim=-1)
+
+
+def _forward(model, ids, mask, positions, past=None, keep: int = 1, cache: bool = True, hidden: bool = False):
+    # logits_to_keep: only the positions that are scored get the (vocab-wide) lm_head.
+    return model(
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=positions,
+        past_key_values=past,
+        use_cache=cache,
+        logits_to_keep=keep,
+        output_hidden_states=hidden,
+    )
+
+
+class _EvalMode:
+    """Dropout off while decoding; the caller's train/eval mode comes back afterwards."""
+
+    def __init__(self, model):
+        self.model, self.was_training = model, model.training
+
+    def __enter__(self):
+        self.model.eval()
+
+    def __exit__(self, *exc):
+        self.model.train(self.was_training)
+
+
+def generate_pages(
+    model,
+    layout: TokenLayout,
+    prompts: list[list[int]],
+    k: int,
+    mode: str = "greedy",
+    exclude: list | None = None,
+    temperature: float = 1.0,
+    num_beams: int = 4,
+    generator: torch.Generator | None = None,
+) -> PageBatch:
+    """Write one page of k items per prompt. Greedy = argmax, sample = multinomial (pass a
+    `generator` on the model's device for reproducibility), beam = the highest-scoring page
+    among `num_beams` beams (sum of constrained logprobs; every page has the same length)."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    device = _device(model)
+    ids, mask, positions = left_pad(prompts, layout.pad_id, device)
+    blocked = exclusion_mask(exclude, len(prompts), layout.n_items, device)
+    with _EvalMode(model), torch.no_grad():
+        if mode == "beam":
+            tokens, logps, done_at = _beam_search(model, layout, ids, mask, positions, blocked, k, temperature, num_beams)
+        else:
+            tokens, logps, done_at = _sample(model, layout, ids, mask, positions, blocked, k, temperature, mode, generator)
+    steps = torch.arange(k + 1, device=device)
+    response_mask = steps[None, :] <= done_at[:, None]
+    tokens = tokens.masked_fill(~response_mask, layout.pad_id)
+    logps = logps.masked_fill(~response_mask, 0.0)
+    items = [[int(t) - layout.item_offset for t in row[: int(n)]] for row, n in zip(tokens.tolist(), done_at.tolist())]
+    return PageBatch(
+        items=items,
+        sequences=torch.cat([ids, tokens], dim=1),
+        attention_mask=torch.cat([mask, response_mask.long()], dim=1),
+        response_ids=tokens,
+        logprobs=logps,
+        response_mask=response_mask,
+        prompt_lens=[len(p) for p in prompts],
+    )
+
+
+def _token_of(choice: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+    """Slot in [items..., eos] -> token id."""
+    return torch.where(choice == layout.n_items, torch.full_like(choice, layout.eos_id), choice + layout.item_offset)
+
+
+def _sample(model, layout, ids, mask, positions, blocked, k, temperature, mode, generator):
+    batch, device = ids.shape[0], ids.device
+    rows = torch.arange(batch, device=device)
+    tokens = torch.full((batch, k + 1), layout.pad_id, dtype=torch.long, device=device)
+    logps = torch.zeros((batch, k + 1), device=device)
+    done_at = torch.full((batch,), k, dtype=torch.long, device=device)  # position of each row's eos
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    blocked = blocked.clone()
+    out = _forward(model, ids, mask, positions)
+    past, last_pos = out.past_key_values, positions[:, -1:]
+    for t in range(k + 1):
+        logp = _step_logprobs(out.logits[:, -1], layout, blocked, t, k, temperature)
+        if mode == "greedy":
+            choice = logp.argmax(dim=-1)
+        else:
+            choice = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(-1)
+        tokens[:, t] = _token_of(choice, layout)
+        logps[:, t] = logp[rows, choice]
+        is_eos = (choice == layout.n_items) & ~done
+        done_at = torch.where(is_eos, torch.full_like(done_at, t), done_at)
+        done |= is_eos
+        item_rows = ~done
+        blocked[rows[item_rows], choice[item_rows]] = True
+        if bool(done.all()) or t == k:
+            break
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        last_pos = last_pos + 1
+        out = _forward(model, tokens[:, t : t + 1], mask, last_pos, past=past)
+        past = out.past_key_values
+    return tokens, logps, done_at
+
+
+def _beam_search(model, layout, ids, mask, positions, blocked, k, temperature, num_beams):
+    """Batched beam search over item tokens; beams of one row always end together, since
+    <eos> becomes allowed at the same step for all of them."""
+    batch, device, width = ids.shape[0], ids.device, num_beams
+    slots = layout.n_items + 1
+    flat = batch * width
+    out = _forward(model, ids, mask, positions)
+    past = out.past_key_values
+    past.batch_repeat_interleave(width)  # one prompt pass, then one cache row per beam
+    logits = out.logits[:, -1].repeat_interleave(width, dim=0)
+    mask = mask.repeat_interleave(width, dim=0)
+    last_pos = positions[:, -1:].repeat_interleave(width, dim=0)
+    blocked = blocked.repeat_interleave(width, dim=0)
+    scores = torch.full((batch, width), float("-inf"), device=device)
+    scores[:, 0] = 0.0  # identical beams at the start: keep one so pages are not duplicated
+    tokens = torch.full((flat, k + 1), layout.pad_id, dtype=torch.long, device=device)
+    logps = torch.zeros((flat, k + 1), device=device)
+    done_at = torch.full((batch,), k, dtype=torch.long, device=device)
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    beam_ids = torch.arange(width, device=device).expand(batch, width)
+    for t in range(k + 1):
+        logp = _step_logprobs(logits, layout, blocked, t, k, temperature).view(batch, width, slots)
+        top, index = (scores[:, :, None] + logp).view(batch, width * slots).topk(width, dim=-1)
+        source, choice = index // slots, index % slots
+        # Finished rows stand still: same beams, same scores, padding tokens.
+        source = torch.where(done[:, None], beam_ids, source)
+        top = torch.where(done[:, None], scores, top)
+        chosen_logp = logp.gather(1, source[:, :, None].expand(-1, -1, slots)).gather(2, choice[:, :, None]).squeeze(2)
+        flat_source = (torch.arange(batch, device=device)[:, None] * width + source).view(-1)
+        tokens, logps, blocked = tokens[flat_source], logps[flat_source], blocked[flat_source]
+        past.reorder_cache(flat_source)
+        scores = top
+        active = (~done)[:, None].expand(batch, width).reshape(-1)
+        tokens[active, t] = _token_of(choice.view(-1), layout)[active]
+        logps[active, t] = chosen_logp.view(-1)[active]
+        is_eos = (choice[:, 0] == layout.n_items) & ~done  # judged on the best beam
+        done_at = torch.where(is_eos, torch.full_like(done_at, t), done_at)
+        done |= is_eos
+        picked = active & (choice.view(-1) < layout.n_items)
+        blocked[picked.nonzero().squeeze(-1), choice.view(-1)[picked]] = True
+        if bool(done.all()) or t == k:
+            break
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        last_pos = last_pos + 1
+        out = _forward(model, tokens[:, t : t + 1], mask, last_pos, past=past)
+        past, logits = out.past_key_values, out.logits[:, -1]
+    best = torch.arange(batch, device=device) * width  # beams stay sorted best-first
+    return tokens[best], logps[best], done_at
+
+
+def _response_tensor(responses, layout: TokenLayout, width: int | None, device) -> torch.Tensor:
+    if isinstance(responses, torch.Tensor):
+        return responses.to(device=device, dtype=torch.long)
+    width = width or max(len(r) for r in responses)
+    out = torch.full((len(responses), width), layout.pad_id, dtype=torch.long)
+    for row, resp in enumerate(responses):
+        if len(resp) > width:
+            raise ValueError(f"response {row} has {len(resp)} tokens, more than k + 1 = {width}")
+        out[row, : len(resp)] = torch.as_tensor(list(resp), dtype=torch.long)
+    return out.to(device)
+
+
+def constrained_logprobs(
+    model,
+    layout: TokenLayout,
+    prompts: list[list[int]],
+    responses,
+    exclude: list | None = None,
+    k: int | None = None,
+    temperature: float = 1.0,
+    return_hidden: bool = False,
+):
+    """Teacher-forced constrained logprobs of given pages in one forward pass.
+
+    responses: token ids per page (items then eos; a [B, T] tensor may carry padding after
+    eos, as PageBatch.response_ids does). k defaults to the longest page's item count, which
+    gives the same masks as generation whenever that page was not cut short.
+    Returns (logprobs [B, T], entropy [B, T], mask [B, T]) and, with return_hidden, the last
+    hidden layer [B, T, H] at the positions that predict each response token (the state a
+    value head scores). Runs with the caller's grad mode and train/eval mode: the learner
+    takes gradients through it; put the model in eval() to match rollout logprobs.
+    """
+    device = _device(model)
+    resp = _response_tensor(responses, layout, None if k is None else k + 1, device)
+    batch, width = resp.shape
+    if batch != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {batch} responses")
+    is_eos = resp == layout.eos_id
+    ended = is_eos.cumsum(dim=1)
+    mask = (ended == 0) | (is_eos & (ended == 1))  # up to and including the first eos
+    is_item = layout.is_item_token(resp) & mask
+    bad = mask & ~is_item & ~is_eos
+    if bad.any():
+        row, col = bad.nonzero()[0].tolist()
+        raise ValueError(f"response {row} holds non-item token {int(resp[row, col])} at position {col}")
+    if k is None:
+        k = int(is_item.sum(dim=1).max())
+    if width > k + 1:
+        raise ValueError(f"responses are {width} tokens wide, more than k + 1 = {k + 1}")
+
+    ids, prompt_mask, _ = left_pad(prompts, layout.pad_id, device)
+    full_ids = torch.cat([ids, resp.masked_fill(~mask, layout.pad_id)], dim=1)
+    full_mask = torch.cat([prompt_mask, mask.long()], dim=1)
+    positions = (full_mask.cumsum(-1) - 1).clamp(min=0)
+    out = _forward(model, full_ids, full_mask, positions, keep=width + 1, cache=False, hidden=return_hidden)
+    logits = out.logits[:, :width]  # position L-1+t predicts response token t
+
+    blocked = exclusion_mask(exclude, batch, layout.n_items, device)
+    slot = torch.where(is_item, resp - layout.item_offset, torch.full_like(resp, layout.n_items))
+    rows = torch.arange(batch, device=device)
+    logps, entropies = [], []
+    for t in range(width):
+        step = _step_logprobs(logits[:, t], layout, blocked, t, k, temperature)
+        logps.append(step[rows, slot[:, t]])
+        entropies.append(_entropy(step))
+        item_rows = is_item[:, t]
+        blocked[rows[item_rows], slot[item_rows, t]] = True
+    logprobs = torch.stack(logps, dim=1).masked_fill(~mask, 0.0)
+    entropy = torch.stack(entropies, dim=1).masked_fill(~mask, 0.0)
+    if torch.isinf(logprobs).any():
+        row, col = torch.isinf(logprobs).nonzero()[0].tolist()
+        raise ValueError(f"response {row}, position {col}: token breaks the page constraints (repeat, excluded or eos)")
+    if not return_hidden:
+        return logprobs, entropy, mask
+    prompt_width = ids.shape[1]
+    hidden = out.hidden_states[-1][:, prompt_width - 1 : prompt_width - 1 + width]
+    return logprobs, entropy, mask, hidden
+
+
+def first_item_scores(model, layout: TokenLayout, prompts: list[list[int]]) -> torch.Tensor:
+    """[B, n_items] log-probabilities of each item as the page's first token, normalised over
+    item tokens (the constrained first step with nothing excluded); the full-ranking track
+    masks training items itself."""
+    device = _device(model)
+    ids, mask, positions = left_pad(prompts, layout.pad_id, device)
+    with _EvalMode(model), torch.no_grad():
+        logits = _forward(model, ids, mask, positions, cache=False).logits[:, -1]
+    blocked = torch.zeros((len(prompts), layout.n_items), dtype=torch.bool, device=device)
+    return _step_logprobs(logits, layout, blocked, 0, 1, 1.0)[:, : layout.n_items]

@@ -1,0 +1,213 @@
+"""The policy: a causal LM whose vocabulary holds one token per user and per item.
+
+`build_policy` is the one place a policy comes from: random init from a config
+(`model.name: config`, the embedded default), a hub name or a local directory (GPT-2,
+Llama or any causal LM), or an earlier PageLLM checkpoint. Pretrained models get the new
+tokens appended and their embedding rows drawn from N(0, σ²), σ the std of the existing
+rows, so new tokens start at the scale of the old ones. Under LoRA only the adapters and
+the new token rows train (peft `trainable_token_indices`).
+
+A checkpoint directory holds the tokenizer, `pagellm_tokens.json`, `pagellm_policy.json`
+and either a full model or a LoRA adapter (plus `base/` when the base has no name to be
+reloaded from, i.e. a random init).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, LlamaConfig, PreTrainedModel
+
+from pagellm.config import LoraConfig, ModelConfig
+from pagellm.vocab import LAYOUT_FILE, TokenLayout, Vocab, build_tokenizer, extend_tokenizer, load_tokenizer, save_tokenizer
+
+POLICY_FILE = "pagellm_policy.json"
+ARCH_CONFIGS = {"gpt2": GPT2Config, "llama": LlamaConfig}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(name: str, device: str | torch.device | None = None) -> torch.dtype:
+    """"auto" = bfloat16 where the model will run on CUDA, float32 on CPU."""
+    if name != "auto":
+        return DTYPES[name]
+    on_cuda = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
+    return torch.bfloat16 if on_cuda else torch.float32
+
+
+def build_policy(
+    model_cfg: ModelConfig, vocab: Vocab, seed: int, device: str | torch.device | None = None
+):
+    """(model, tokenizer, layout) for `model_cfg.name`: "config", a hub name or a local dir.
+
+    `device` only decides the "auto" dtype; the model is returned on CPU.
+    """
+    dtype = resolve_dtype(model_cfg.dtype, device)
+    if model_cfg.name == "config":
+        model, tokenizer, layout = _from_config(model_cfg, vocab, seed, dtype)
+    elif (Path(model_cfg.name) / LAYOUT_FILE).exists():
+        # An earlier PageLLM checkpoint (e.g. SFT output): its tokens must be this vocabulary.
+        model, tokenizer, layout = load_policy(model_cfg.name, model_cfg, device=device)
+        if (layout.n_users, layout.n_items) != (vocab.n_users, vocab.n_items):
+            raise ValueError(
+                f"{model_cfg.name} was built for {layout.n_users} users / {layout.n_items} items, "
+                f"the data has {vocab.n_users} / {vocab.n_items}"
+            )
+        return model, tokenizer, layout
+    else:
+        model, tokenizer, layout = _from_pretrained(model_cfg.name, vocab, seed, dtype)
+    if model_cfg.lora.enabled:
+        model = apply_lora(model, model_cfg.lora, layout)
+    return model, tokenizer, layout
+
+
+def _from_config(model_cfg: ModelConfig, vocab: Vocab, seed: int, dtype: torch.dtype):
+    tokenizer, layout = build_tokenizer(vocab)
+    fields = dict(model_cfg.init)
+    fields.update(
+        vocab_size=layout.vocab_size,
+        eos_token_id=layout.eos_id,
+        pad_token_id=layout.pad_id,
+        bos_token_id=layout.eos_id if layout.bos_id is None else layout.bos_id,
+    )
+    config_cls = ARCH_CONFIGS[model_cfg.arch]
+    # transformers configs keep unknown kwargs as attributes, so a typo ("n_layers") would
+    # silently build the default-size model; refuse fields the config does not define.
+    defaults = config_cls()
+    unknown = sorted(k for k in model_cfg.init if not hasattr(defaults, k))
+    if unknown:
+        raise ValueError(f"model.init: {unknown} are not {config_cls.__name__} fields")
+    config = config_cls(**fields)
+    # A private RNG stream: the init depends on `seed` alone and leaves the caller's RNG be.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model, tokenizer, layout
+
+
+def _from_pretrained(name: str, vocab: Vocab, seed: int, dtype: torch.dtype):
+    tokenizer = AutoTokenizer.from_pretrained(name)
+    model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+    tokenizer, layout = extend_tokenizer(tokenizer, vocab)
+    old_rows = model.get_input_embeddings().weight.shape[0]
+    # Some checkpoints pad their embedding past len(tokenizer); never shrink those.
+    model.resize_token_embeddings(max(layout.vocab_size, old_rows), mean_resizing=False)
+    init_new_token_rows(model, layout.user_offset, layout.item_offset + layout.n_items, seed)
+    model.config.eos_token_id = layout.eos_id
+    model.config.pad_token_id = layout.pad_id
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.pad_token_id = layout.pad_id
+    return model, tokenizer, layout
+
+
+@torch.no_grad()
+def init_new_token_rows(model: PreTrainedModel, start: int, stop: int, seed: int) -> None:
+    """Rows start..stop-1 of the input (and untied output) embeddings ~ N(0, σ²),
+    σ the std of rows 0..start-1 of the same matrix."""
+    gen = torch.Generator().manual_seed(seed)
+    matrices = [model.get_input_embeddings().weight]
+    out = model.get_output_embeddings()
+    if out is not None and out.weight is not matrices[0]:
+        matrices.append(out.weight)
+    for weight in matrices:
+        sigma = weight[:start].float().std().item()
+        rows = torch.randn((stop - start, weight.shape[1]), generator=gen) * sigma
+        weight[start:stop] = rows.to(weight.dtype)
+
+
+def _module_name(model: torch.nn.Module, module: torch.nn.Module) -> str:
+    return next(name for name, m in model.named_modules() if m is module)
+
+
+def apply_lora(model: PreTrainedModel, lora_cfg: LoraConfig, layout: TokenLayout):
+    """Wrap in peft LoRA; the user/item token rows (input and untied output) train as well."""
+    from peft import LoraConfig as PeftLoraConfig, get_peft_model
+
+    new_ids = list(range(layout.user_offset, layout.item_offset + layout.n_items))
+    emb = model.get_input_embeddings()
+    token_rows = {_module_name(model, emb): new_ids}
+    out = model.get_output_embeddings()
+    if out is not None and out.weight is not emb.weight:
+        token_rows[_module_name(model, out)] = new_ids
+    peft_cfg = PeftLoraConfig(
+        r=lora_cfg.r,
+        lora_alpha=lora_cfg.alpha,
+        lora_dropout=lora_cfg.dropout,
+        target_modules=lora_cfg.target_modules,
+        trainable_token_indices=token_rows,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, peft_cfg)
+
+
+def is_adapter_model(model) -> bool:
+    from peft import PeftModel
+
+    return isinstance(model, PeftModel)
+
+
+def save_policy(model, tokenizer, layout: TokenLayout, directory: str | Path, merged: bool = False) -> Path:
+    """Write a checkpoint load_policy reads. Under LoRA: the adapter (with the new token rows),
+    `base/` when the base cannot be reloaded by name, and with `merged=True` a standalone
+    full model in `merged/`."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_tokenizer(tokenizer, layout, directory)
+    rows = model.get_input_embeddings().weight.shape[0]
+    meta = {"adapter": is_adapter_model(model), "base": None, "embedding_rows": rows}
+    if meta["adapter"]:
+        # The token rows travel in the adapter (trainable tokens), so the embedding
+        # matrices need not be copied into it.
+        model.save_pretrained(str(directory), save_embedding_layers=False, safe_serialization=True)
+        base_name = model.peft_config[model.active_adapter].base_model_name_or_path
+        if base_name and (Path(base_name) / "config.json").exists():
+            meta["base"] = str(Path(base_name).resolve())
+        elif base_name and not Path(base_name).exists():
+            meta["base"] = base_name  # a hub name
+        else:
+            copy.deepcopy(model).unload().save_pretrained(str(directory / "base"), safe_serialization=True)
+            meta["base"] = "base"
+        if merged:
+            full = copy.deepcopy(model).merge_and_unload()
+            save_policy(full, tokenizer, layout, directory / "merged")
+    else:
+        model.save_pretrained(str(directory), safe_serialization=True)
+    (directory / POLICY_FILE).write_text(json.dumps(meta, indent=1))
+    return directory
+
+
+def load_policy(
+    directory: str | Path,
+    model_cfg: ModelConfig | None = None,
+    trainable: bool = True,
+    device: str | torch.device | None = None,
+):
+    """(model, tokenizer, layout) from a save_policy directory. A full checkpoint gets fresh
+    LoRA adapters when `model_cfg.lora.enabled`; an adapter checkpoint stays an adapter
+    (trainable unless `trainable=False`)."""
+    directory = Path(directory)
+    tokenizer, layout = load_tokenizer(directory)
+    dtype = resolve_dtype(model_cfg.dtype if model_cfg else "auto", device)
+    meta_path = directory / POLICY_FILE
+    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {"adapter": False}
+    if meta["adapter"] or (directory / "adapter_config.json").exists():
+        from peft import PeftModel
+
+        base_ref = meta.get("base") or "base"
+        base_path = directory / base_ref if (directory / base_ref).is_dir() else base_ref
+        base = AutoModelForCausalLM.from_pretrained(str(base_path), dtype=dtype)
+        rows = meta.get("embedding_rows", layout.vocab_size)
+        if base.get_input_embeddings().weight.shape[0] != rows:
+            base.resize_token_embeddings(rows, mean_resizing=False)
+        model = PeftModel.from_pretrained(base, str(directory), is_trainable=trainable)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype)
+        if model_cfg is not None and model_cfg.lora.enabled:
+            model = apply_lora(model, model_cfg.lora, layout)
+        elif not trainable:
+            model.requires_grad_(False)
+    if model.get_input_embeddings().weight.shape[0] < layout.vocab_size:
+        raise ValueError(f"{directory}: the model has fewer embedding rows than the tokenizer has tokens")
+    return model, tokenizer, layout
