@@ -3,6 +3,7 @@ correctness, and teacher-forced logprobs that match the rollout's."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import pytest
@@ -19,6 +20,15 @@ TINY = {
               "num_key_value_heads": 1, "max_position_embeddings": 128},
 }
 N_ITEMS, K = 30, 5
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny models on a shared 2-core box: intra-op threads only spin against each other.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def policy(arch="gpt2", n_items=N_ITEMS, lora=False):
@@ -69,7 +79,7 @@ def assert_valid(batch, layout, k, exclude):
         assert not set(items) & set(exclude[row])
         assert batch.response_ids[row].tolist() == [layout.item_token(i) for i in items] + [layout.eos_id]
     assert batch.response_mask.all() and torch.isfinite(batch.logprobs).all()
-    assert (batch.logprobs[:, :k] < 0).all() and (batch.logprobs[:, k] == 0).all()  # eos is forced
+    assert (batch.logprobs[:, :k] <= 0).all() and (batch.logprobs[:, k] == 0).all()  # eos is forced
 
 
 @pytest.mark.parametrize("mode", ["greedy", "sample", "beam"])
@@ -170,8 +180,11 @@ def test_teacher_forcing_gives_gradients_and_value_states(gpt2):
     model.zero_grad()
 
 
-def test_short_catalogue_ends_the_page_early(gpt2):
+@pytest.mark.parametrize("pad_is_eos", [False, True])
+def test_short_catalogue_ends_the_page_early(gpt2, pad_is_eos):
     model, layout, enc = gpt2
+    if pad_is_eos:  # as in GPT-2, whose pad token is its eos: padding must not read as pages
+        layout = dataclasses.replace(layout, pad_id=layout.eos_id)
     exclude = [set(range(N_ITEMS)) - {4, 9}, set()]
     prompts = prompts_of(enc, [[1], [2]])
     for mode in ("greedy", "sample", "beam"):
@@ -180,9 +193,12 @@ def test_short_catalogue_ends_the_page_early(gpt2):
         assert batch.response_mask[0].tolist() == [True, True, True, False, False, False]
         assert batch.response_ids[0, 2] == layout.eos_id and (batch.response_ids[0, 3:] == layout.pad_id).all()
         assert (batch.logprobs[0, 2:] == 0).all()
-        logp, _, mask = constrained_logprobs(model, layout, prompts, batch.response_ids, exclude, k=K)
+        logp, _, mask = constrained_logprobs(model, layout, prompts, batch.response_ids, exclude)
         torch.testing.assert_close(logp, batch.logprobs, atol=1e-5, rtol=0)
         assert torch.equal(mask, batch.response_mask)
+        pages = [[layout.item_token(i) for i in items] + [layout.eos_id] for items in batch.items]
+        logp = constrained_logprobs(model, layout, prompts, pages, exclude, k=K)[0]
+        torch.testing.assert_close(logp, batch.logprobs, atol=1e-5, rtol=0)
 
 
 def test_teacher_forcing_rejects_pages_that_break_the_rules(gpt2):
@@ -249,3 +265,5 @@ def test_bad_arguments_fail_clearly(gpt2):
         generate_pages(model, layout, prompts * 2, K, exclude=[{1}])
     with pytest.raises(ValueError, match="at least one token"):
         generate_pages(model, layout, [[]], K)
+    with pytest.raises(ValueError, match="need 141 positions but the model has 128"):
+        generate_pages(model, layout, prompts, 140 - len(prompts[0]))

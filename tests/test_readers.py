@@ -253,3 +253,14 @@ def test_missing_empty_and_rowless_sources(tmp_path):
 def test_simulator_is_not_a_file_source():
     with pytest.raises(ValueError, match="not a file source"):
         read_source(DataConfig(source="simulator"))
+
+
+def test_amazon_source_reads_a_p5_sequence_folder(fixtures_dir):
+    """`data.source=amazon` on a folder holding only sequential_data.txt uses the sequence reader."""
+    from pagellm.config import DataConfig
+    from pagellm.data.readers import read_source
+
+    as_amazon = read_source(DataConfig(source="amazon", path=str(fixtures_dir / "sequence")))
+    as_sequence = read_source(DataConfig(source="sequence", path=str(fixtures_dir / "sequence")))
+    assert as_amazon.interactions.equals(as_sequence.interactions)
+    assert as_amazon.rating_scale is None

@@ -97,6 +97,8 @@ def test_unknown_items_are_worth_nothing_and_never_fail(world):
     behind = sim.page_utility(u, [["zzz", "i0"]])[0]
     assert alone > 0 and behind == pytest.approx(alone * examination(2)[1] / examination(2)[0])
     assert sim.page_utility(u, [[]])[0] == 0.0
+    # Invalid pages longer than the catalogue are scored, not rejected.
+    assert sim.page_utility(u, [["i0"] * 500])[0] == pytest.approx(alone)
     # A repeated item adds nothing the second time.
     assert sim.page_utility(u, [["i0", "i0"]])[0] == pytest.approx(alone)
     with pytest.raises(ValueError, match="not in the simulator"):
@@ -142,7 +144,9 @@ def test_oracle_is_distinct_honours_exclusions_and_beats_any_shuffle(world):
 def test_popularity_is_an_honest_but_beatable_baseline(world):
     sim, result, users, seen = world
     rng = np.random.default_rng(1)
-    random_pages = [list(rng.choice([i for i in sim.item_ids if i not in s], 10, replace=False)) for s in seen]
+    random_pages = [
+        list(rng.choice([i for i in sim.item_ids if i not in s], 10, replace=False)) for s in seen
+    ]
     affinity = sim.user_taste @ sim.item_vector.T + sim.item_quality
     taste_pages = [
         [sim.item_ids[j] for j in np.argsort(-affinity[n]) if sim.item_ids[j] not in s][:10]
@@ -183,3 +187,33 @@ def test_speed_is_vectorised():
     pages = sim.oracle_page(users, 10, None)
     sim.page_utility(users, pages)
     assert time.process_time() - start < 2.0
+
+
+def test_sampler_keeps_history_length_when_weights_underflow():
+    from pagellm.data.simulator import _draw_without_replacement
+
+    # One item holds all the float32 mass; the others still have to come out, unseen first.
+    score = np.array([[0.0, -200.0, -300.0, -250.0, -400.0]], dtype=np.float32)
+    seen = np.array([[False, False, False, False, True]])
+    picks = _draw_without_replacement(np.random.default_rng(0), score, seen, np.array([4]))
+    assert picks.tolist() == [[0, 1, 3, 2]]
+
+
+def test_sampler_matches_sequential_softmax_without_replacement():
+    from pagellm.data.simulator import _draw_without_replacement
+
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=70).astype(np.float32) * 1.5
+    n = 40_000
+    seen = np.zeros((n, 70), dtype=bool)
+    seen[:, 5] = True  # never drawn; the rest renormalise
+    picks = _draw_without_replacement(rng, np.tile(base, (n, 1)), seen, np.full(n, 2))
+    p = np.exp(base - base.max())
+    p[5] = 0.0
+    p /= p.sum()
+    first = np.bincount(picks[:, 0], minlength=70) / n
+    assert np.abs(first - p).max() < 4 * np.sqrt(p.max() / n) and first[5] == 0
+    a = int(np.argmax(p))  # second draw given the heaviest came first: p / (1 - p_a)
+    second = np.bincount(picks[picks[:, 0] == a, 1], minlength=70) / (picks[:, 0] == a).sum()
+    expected = np.where(np.arange(70) == a, 0.0, p / (1 - p[a]))
+    assert np.abs(second - expected).max() < 0.03 and (picks[:, 0] != picks[:, 1]).all()

@@ -57,8 +57,11 @@ def llama_style_tokenizer(directory) -> PreTrainedTokenizerFast:
     core = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
     core.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
     core.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
-    core.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False))
-    core.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
+    trainer = trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
+    core.train_from_iterator(CORPUS, trainer)
+    core.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)]
+    )
     tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
     tok.save_pretrained(str(directory))
     return AutoTokenizer.from_pretrained(str(directory))
@@ -116,7 +119,8 @@ def test_local_tokenizer_layout_and_template():
     assert layout.is_item_token(t).tolist() == [False, True, True, False]
     assert layout.tokens_to_items(t).tolist() == [-1, 0, 39, -1]
     assert (layout.pad_id, layout.eos_id, layout.bos_id) == (0, 2, None)
-    assert render_prompt(7, [3, 91]) == "<user_7> has interacted with : <item_3> <item_91> The user will interact with :"
+    expected = "<user_7> has interacted with : <item_3> <item_91> The user will interact with :"
+    assert render_prompt(7, [3, 91]) == expected
     assert render_page([12, 5]) == "<item_12> <item_5> <eos>"
 
 
@@ -188,4 +192,5 @@ def test_thirty_thousand_items_take_seconds(tmp_path):
     print(f"extend 32k tokens: {extend_s:.2f}s, save+load: {round_trip_s:.2f}s, local build: {local_s:.2f}s")
     assert extend_s < 10 and round_trip_s < 20 and local_s < 10
     assert layout2.item_offset + 29_999 == tok2.convert_tokens_to_ids("<item_29999>")
-    assert tok2(render_prompt(1999, [29_999, 0]))["input_ids"] == PromptEncoder(tok2, layout2).encode_prompt(1999, [29_999, 0])
+    ids = PromptEncoder(tok2, layout2).encode_prompt(1999, [29_999, 0])
+    assert tok2(render_prompt(1999, [29_999, 0]))["input_ids"] == ids

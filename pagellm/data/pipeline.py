@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 from pagellm.config import Config
 from pagellm.data.schema import ReadResult
 from pagellm.data.split import SPLIT_CODES, assign_split, kcore
-from pagellm.data.user_rows import FAMILIES, ItemContext, build_user_rows
+from pagellm.data.user_rows import FAMILIES, ROW_COLUMNS, ItemContext, build_user_rows
 from pagellm.runfolder import write_json
 
 SPLIT_NAMES = {v: k for k, v in SPLIT_CODES.items()}
@@ -63,10 +63,11 @@ def build_item_table(items_meta: pd.DataFrame, item_ids: list[str], train: pd.Da
     else:
         table["categories"], table["brand"], table["title"] = None, None, None
     table["categories"] = [list(c) if c is not None and not isinstance(c, float) else [] for c in table["categories"]]
-    table["category"] = [pick_category(c, level) for c in table["categories"]]
-    labels = sorted({c for c in table["category"] if c is not None})
-    code = {c: n for n, c in enumerate(labels)}
-    table["cat_index"] = np.array([code.get(c, -1) for c in table["category"]], dtype=np.int64)
+    # Work from the Python list: pandas 3 turns None into NaN in an inferred str column.
+    chosen = [pick_category(c, level) for c in table["categories"]]
+    code = {c: n for n, c in enumerate(sorted({c for c in chosen if c is not None}))}
+    table["category"] = pd.Series(chosen, dtype=object)
+    table["cat_index"] = np.array([code.get(c, -1) for c in chosen], dtype=np.int64)
 
     counts = train.groupby("item_index").size()
     means = train.groupby("item_index")["rating"].mean()
@@ -118,12 +119,11 @@ def rows_for_block(block: dict[str, np.ndarray], ctx: ItemContext) -> pd.DataFra
     users = block["user_index"]
     starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]])
     ends = np.r_[starts[1:], len(users)]
-    parts, markers = [], []
+    rows = []
     for a, b in zip(starts, ends):
-        parts.append(build_user_rows({k: v[a:b] for k, v in block.items()}, ctx))
-        markers.append((int(users[a]), 0, "_user", [], [], [], int(b - a)))
-    parts.append(pd.DataFrame(markers, columns=parts[0].columns if parts else None))
-    return pd.concat(parts, ignore_index=True)
+        rows.extend(build_user_rows({k: v[a:b] for k, v in block.items()}, ctx))
+        rows.append((int(users[a]), 0, "_user", [], [], [], int(b - a)))
+    return pd.DataFrame(rows, columns=ROW_COLUMNS)
 
 
 def user_rows_with_ray(frame: pd.DataFrame, ctx: ItemContext, num_blocks: int) -> pd.DataFrame:

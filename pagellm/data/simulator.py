@@ -44,8 +44,9 @@ QUALITY_POPULARITY_CORR = 0.7
 FAN_EXPONENT = 0.5  # a category's share of fans ~ its size^a
 CLICK_QUANTILE = 0.97  # affinity quantile over (user, item) pairs that gets P(click) = 1/2
 RATING_MEAN, RATING_SPREAD = 3.8, 1.2  # ~60% ratings > 3, ~14% < 3
-CHUNK = 2048  # users per vectorised batch in the oracle
-CHUNK_ELEMENTS = 1 << 22  # users x items per history-sampling batch (memory bound)
+CHUNK = 2048  # most users per vectorised oracle batch
+GROUP = 32  # items per bucket of the two-stage history sampler
+CHUNK_ELEMENTS = 1 << 22  # users x items per vectorised batch: bounds memory
 
 _ITEM_ARRAYS = ("item_category", "item_vector", "item_quality", "item_log_pop")
 _USER_ARRAYS = ("user_taste", "user_length", "block_taste", "block_steps")
@@ -73,9 +74,7 @@ def _segment_cumsum(values: np.ndarray, lengths: np.ndarray) -> np.ndarray:
 
 
 
-def _first_distinct(
-    cand: np.ndarray, bad: np.ndarray, want: np.ndarray, width: int
-) -> tuple[np.ndarray, np.ndarray]:
+def _first_distinct(cand: np.ndarray, bad: np.ndarray, want: np.ndarray, width: int):
     """Per row, the first `want` draws that are neither `bad` nor a repeat, in draw order
     (-1 where a row has too few), and how many each row got."""
     m = cand.shape[1]
@@ -89,29 +88,36 @@ def _first_distinct(
     return out, np.minimum(rank[:, -1], want)
 
 
+def _inverse_cdf(rng: np.random.Generator, cdf: np.ndarray, m: int) -> np.ndarray:
+    """`m` draws per row of the index i taken with weight cdf[i] - cdf[i-1] (cdf rows are
+    running sums over the last axis). u stays strictly below the total, so an index of
+    zero weight never comes out."""
+    top = cdf[..., -1:]
+    u = np.minimum(rng.random(top.shape[:-1] + (m,), dtype=cdf.dtype) * top, np.nextafter(top, 0))
+    return (cdf[..., None, :] <= u[..., None]).sum(axis=-1)
+
+
 def _draw_without_replacement(
     rng: np.random.Generator, score: np.ndarray, seen: np.ndarray, want: np.ndarray
 ) -> np.ndarray:
     """Sequential sampling without replacement from softmax(score) over items not `seen`,
     `want[r]` items for row r, in draw order. Drawing with replacement and skipping
-    repeats is exact and needs one CDF per row instead of noise for every item.
-    `score` (float32) is overwritten."""
+    repeats is exact. Each draw picks a bucket of GROUP items by its weight, then an item
+    in it: bucket totals are far cheaper than a full-width CDF per row. `score` is
+    overwritten; pass a width that is a multiple of GROUP to avoid a padded copy."""
     n_rows, n_items = score.shape
-    np.putmask(score, seen, -np.inf)
+    np.copyto(score, -np.inf, where=seen)
     score -= score.max(axis=1, keepdims=True)
-    cdf = np.cumsum(np.exp(score, out=score), axis=1, out=score)
+    weight = np.exp(score)  # score stays as log-weights for the underflow fallback
+    if n_items % GROUP:
+        weight = np.pad(weight, ((0, 0), (0, GROUP - n_items % GROUP)))
+    buckets = weight.reshape(n_rows, -1, GROUP)
+    bucket_cdf = np.cumsum(buckets @ np.ones(GROUP, dtype=weight.dtype), axis=1)
 
     def draw(rows: np.ndarray, m: int) -> np.ndarray:
-        # Vectorised binary search for the first CDF entry above u, row by row.
-        u = rng.random((len(rows), m), dtype=np.float32) * cdf[rows, -1:]
-        lo = np.zeros(u.shape, dtype=np.int64)
-        hi = np.full(u.shape, n_items - 1, dtype=np.int64)
-        for _ in range(int(np.ceil(np.log2(n_items))) + 1):
-            mid = (lo + hi) >> 1
-            right = cdf[rows[:, None], mid] <= u
-            lo = np.where(right, mid + 1, lo)
-            hi = np.where(right, hi, mid)
-        return np.minimum(lo, n_items - 1)
+        bucket = _inverse_cdf(rng, bucket_cdf[rows], m)
+        inner = np.cumsum(buckets[rows[:, None], bucket], axis=2)
+        return bucket * GROUP + _inverse_cdf(rng, inner, 1)[..., 0]
 
     width = int(want.max(initial=0))
     out = np.full((n_rows, width), -1, dtype=np.int64)
@@ -128,7 +134,7 @@ def _draw_without_replacement(
     # Only reachable when weights underflow (extreme popularity_exponent): fill the rest
     # with the heaviest remaining unseen items so histories keep their length.
     for r in np.flatnonzero(have < want):
-        order = np.argsort(-np.diff(cdf[r], prepend=0.0))
+        order = np.argsort(-score[r], kind="stable")
         extra = [i for i in order if not seen[r, i] and i not in out[r, : have[r]]]
         out[r, have[r] : want[r]] = extra[: want[r] - have[r]]
     return out
@@ -177,7 +183,8 @@ class Simulator:
         # History lengths: log-normal around the configured mean, at least MIN_HISTORY.
         cap = max(1, int(MAX_HISTORY_SHARE * n_items))
         floor = min(MIN_HISTORY, cfg.interactions_per_user, cap)
-        extra = max(cfg.interactions_per_user - floor, 0) * rng.lognormal(-0.18, 0.6, size=n_users)  # mean 1
+        spread = rng.lognormal(-0.18, 0.6, size=n_users)  # mean 1
+        extra = max(cfg.interactions_per_user - floor, 0) * spread
         self.user_length = np.clip(floor + np.rint(extra), floor, cap).astype(np.int64)
 
         # Drift: a random walk of one step per interaction, observed at block boundaries
@@ -204,7 +211,7 @@ class Simulator:
         self.item_ids = np.array([f"i{n}" for n in range(len(self.item_vector))], dtype=object)
         self._user_index = pd.Index(self.user_ids)
         self._item_index = pd.Index(self.item_ids)
-        self._satiation_pow = (1.0 - self.cfg.satiation) ** np.arange(len(self.item_ids) + 1)
+        self._category32 = self.item_category.astype(np.int32)  # halves the oracle's compares
 
     # ----------------------------------------------------------------- tables
     def generate(self) -> ReadResult:
@@ -215,6 +222,8 @@ class Simulator:
         user = np.repeat(np.arange(len(lengths)), lengths)
         affinity = np.einsum("nd,nd->n", self.block_taste[block_of], self.item_vector[items])
         affinity += self.item_quality[items]
+        # Standardised over the log, so the rating mix (~60% > 3, ~14% < 3) holds at any
+        # scale; rating_noise is the noise-to-signal ratio.
         z = (affinity - affinity.mean()) / max(affinity.std(), 1e-12)
         noise = self.cfg.rating_noise
         signal = (z + noise * rng.normal(size=len(z))) / np.sqrt(1.0 + noise**2)
@@ -256,7 +265,10 @@ class Simulator:
         items = np.empty(lengths.sum(), dtype=np.int64)
         block_of = np.empty(lengths.sum(), dtype=np.int64)
         # One matmul gives taste . item + prior: the prior rides on a constant 1 column.
+        # Padding columns (prior -inf: never drawn) make the width a multiple of GROUP.
         table = np.vstack([self.item_vector.T, self.cfg.popularity_exponent * self.item_log_pop])
+        table = np.pad(table, ((0, 0), (0, -table.shape[1] % GROUP)))
+        table[-1, len(self.item_log_pop) :] = -np.inf
         table = table.astype(np.float32)
         tastes = np.hstack([self.block_taste, np.ones((len(self.block_taste), 1))]).astype(np.float32)
         n_items = table.shape[1]
@@ -321,7 +333,7 @@ class Simulator:
         earlier = np.tril(np.ones((idx.shape[1],) * 2, dtype=bool), -1)  # [k, j]: j before k
         same_cat = (cat[:, :, None] == cat[:, None, :]) & earlier & known[:, None, :]
         repeat = ((idx[:, :, None] == idx[:, None, :]) & earlier).any(axis=2)
-        worth = self._click_prob(rows, safe) * self._satiation_pow[same_cat.sum(axis=2)]
+        worth = self._click_prob(rows, safe) * (1.0 - self.cfg.satiation) ** same_cat.sum(axis=2)
         worth *= known & ~repeat
         return worth @ examination(idx.shape[1])
 
@@ -335,13 +347,14 @@ class Simulator:
         if exclude is not None and len(exclude) != len(user_ids):
             raise ValueError(f"{len(user_ids)} users but {len(exclude)} exclusion sets")
         rows = self._user_rows(user_ids)
+        chunk = int(np.clip(CHUNK_ELEMENTS // len(self.item_ids), 64, CHUNK))
         pages: list[list[str]] = []
-        for lo in range(0, len(rows), CHUNK):
-            part = rows[lo : lo + CHUNK]
+        for lo in range(0, len(rows), chunk):
+            part = rows[lo : lo + chunk]
             prob = self._click_prob(part)
             banned = np.zeros(prob.shape, dtype=bool)
             if exclude is not None:
-                sets = [list(s) for s in exclude[lo : lo + CHUNK]]
+                sets = [list(s) for s in exclude[lo : lo + chunk]]
                 flat = [str(x) for s in sets for x in s]
                 if flat:
                     cols = self._item_rows(flat)
@@ -353,18 +366,19 @@ class Simulator:
 
     def _greedy(self, prob: np.ndarray, banned: np.ndarray, k: int) -> np.ndarray:
         # The examination weight of a position is common to every candidate, so the
-        # marginal gain ranks by P(click) x satiation of the candidate's category alone.
+        # marginal gain ranks by P(click) x (1 - satiation)^(earlier picks of its category);
+        # a pick only discounts its own category, so gains are updated in place.
         n = np.arange(len(prob))
-        counts = np.zeros((len(prob), int(self.item_category.max()) + 1), dtype=np.int64)
-        value = np.where(banned, -1.0, prob)
+        gain = np.where(banned, -1.0, prob)
         picks = np.full((len(prob), k), -1, dtype=np.int64)
         for pos in range(min(k, prob.shape[1])):
-            gain = np.where(value >= 0, value * self._satiation_pow[counts[:, self.item_category]], -1.0)
             best = gain.argmax(axis=1)
             ok = gain[n, best] >= 0
             picks[ok, pos] = best[ok]
-            value[n[ok], best[ok]] = -1.0
-            counts[n[ok], self.item_category[best[ok]]] += 1
+            gain[n, best] = -1.0
+            same = self._category32 == self._category32[best][:, None]
+            same &= gain > 0
+            np.multiply(gain, 1.0 - self.cfg.satiation, out=gain, where=same)
         return picks
 
     # ----------------------------------------------------------------- persistence

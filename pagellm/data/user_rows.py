@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import pandas as pd
 
 from pagellm.data.pages import (
     diversity_negative,
@@ -59,7 +58,8 @@ def sft_windows(n_pos: int, page_len: int, windows: int) -> list[tuple[int, int]
     return cuts
 
 
-def build_user_rows(group: dict[str, np.ndarray], ctx: ItemContext) -> pd.DataFrame:
+def build_user_rows(group: dict[str, np.ndarray], ctx: ItemContext) -> list[tuple]:
+    """SFT rows and pairs of one user, as tuples in ROW_COLUMNS order."""
     order = np.argsort(group["seq"], kind="stable")
     items = group["item_index"][order].astype(np.int64)
     ratings = group["rating"][order].astype(np.float64)
@@ -94,4 +94,4 @@ def build_user_rows(group: dict[str, np.ndarray], ctx: ItemContext) -> pd.DataFr
             rejected = negatives[family]
             if rejected is not None:
                 rows.append((user, window, family, prompt, chosen, rejected, filled if family == "preference" else 0))
-    return pd.DataFrame(rows, columns=ROW_COLUMNS)
+    return rows

@@ -57,6 +57,18 @@ def _device(model) -> torch.device:
     return next(model.parameters()).device
 
 
+def check_context(model, needed: int) -> None:
+    """Fail with the fix in the message, not with an index error deep inside the model
+    (GPT-2's learned positions stop at n_positions)."""
+    config = getattr(model, "config", None)
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if limit is not None and needed > limit:
+        raise ValueError(
+            f"prompt + page need {needed} positions but the model has {limit}; raise the model's "
+            "n_positions/max_position_embeddings (model.init) or shorten the history or the page"
+        )
+
+
 def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(input_ids, attention_mask, position_ids) with prompts right-aligned, so every row's
     next token sits at the same column and one cached step serves the whole batch."""
@@ -88,7 +100,9 @@ def exclusion_mask(exclude, batch: int, n_items: int, device) -> torch.Tensor:
     return mask.to(device)
 
 
-def _step_logprobs(logits: torch.Tensor, layout: TokenLayout, blocked: torch.Tensor, t: int, k: int, temperature: float):
+def _step_logprobs(
+    logits: torch.Tensor, layout: TokenLayout, blocked: torch.Tensor, t: int, k: int, temperature: float
+) -> torch.Tensor:
     """Constrained log-probabilities over [item_0..item_{n-1}, eos] at position t.
 
     logits [N, V]; blocked [N, n_items] (used or excluded). Returns [N, n_items + 1].
@@ -121,16 +135,19 @@ def _forward(model, ids, mask, positions, past=None, keep: int = 1, cache: bool 
 
 
 class _EvalMode:
-    """Dropout off while decoding; the caller's train/eval mode comes back afterwards."""
+    """Dropout off while decoding; every submodule's own train/eval flag comes back afterwards
+    (a wrapper and the model inside it may differ)."""
 
     def __init__(self, model):
-        self.model, self.was_training = model, model.training
+        self.model = model
+        self.modes = [(m, m.training) for m in model.modules()]
 
     def __enter__(self):
         self.model.eval()
 
     def __exit__(self, *exc):
-        self.model.train(self.was_training)
+        for module, training in self.modes:
+            module.training = training
 
 
 def generate_pages(
@@ -153,14 +170,18 @@ def generate_pages(
         raise ValueError(f"k must be >= 1, got {k}")
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
+    if mode == "beam" and num_beams < 1:
+        raise ValueError(f"num_beams must be >= 1, got {num_beams}")
     device = _device(model)
     ids, mask, positions = left_pad(prompts, layout.pad_id, device)
+    check_context(model, max(len(p) for p in prompts) + k + 1)
     blocked = exclusion_mask(exclude, len(prompts), layout.n_items, device)
     with _EvalMode(model), torch.no_grad():
+        start = (model, layout, ids, mask, positions, blocked, k, temperature)
         if mode == "beam":
-            tokens, logps, done_at = _beam_search(model, layout, ids, mask, positions, blocked, k, temperature, num_beams)
+            tokens, logps, done_at = _beam_search(*start, num_beams)
         else:
-            tokens, logps, done_at = _sample(model, layout, ids, mask, positions, blocked, k, temperature, mode, generator)
+            tokens, logps, done_at = _token_by_token(*start, mode, generator)
     steps = torch.arange(k + 1, device=device)
     response_mask = steps[None, :] <= done_at[:, None]
     tokens = tokens.masked_fill(~response_mask, layout.pad_id)
@@ -182,7 +203,7 @@ def _token_of(choice: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
     return torch.where(choice == layout.n_items, torch.full_like(choice, layout.eos_id), choice + layout.item_offset)
 
 
-def _sample(model, layout, ids, mask, positions, blocked, k, temperature, mode, generator):
+def _token_by_token(model, layout, ids, mask, positions, blocked, k, temperature, mode, generator):
     batch, device = ids.shape[0], ids.device
     rows = torch.arange(batch, device=device)
     tokens = torch.full((batch, k + 1), layout.pad_id, dtype=torch.long, device=device)
@@ -289,8 +310,8 @@ def constrained_logprobs(
     """Teacher-forced constrained logprobs of given pages in one forward pass.
 
     responses: token ids per page (items then eos; a [B, T] tensor may carry padding after
-    eos, as PageBatch.response_ids does). k defaults to the longest page's item count, which
-    gives the same masks as generation whenever that page was not cut short.
+    eos, as PageBatch.response_ids does; lists are padded to the longest). k defaults to
+    T - 1, which is the k a PageBatch was generated with.
     Returns (logprobs [B, T], entropy [B, T], mask [B, T]) and, with return_hidden, the last
     hidden layer [B, T, H] at the positions that predict each response token (the state a
     value head scores). Runs with the caller's grad mode and train/eval mode: the learner
@@ -309,12 +330,12 @@ def constrained_logprobs(
     if bad.any():
         row, col = bad.nonzero()[0].tolist()
         raise ValueError(f"response {row} holds non-item token {int(resp[row, col])} at position {col}")
-    if k is None:
-        k = int(is_item.sum(dim=1).max())
+    k = width - 1 if k is None else k
     if width > k + 1:
         raise ValueError(f"responses are {width} tokens wide, more than k + 1 = {k + 1}")
 
     ids, prompt_mask, _ = left_pad(prompts, layout.pad_id, device)
+    check_context(model, max(len(p) for p in prompts) + width)
     full_ids = torch.cat([ids, resp.masked_fill(~mask, layout.pad_id)], dim=1)
     full_mask = torch.cat([prompt_mask, mask.long()], dim=1)
     positions = (full_mask.cumsum(-1) - 1).clamp(min=0)

@@ -20,9 +20,18 @@ from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, LlamaConfig, PreTrainedModel
+from transformers.pytorch_utils import Conv1D
 
 from pagellm.config import LoraConfig, ModelConfig
-from pagellm.vocab import LAYOUT_FILE, TokenLayout, Vocab, build_tokenizer, extend_tokenizer, load_tokenizer, save_tokenizer
+from pagellm.vocab import (
+    LAYOUT_FILE,
+    TokenLayout,
+    Vocab,
+    build_tokenizer,
+    extend_tokenizer,
+    load_tokenizer,
+    save_tokenizer,
+)
 
 POLICY_FILE = "pagellm_policy.json"
 ARCH_CONFIGS = {"gpt2": GPT2Config, "llama": LlamaConfig}
@@ -137,6 +146,9 @@ def apply_lora(model: PreTrainedModel, lora_cfg: LoraConfig, layout: TokenLayout
         lora_dropout=lora_cfg.dropout,
         target_modules=lora_cfg.target_modules,
         trainable_token_indices=token_rows,
+        # GPT-2 keeps its projections in transposed Conv1D layers; say so instead of letting
+        # peft warn and guess.
+        fan_in_fan_out=any(isinstance(m, Conv1D) for m in model.modules()),
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, peft_cfg)

@@ -7,6 +7,7 @@ source and has its own module.
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 from pagellm.config import DataConfig
 from pagellm.data.readers.amazon import read_amazon
@@ -24,9 +25,20 @@ READERS: dict[str, Callable[[DataConfig], ReadResult]] = {
 }
 
 
+def _is_sequence_folder(path: str | None) -> bool:
+    folder = Path(path) if path else None
+    if folder is None or not folder.is_dir() or not (folder / "sequential_data.txt").exists():
+        return False
+    return not any(folder.glob("*review*")) and not any(folder.glob("*.jsonl*"))
+
+
 def read_source(cfg: DataConfig) -> ReadResult:
     """Read `cfg.path` with the reader for `cfg.source`; raises DataSourceError on bad input."""
     reader = READERS.get(cfg.source)
+    if cfg.source == "amazon" and _is_sequence_folder(cfg.path):
+        # Amazon data is also distributed in the P5 sequence form (e.g. Beauty 5-core):
+        # a folder with sequential_data.txt and no review dump is read as a sequence.
+        reader = read_sequence
     if reader is None:
         hint = " (the simulator generates its own data)" if cfg.source == "simulator" else ""
         raise ValueError(f"data.source={cfg.source!r} is not a file source{hint}; file readers: {sorted(READERS)}")

@@ -39,7 +39,10 @@ DEFAULTS: dict[str, Any] = {
     "batch_size": 128,
     "epochs": 20,
     "seed": 0,
-    "threads": None,  # None: every core this process may use
+    # Intra-op threads. A d=64 model's ops are too small to amortise thread hand-offs, and
+    # on a shared 2-core box 2 threads measured 10x slower per batch than 1 (spin-waits).
+    # None: every core this process may use.
+    "threads": 1,
     "patience": 3,  # epochs without a better validation NDCG@10 before stopping
     "score_batch": 1024,
     "verbose": True,

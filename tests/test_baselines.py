@@ -1,0 +1,98 @@
+"""Baselines: popularity counts, SASRec learns a deterministic next-item rule, shared ranking."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pagellm.eval.baselines import Baseline, make_baseline, rank
+from pagellm.eval.baselines.popularity import PopularityBaseline
+from pagellm.eval.baselines.sasrec import SASRec
+
+N = 20  # items in the synthetic successor task: the next item is always (i + 1) mod N
+
+TINY = {"hidden": 32, "blocks": 1, "heads": 1, "max_len": 8, "dropout": 0.1, "lr": 5e-3,
+        "batch_size": 32, "epochs": 12, "seed": 0, "verbose": False}
+
+
+def successor_sequences(n_users: int, seed: int) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [[(int(s) + j) % N for j in range(int(length))]
+            for s, length in zip(rng.integers(0, N, n_users), rng.integers(4, 12, n_users))]
+
+
+@pytest.fixture(scope="module")
+def sasrec() -> SASRec:
+    model = SASRec(TINY)
+    model.fit(successor_sequences(160, seed=1), N)
+    return model
+
+
+def test_popularity_ranks_by_training_count():
+    pop = PopularityBaseline()
+    pop.fit([[0, 1, 1], [1, 2], [2]], n_items=4)  # counts: 0 -> 1, 1 -> 3, 2 -> 2, 3 -> 0
+    scores = pop.score([[0], [3], []])
+    assert scores.shape == (3, 4)
+    assert scores[0].tolist() == [1, 3, 2, 0] and (scores[2] == scores[0]).all()
+    assert rank(pop, [[0], [1]], k=3) == [[1, 2, 0], [1, 2, 0]]
+    # excluded items never appear; with too few left the list is shorter, not padded
+    assert rank(pop, [[0], [1]], k=3, exclude=[[1], [1, 2, 0]]) == [[2, 0, 3], [3]]
+    assert isinstance(pop, Baseline) and pop.name == "popularity"
+
+
+def test_popularity_rejects_bad_input():
+    with pytest.raises(ValueError, match="outside"):
+        PopularityBaseline().fit([[0, 5]], n_items=4)
+    with pytest.raises(RuntimeError, match="before fit"):
+        PopularityBaseline().score([[0]])
+
+
+def test_sasrec_learns_the_successor_rule(sasrec: SASRec):
+    histories = successor_sequences(100, seed=2)
+    scores = sasrec.score(histories)
+    assert scores.shape == (100, N) and scores.dtype == np.float32
+    top1 = rank(sasrec, histories, k=1)
+    hr1 = np.mean([t[0] == (h[-1] + 1) % N for t, h in zip(top1, histories)])
+    assert hr1 >= 0.9, f"HR@1 {hr1:.2f} on a deterministic successor task"
+    assert [r["epoch"] for r in sasrec.history] == list(range(1, TINY["epochs"] + 1))
+    assert sasrec.history[-1]["loss"] < sasrec.history[0]["loss"]
+
+
+def test_sasrec_ranking_masks_history_and_handles_long_histories(sasrec: SASRec):
+    long_history = [i % N for i in range(3 * N + 5)]  # longer than max_len: only the tail is read
+    ranked = rank(sasrec, [long_history, [4, 5]], k=N, exclude=[[5, 6], [4, 5]])
+    assert 6 not in ranked[0] and 5 not in ranked[0] and len(ranked[0]) == N - 2
+    assert ranked[1][0] == 6 and len(set(ranked[1])) == len(ranked[1])
+    # scoring only reads the last max_len items
+    np.testing.assert_allclose(sasrec.score([long_history]), sasrec.score([long_history[-TINY["max_len"]:]]), atol=1e-5)
+
+
+def test_sasrec_is_seeded_and_validates():
+    seqs = successor_sequences(40, seed=3)
+    a, b = SASRec({**TINY, "epochs": 1}), SASRec({**TINY, "epochs": 1})
+    a.fit(seqs, N)
+    b.fit(seqs, N)
+    np.testing.assert_array_equal(a.score(seqs[:5]), b.score(seqs[:5]))
+    with pytest.raises(ValueError, match="unknown SASRec"):
+        SASRec({"hiden": 64})
+    with pytest.raises(ValueError, match="outside"):
+        a.score([[N]])
+    with pytest.raises(RuntimeError, match="before fit"):
+        SASRec().score([[0]])
+
+
+def test_sasrec_early_stopping_keeps_the_best_epoch():
+    seqs = successor_sequences(120, seed=4)
+    hist, targets = [s[:-1] for s in seqs], [[s[-1]] for s in seqs]
+    model = SASRec({**TINY, "epochs": 40, "patience": 2})
+    model.fit([s[:-1] for s in seqs], N, val_histories=hist[:60], val_targets=targets[:60])
+    val = [r["val_ndcg@10"] for r in model.history]
+    assert len(val) < 40  # stopped: the task saturates long before 40 epochs
+    assert max(val) == pytest.approx(model.validate(hist[:60], targets[:60]))  # best weights restored
+
+
+def test_make_baseline():
+    assert make_baseline("popularity").name == "popularity"
+    assert make_baseline("sasrec", {"hidden": 16}).params["hidden"] == 16
+    with pytest.raises(ValueError, match="unknown baseline"):
+        make_baseline("bpr")
