@@ -98,8 +98,9 @@ class TrainCommon(Strict):
 class SFTConfig(TrainCommon):
     epochs: int = 10
     lr: float = 2e-5
-    meta_epochs: int = Field(0, ge=0)
+    meta_epochs: int = Field(0, ge=0)  # next-item pre-training on whole training histories
     meta_lr: float = 5e-5
+    user_dropout: float = Field(0.1, ge=0.0, le=1.0)  # share of rows repeated without the user token
 
 
 class RewardConfig(TrainCommon):

@@ -54,8 +54,8 @@ def test_sasrec_learns_the_successor_rule(sasrec: SASRec):
     top1 = rank(sasrec, histories, k=1)
     hr1 = np.mean([t[0] == (h[-1] + 1) % N for t, h in zip(top1, histories)])
     assert hr1 >= 0.9, f"HR@1 {hr1:.2f} on a deterministic successor task"
-    assert [r["epoch"] for r in sasrec.history] == list(range(1, TINY["epochs"] + 1))
-    assert sasrec.history[-1]["loss"] < sasrec.history[0]["loss"]
+    assert [r["epoch"] for r in sasrec.training_log] == list(range(1, TINY["epochs"] + 1))
+    assert sasrec.training_log[-1]["loss"] < sasrec.training_log[0]["loss"]
 
 
 def test_sasrec_ranking_masks_history_and_handles_long_histories(sasrec: SASRec):
@@ -86,7 +86,7 @@ def test_sasrec_early_stopping_keeps_the_best_epoch():
     hist, targets = [s[:-1] for s in seqs], [[s[-1]] for s in seqs]
     model = SASRec({**TINY, "epochs": 40, "patience": 2})
     model.fit([s[:-1] for s in seqs], N, val_histories=hist[:60], val_targets=targets[:60])
-    val = [r["val_ndcg@10"] for r in model.history]
+    val = [r["val_ndcg@10"] for r in model.training_log]
     assert len(val) < 40  # stopped: the task saturates long before 40 epochs
     assert max(val) == pytest.approx(model.validate(hist[:60], targets[:60]))  # best weights restored
 

@@ -226,3 +226,10 @@ def test_full_ranking_rejects_bad_input():
         M.evaluate_full_ranking(np.full((1, 3), np.nan), None, [[0]])
     with pytest.raises(ValueError, match="outside"):
         M.evaluate_full_ranking(np.zeros((1, 3)), None, [[5]])
+
+
+def test_history_mask():
+    m = M.history_mask([[0, 2], [], [1, 1]], n_items=3)
+    assert m.shape == (3, 3) and m.toarray().tolist() == [[1, 0, 1], [0, 0, 0], [0, 1, 0]]
+    with pytest.raises(ValueError, match="outside"):
+        M.history_mask([[3]], n_items=3)

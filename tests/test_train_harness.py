@@ -70,7 +70,7 @@ def train_loop(config: dict) -> None:
 
 
 def _cfg(**over) -> TrainCommon:
-    base = dict(epochs=3, lr=1e-2, batch_size=16, warmup_ratio=0.1, workers=2, zero_stage=2, log_every=4)
+    base = dict(epochs=3, lr=3e-2, batch_size=8, warmup_ratio=0.1, workers=2, zero_stage=2, log_every=4)
     return TrainCommon(**{**base, **over})
 
 
@@ -101,8 +101,8 @@ def test_zero2_two_workers_learn_and_write_hf_checkpoint(zero2_run):
 
     run_dir, result = zero2_run
     losses = [record["train_loss"] for record in result.history]
-    assert len(losses) == 2 and losses[1] < 0.9 * losses[0], losses
-    steps_per_epoch = ROWS // 16  # 64 rows, global batch 16 over 2 workers
+    assert len(losses) == 2 and losses[1] < 0.8 * losses[0], losses
+    steps_per_epoch = ROWS // 8  # 64 rows, global batch 8 over 2 workers
     assert result.metrics["step"] == 2 * steps_per_epoch and result.metrics["epoch"] == 2
     hf = Path(result.hf_path)
     assert (hf / "model.safetensors").exists() and (hf / "config.json").exists()
@@ -122,7 +122,7 @@ def test_fit_again_with_more_epochs_continues_from_checkpoint(zero2_run):
 
     run_dir, first = zero2_run
     result = fit(train_loop, {"out": str(run_dir)}, _cfg(epochs=3), run_dir, name="zero2")
-    steps_per_epoch = ROWS // 16
+    steps_per_epoch = ROWS // 8
     # Only the new epoch was trained, on each worker ...
     for rank in (0, 1):
         marker = json.loads((run_dir / f"zero2_rank{rank}.json").read_text())

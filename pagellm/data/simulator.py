@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from pagellm.config import SimulatorConfig
-from pagellm.data.schema import ReadResult, Rejects, canonical_interactions
+from pagellm.data.schema import INTERACTION_COLUMNS, ReadResult, Rejects, canonical_interactions
 
 STATE_VERSION = 1
 EPOCH_START = 1_420_070_400  # 2015-01-01: timestamps look like a real review dump
@@ -73,7 +73,6 @@ def _segment_cumsum(values: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     return total - np.repeat(before, lengths, axis=0)
 
 
-
 def _first_distinct(cand: np.ndarray, bad: np.ndarray, want: np.ndarray, width: int):
     """Per row, the first `want` draws that are neither `bad` nor a repeat, in draw order
     (-1 where a row has too few), and how many each row got."""
@@ -112,7 +111,7 @@ def _draw_without_replacement(
     if n_items % GROUP:
         weight = np.pad(weight, ((0, 0), (0, GROUP - n_items % GROUP)))
     buckets = weight.reshape(n_rows, -1, GROUP)
-    bucket_cdf = np.cumsum(buckets @ np.ones(GROUP, dtype=weight.dtype), axis=1)
+    bucket_cdf = np.cumsum(np.einsum("rgs->rg", buckets), axis=1)
 
     def draw(rows: np.ndarray, m: int) -> np.ndarray:
         bucket = _inverse_cdf(rng, bucket_cdf[rows], m)
@@ -234,24 +233,10 @@ class Simulator:
         stamp = np.repeat(start, lengths) + _segment_cumsum(gaps.astype(np.int64), lengths)
 
         order = np.lexsort((user, stamp))  # one log, users interleaved in time
-        interactions = canonical_interactions(
-            pd.DataFrame(
-                {
-                    "user_id": self.user_ids[user[order]],
-                    "item_id": self.item_ids[items[order]],
-                    "rating": rating[order],
-                    "timestamp": stamp[order],
-                }
-            )
-        )
-        items_table = pd.DataFrame(
-            {
-                "item_id": self.item_ids,
-                "categories": [[f"c{c}"] for c in self.item_category],
-                "brand": [None] * len(self.item_ids),
-                "title": [None] * len(self.item_ids),
-            }
-        )
+        columns = (self.user_ids[user[order]], self.item_ids[items[order]], rating[order], stamp[order])
+        interactions = canonical_interactions(pd.DataFrame(dict(zip(INTERACTION_COLUMNS, columns))))
+        items_table = pd.DataFrame({"item_id": self.item_ids, "categories": [[f"c{c}"] for c in self.item_category]})
+        items_table["brand"] = items_table["title"] = None
         return ReadResult(interactions, items_table, Rejects(), (1.0, 5.0), [])
 
     def _sample_histories(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -264,7 +249,7 @@ class Simulator:
         user_start = np.cumsum(lengths) - lengths
         items = np.empty(lengths.sum(), dtype=np.int64)
         block_of = np.empty(lengths.sum(), dtype=np.int64)
-        # One matmul gives taste . item + prior: the prior rides on a constant 1 column.
+        # One product gives taste . item + prior: the prior rides on a constant 1 column.
         # Padding columns (prior -inf: never drawn) make the width a multiple of GROUP.
         table = np.vstack([self.item_vector.T, self.cfg.popularity_exponent * self.item_log_pop])
         table = np.pad(table, ((0, 0), (0, -table.shape[1] % GROUP)))
@@ -279,7 +264,8 @@ class Simulator:
             for b in range(int(n_blocks[users].max())):
                 rows = np.flatnonzero(n_blocks[users] > b)
                 blocks = block_start[users[rows]] + b
-                score = tastes[blocks] @ table
+                # einsum, not BLAS: with 9 inner terms threaded BLAS only adds contention.
+                score = np.einsum("bd,di->bi", tastes[blocks], table)
                 picks = _draw_without_replacement(rng, score, seen[rows], self.block_steps[blocks])
                 r, c = np.nonzero(picks >= 0)
                 where = user_start[users[rows]][r] + b * BLOCK + c
@@ -313,7 +299,8 @@ class Simulator:
         """P(click) before satiation: user rows x all items, or per (row, item) pairs."""
         taste = self.user_taste[rows]
         if items is None:
-            return sigmoid(taste @ self.item_vector.T + self.item_quality - self.click_bias)
+            logit = np.einsum("ud,id->ui", taste, self.item_vector) + self.item_quality
+            return sigmoid(logit - self.click_bias)
         vec = self.item_vector[items]
         logit = np.einsum("ud,ukd->uk", taste, vec) + self.item_quality[items] - self.click_bias
         return sigmoid(logit)

@@ -332,6 +332,16 @@ def evaluate_lists(
     return out
 
 
+def history_mask(histories: Sequence[Sequence[int]], n_items: int) -> sparse.csr_matrix:
+    """[len(histories), n_items] sparse bool matrix of each user's seen items (a train_mask)."""
+    rows = np.repeat(np.arange(len(histories)), [len(h) for h in histories])
+    cols = np.fromiter((int(x) for h in histories for x in h), dtype=np.int64, count=len(rows))
+    if cols.size and (cols.min() < 0 or cols.max() >= n_items):
+        raise ValueError(f"history item index outside 0..{n_items - 1}")
+    data = np.ones(len(rows), dtype=bool)
+    return sparse.csr_matrix((data, (rows, cols)), shape=(len(histories), n_items))
+
+
 def _as_csr(mask: Any, n_rows: int, n_items: int) -> sparse.csr_matrix | None:
     if mask is None:
         return None

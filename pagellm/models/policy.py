@@ -160,19 +160,24 @@ def is_adapter_model(model) -> bool:
     return isinstance(model, PeftModel)
 
 
-def save_policy(model, tokenizer, layout: TokenLayout, directory: str | Path, merged: bool = False) -> Path:
+def save_policy(
+    model, tokenizer, layout: TokenLayout, directory: str | Path, merged: bool = False, state_dict: dict | None = None
+) -> Path:
     """Write a checkpoint load_policy reads. Under LoRA: the adapter (with the new token rows),
     `base/` when the base cannot be reloaded by name, and with `merged=True` a standalone
-    full model in `merged/`."""
+    full model in `merged/`. `state_dict`: full weights gathered by the trainer (under
+    ZeRO-3 the module's own parameters are shards)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     save_tokenizer(tokenizer, layout, directory)
-    rows = model.get_input_embeddings().weight.shape[0]
+    rows = model.config.vocab_size if state_dict is not None else model.get_input_embeddings().weight.shape[0]
     meta = {"adapter": is_adapter_model(model), "base": None, "embedding_rows": rows}
     if meta["adapter"]:
         # The token rows travel in the adapter (trainable tokens), so the embedding
         # matrices need not be copied into it.
-        model.save_pretrained(str(directory), save_embedding_layers=False, safe_serialization=True)
+        model.save_pretrained(
+            str(directory), save_embedding_layers=False, safe_serialization=True, state_dict=state_dict
+        )
         base_name = model.peft_config[model.active_adapter].base_model_name_or_path
         if base_name and (Path(base_name) / "config.json").exists():
             meta["base"] = str(Path(base_name).resolve())
@@ -185,7 +190,7 @@ def save_policy(model, tokenizer, layout: TokenLayout, directory: str | Path, me
             full = copy.deepcopy(model).merge_and_unload()
             save_policy(full, tokenizer, layout, directory / "merged")
     else:
-        model.save_pretrained(str(directory), safe_serialization=True)
+        model.save_pretrained(str(directory), safe_serialization=True, state_dict=state_dict)
     (directory / POLICY_FILE).write_text(json.dumps(meta, indent=1))
     return directory
 

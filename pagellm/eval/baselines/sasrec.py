@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pagellm.eval.baselines import check_sequences
+from pagellm.eval.metrics import evaluate_full_ranking, history_mask
 
 DEFAULTS: dict[str, Any] = {
     "hidden": 64,
@@ -154,7 +155,7 @@ class SASRec:
         self.params = {**DEFAULTS, **(params or {})}
         self.net: SASRecNet | None = None
         self.n_items = 0
-        self.history: list[dict[str, float]] = []  # one entry per epoch
+        self.training_log: list[dict[str, float]] = []  # one entry per epoch
 
     def _log(self, msg: str) -> None:
         if self.params["verbose"]:
@@ -191,7 +192,7 @@ class SASRec:
         self.n_items = n_items
         self.net = SASRecNet(n_items, p["hidden"], p["blocks"], p["heads"], length, p["dropout"])
         opt = torch.optim.Adam(self.net.parameters(), lr=p["lr"], betas=(0.9, 0.98))
-        self.history = []
+        self.training_log = []
         best, best_state, stale = -1.0, None, 0
         with _Threads(p["threads"]):
             for epoch in range(1, p["epochs"] + 1):
@@ -213,14 +214,15 @@ class SASRec:
                 record = {"epoch": epoch, "loss": total / positions, "seconds": time.perf_counter() - t0}
                 line = f"sasrec epoch {epoch}/{p['epochs']} loss {record['loss']:.4f} {record['seconds']:.1f}s"
                 if val_histories is not None:
+                    t0 = time.perf_counter()
                     ndcg = self.validate(val_histories, val_targets)
-                    record["val_ndcg@10"] = ndcg
-                    line += f" val ndcg@10 {ndcg:.4f}"
+                    record["val_ndcg@10"], record["val_seconds"] = ndcg, time.perf_counter() - t0
+                    line += f" val ndcg@10 {ndcg:.4f} ({record['val_seconds']:.1f}s)"
                     if ndcg > best:
                         best, best_state, stale = ndcg, copy.deepcopy(self.net.state_dict()), 0
                     else:
                         stale += 1
-                self.history.append(record)
+                self.training_log.append(record)
                 self._log(line)
                 if val_histories is not None and stale >= p["patience"]:
                     self._log(f"sasrec early stop: best val ndcg@10 {best:.4f} at epoch {epoch - stale}")
@@ -230,16 +232,9 @@ class SASRec:
 
     def validate(self, histories: list[list[int]], targets: list[list[int]]) -> float:
         """Full-ranking NDCG@10 with each user's history items masked."""
-        from pagellm.eval.metrics import evaluate_full_ranking
-
-        from scipy import sparse
-
-        rows = np.repeat(np.arange(len(histories)), [len(h) for h in histories])
-        cols = np.fromiter((x for h in histories for x in h), dtype=np.int64, count=len(rows))
-        mask = sparse.csr_matrix((np.ones(len(rows), dtype=bool), (rows, cols)), shape=(len(histories), self.n_items))
         res = evaluate_full_ranking(
-            lambda a, b: self.score(histories[a:b]), mask, targets, n_items=self.n_items,
-            recall_ks=(), ndcg_ks=(10,), prefix="", chunk_size=self.params["score_batch"],
+            lambda a, b: self.score(histories[a:b]), history_mask(histories, self.n_items), targets,
+            n_items=self.n_items, recall_ks=(), ndcg_ks=(10,), prefix="", chunk_size=self.params["score_batch"],
         )
         return float(res["ndcg@10"] or 0.0)
 

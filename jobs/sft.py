@@ -1,0 +1,26 @@
+"""Stage 2 of the pipeline: supervised fine-tuning on golden pages (Ray Train + DeepSpeed).
+
+    python -m jobs.sft --run runs/demo [--set sft.workers=2 --set sft.zero_stage=2]
+
+Re-running resumes from the last Ray Train checkpoint of the run folder.
+"""
+
+from __future__ import annotations
+
+from jobs.common import open_run, ray_session, stage_parser
+from pagellm.train.sft import run_sft_stage
+
+
+def run(folder, cfg) -> dict:
+    return run_sft_stage(cfg, folder.root)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = stage_parser("sft", __doc__).parse_args(argv)
+    folder, cfg = open_run(args)
+    with ray_session():
+        run(folder, cfg)
+
+
+if __name__ == "__main__":
+    main()

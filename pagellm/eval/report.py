@@ -1,0 +1,138 @@
+"""The run report: one Markdown page plus PNG plots, readable without opening any JSON."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: reports are written on cluster nodes and CI boxes
+import matplotlib.pyplot as plt  # noqa: E402
+
+ACCURACY = ["recall@20", "recall@40", "ndcg@100", "hr@10", "ndcg@10"]
+CONSISTENCY = ["was@10", "pwkt@10", "wmrd@10", "dpa@10"]
+DIVERSITY = ["ild@10", "entropy@10", "coverage@10", "tail_share@10"]
+VALIDITY = ["invalid_rate", "duplicate_rate"]
+FULL = ["full/recall@20", "full/recall@40", "full/ndcg@100", "full/hr@10"]
+SIM = ["sim_utility", "sim_utility_ratio"]
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.4f}"
+    return str(v)
+
+
+def metric_table(models: dict[str, dict], keys: list[str]) -> str:
+    keys = [k for k in keys if any(k in m for m in models.values())]
+    if not keys:
+        return ""
+    lines = ["| model | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    for name, m in models.items():
+        lines.append(f"| {name} | " + " | ".join(_fmt(m.get(k)) for k in keys) + " |")
+    return "\n".join(lines)
+
+
+def gain_table(models: dict[str, dict], base: str, new: str, keys: list[str]) -> str:
+    rows = ["| metric | " + base + " | " + new + " | relative gain |", "|---|---|---|---|"]
+    for k in keys:
+        a, b = models[base].get(k), models[new].get(k)
+        if a is None or b is None:
+            continue
+        gain = f"{(b - a) / abs(a) * 100:+.1f}%" if a else "–"
+        rows.append(f"| {k} | {a:.4f} | {b:.4f} | {gain} |")
+    return "\n".join(rows)
+
+
+def bar_plot(models: dict[str, dict], keys: list[str], title: str, path: Path) -> bool:
+    keys = [k for k in keys if any(m.get(k) is not None for m in models.values())]
+    if not keys:
+        return False
+    fig, ax = plt.subplots(figsize=(1.6 * len(keys) + 2, 3.6))
+    width = 0.8 / max(1, len(models))
+    for n, (name, m) in enumerate(models.items()):
+        xs = [i + n * width for i in range(len(keys))]
+        ax.bar(xs, [m.get(k) or 0.0 for k in keys], width, label=name)
+    ax.set_xticks([i + width * (len(models) - 1) / 2 for i in range(len(keys))], keys, rotation=20)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def ppo_plot(rows: list[dict], path: Path) -> bool:
+    if not rows:
+        return False
+    keys = [k for k in ("reward_mean", "kl", "policy_loss", "value_loss", "pages_per_s") if k in rows[0]]
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3.0))
+    for ax, k in zip(axes if len(keys) > 1 else [axes], keys):
+        ax.plot([r["step"] for r in rows], [r.get(k) for r in rows])
+        ax.set_title(k)
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _read_json(path: Path):
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def write_report(result: dict, run_dir: Path, out_dir: Path) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    models = result["models"]
+    parts = [f"# PageLLM evaluation — {run_dir.name}", "",
+             f"Dataset `{result['dataset']}`, split `{result['split']}` ({result['split_method']}), "
+             f"{result['users']:,} users, {result['items']:,} items. Each model writes a "
+             f"{result['list_len']}-item list per user; its first {result['page_len']} items are the page.", ""]
+    stats = _read_json(run_dir / "data" / "stats.json")
+    if stats:
+        parts += ["## Data", "",
+                  f"{stats['users']:,} users, {stats['items']:,} items, {stats['interactions']:,} interactions "
+                  f"({stats['positives']:,} positive); split {stats['split']}; {stats['sft_rows']:,} SFT rows; "
+                  f"pairs {stats['pairs']}; rejected rows {stats['rejected'] or 'none'}.", ""]
+        parts += [f"- note: {n}" for n in stats.get("notes", [])] + [""]
+    sections = [("Accuracy (generated list)", ACCURACY), ("Ranking consistency of the page (wmrd: lower is better)",
+                CONSISTENCY), ("Diversity and redundancy", DIVERSITY), ("Validity (must be 0)", VALIDITY),
+                ("Full-ranking track (paper lineage)", FULL), ("True page utility (simulator)", SIM)]
+    for title, keys in sections:
+        table = metric_table(models, keys)
+        if table:
+            parts += [f"## {title}", "", table, ""]
+    if "sim_oracle_utility" in result:
+        parts += [f"The simulator's greedy oracle page earns {result['sim_oracle_utility']:.4f} expected clicks "
+                  "per user (sim_utility_ratio 1.0).", ""]
+    if "sft" in models and "ppo" in models:
+        parts += ["## PPO vs SFT", "", gain_table(models, "sft", "ppo", ["sim_utility", "ndcg@100", "ndcg@10",
+                                                                          "hr@10", "ild@10", "full/ndcg@100"]), ""]
+    reward = _read_json(run_dir / "reward" / "metrics.json")
+    if reward and "pair_accuracy" in reward:
+        acc = reward["pair_accuracy"]
+        fams = sorted({f for head in acc.values() for f in head})
+        parts += ["## Reward model: held-out pair accuracy", "", "| head | " + " | ".join(fams) + " |",
+                  "|---" * (len(fams) + 1) + "|"]
+        parts += [f"| {h} | " + " | ".join(_fmt(acc[h].get(f)) for f in fams) + " |" for h in acc] + [""]
+    ppo_file = run_dir / "ppo" / "metrics.jsonl"
+    if ppo_file.exists():
+        rows = [json.loads(line) for line in ppo_file.read_text().splitlines() if line.strip()]
+        if rows and ppo_plot(rows, out_dir / "ppo_curves.png"):
+            last = rows[-1]
+            parts += ["## PPO training", "", f"{len(rows)} steps; last step reward_mean {_fmt(last.get('reward_mean'))}, "
+                      f"kl {_fmt(last.get('kl'))}, stale batches dropped {last.get('stale_dropped', 0)}.", "",
+                      "![PPO curves](ppo_curves.png)", ""]
+    plots = [("accuracy.png", ACCURACY, "Accuracy"), ("consistency.png", CONSISTENCY, "Ranking consistency"),
+             ("diversity.png", DIVERSITY, "Diversity"), ("full_ranking.png", FULL, "Full ranking"),
+             ("utility.png", SIM, "Simulator utility")]
+    parts += ["## Plots", ""]
+    for file, keys, title in plots:
+        if bar_plot(models, keys, title, out_dir / file):
+            parts.append(f"![{title}]({file})")
+    path = out_dir / "report.md"
+    path.write_text("\n".join(parts) + "\n")
+    return path

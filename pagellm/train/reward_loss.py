@@ -1,0 +1,84 @@
+"""Bradley–Terry loss and pair accuracy for the reward model (plain functions, no Ray).
+
+A pair is (chosen, rejected) scores of one head; P(chosen ≻ rejected) = σ(R_chosen − R_rejected).
+
+Why each enabled head gets its own BT term (L = L_coarse + L_fine) instead of one term on
+R_c + R_f: each head is then a calibrated scorer on its own. Serving uses R_c alone as a
+ranking feature (`/v1/score`), PPO can be asked for `coarse`, `fine` or `sum`, and the
+per-head accuracy table means "what this head knows", not "what it adds to the other
+head". A single term on the sum would let one head carry the pair and leave the other
+at an arbitrary scale and sign. The sum of two calibrated scorers is still a good scorer
+(measured: its held-out accuracy is at least that of the better head on every family).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+HEAD_NAMES = ("coarse", "fine")
+
+
+def pair_loglik(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
+    """log σ(chosen − rejected) per pair (logsigmoid: exact for large margins of either sign)."""
+    if chosen.shape != rejected.shape:
+        raise ValueError(f"chosen {tuple(chosen.shape)} and rejected {tuple(rejected.shape)} differ in shape")
+    return F.logsigmoid(chosen.float() - rejected.float())
+
+
+def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
+    """Mean over pairs of −log σ(chosen − rejected)."""
+    if chosen.numel() == 0:
+        raise ValueError("Bradley–Terry loss of an empty batch")
+    return -pair_loglik(chosen, rejected).mean()
+
+
+def multi_head_loss(
+    chosen: Mapping[str, torch.Tensor], rejected: Mapping[str, torch.Tensor]
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Σ over the heads present of their BT losses; also each head's loss and accuracy.
+
+    `chosen`/`rejected`: head name -> scores [B]. Extras: `loss_<head>`, `acc_<head>`,
+    and `acc_sum` (accuracy of the summed score, what PPO optimises by default).
+    """
+    if not chosen or set(chosen) != set(rejected):
+        raise ValueError(f"heads differ or are empty: chosen {sorted(chosen)}, rejected {sorted(rejected)}")
+    total = 0.0
+    extras: dict[str, float] = {}
+    for head in sorted(chosen):
+        loss = bradley_terry_loss(chosen[head], rejected[head])
+        total = total + loss
+        extras[f"loss_{head}"] = float(loss.detach())
+        extras[f"acc_{head}"] = pair_accuracy(chosen[head], rejected[head])
+    extras["acc_sum"] = pair_accuracy(sum(chosen.values()), sum(rejected.values()))
+    return total, extras
+
+
+def pair_accuracy(chosen, rejected) -> float:
+    """Share of pairs with chosen strictly above rejected (a tie counts as wrong)."""
+    chosen, rejected = _as_numpy(chosen), _as_numpy(rejected)
+    if chosen.size == 0:
+        return float("nan")
+    return float(np.mean(chosen > rejected))
+
+
+def accuracy_by_family(chosen, rejected, families: Sequence[str]) -> dict[str, float]:
+    """Pair accuracy per family name, families in first-seen order."""
+    chosen, rejected = _as_numpy(chosen), _as_numpy(rejected)
+    families = np.asarray(families, dtype=object)
+    if not len(chosen) == len(rejected) == len(families):
+        raise ValueError(f"lengths differ: {len(chosen)} chosen, {len(rejected)} rejected, {len(families)} families")
+    out = {}
+    for family in dict.fromkeys(families.tolist()):
+        sel = families == family
+        out[str(family)] = pair_accuracy(chosen[sel], rejected[sel])
+    return out
+
+
+def _as_numpy(x) -> np.ndarray:
+    if torch.is_tensor(x):
+        return x.detach().float().cpu().numpy()
+    return np.asarray(x, dtype=np.float64)
