@@ -28,6 +28,19 @@ def is_done(folder, stage: str) -> bool:
     return marker.exists()
 
 
+def clear(folder, stage: str) -> None:
+    """Remove a stage's outputs and its Ray Train runs, so a redo starts fresh instead of
+    resuming a checkpoint trained on older inputs."""
+    import shutil
+
+    targets = {"data": [folder.data], "sft": [folder.sft, folder.root / "ray_train" / "sft",
+                                             folder.root / "ray_train" / "sft_meta"],
+               "reward": [folder.reward, folder.root / "ray_train" / "reward"], "ppo": [folder.ppo],
+               "eval": [folder.eval]}[stage]
+    for path in targets:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def wanted(cfg, stage: str) -> bool:
     if stage == "ppo":
         return cfg.ppo.enabled
@@ -52,6 +65,8 @@ def main(argv: list[str] | None = None) -> None:
             if is_done(folder, stage) and stage not in redo:
                 print(f"[run] {stage}: already done in {folder.root}, skipping", flush=True)
                 continue
+            if stage in redo:
+                clear(folder, stage)
             print(f"[run] {stage} ...", flush=True)
             t = time.perf_counter()
             importlib.import_module(f"jobs.{stage}").run(folder, cfg)

@@ -134,6 +134,9 @@ class PPOConfig(Strict):
     reward_actors: int = Field(1, ge=1)
     checkpoint_every: int = Field(10, ge=1)
     grad_clip: float = 1.0
+    zero_stage: int = Field(0, ge=0, le=3)  # the learner's DeepSpeed ZeRO stage
+    use_gpu: bool = False
+    seed_offset: int = 1000  # rollout sampling seeds start here (kept apart from training seeds)
     advantage: str = "gae"
     policy_loss: str = "clipped"
 

@@ -63,6 +63,8 @@ def test_sasrec_ranking_masks_history_and_handles_long_histories(sasrec: SASRec)
     ranked = rank(sasrec, [long_history, [4, 5]], k=N, exclude=[[5, 6], [4, 5]])
     assert 6 not in ranked[0] and 5 not in ranked[0] and len(ranked[0]) == N - 2
     assert ranked[1][0] == 6 and len(set(ranked[1])) == len(ranked[1])
+    # padding is invisible: a short history scores the same alone or batched with a long one
+    np.testing.assert_allclose(sasrec.score([[4, 5], long_history])[0], sasrec.score([[4, 5]])[0], atol=1e-5)
     # scoring only reads the last max_len items
     np.testing.assert_allclose(sasrec.score([long_history]), sasrec.score([long_history[-TINY["max_len"]:]]), atol=1e-5)
 

@@ -146,63 +146,147 @@ def test_zero3_saves_full_weights_not_partitions(ray_train, tmp_path):
     assert all(v.numel() > 0 for v in saved.values())
 
 
-# --------------------------------------------------------------------------- engine, one rank
+# --------------------------------------------------------------------------- one rank, no Trainer
 
 
-def round_trip_every_stage(workdir: str) -> dict[int, tuple[list[float], list[float], str]]:
-    """Per ZeRO stage: train 3 steps, save, train 2 more; rebuild, load, train 2: same losses?
+def _train_steps(engine, ids, steps):
+    losses = []
+    for _ in range(steps):
+        loss, _ = lm_step(engine, (ids,))
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.item())
+    return losses
 
-    Runs in its own one-rank gloo process group (a throw-away Ray worker), because
-    DeepSpeed caches process groups in module globals for the life of a process.
-    """
-    import torch.distributed as dist
 
-    from pagellm.train.engine import (
-        build_engine, load_training_state, save_training_state, setup_distributed_for_deepspeed,
-    )
+def _round_trip_every_stage(workdir: Path) -> dict:
+    """Per ZeRO stage: train 3 steps, save, train 2 more; rebuild, load, train 2: same losses?"""
+    from pagellm.train.engine import build_engine, load_training_state, save_training_state
 
-    dist.init_process_group("gloo", init_method=f"file://{workdir}/pg", rank=0, world_size=1)
-    setup_distributed_for_deepspeed()
     ids = counting_data()[:8]
-
-    def train(engine, steps):
-        losses = []
-        for _ in range(steps):
-            loss, _ = lm_step(engine, (ids,))
-            engine.backward(loss)
-            engine.step()
-            losses.append(loss.item())
-        return losses
-
     results = {}
     for stage in (0, 1, 2, 3):
-        cfg = _cfg(workers=1, zero_stage=stage, batch_size=8)
-        state_dir = Path(workdir) / f"stage{stage}"
+        cfg = _cfg(workers=1, zero_stage=stage)
         engine = build_engine(tiny_gpt2(), None, cfg, total_steps=10, use_gpu=False)
-        train(engine, 3)
-        save_training_state(engine, state_dir, client_state={"note": f"stage{stage}"})
+        _train_steps(engine, ids, 3)
+        save_training_state(engine, workdir / f"stage{stage}", client_state={"note": f"stage{stage}"})
         torch.manual_seed(123)  # the restored RNG must win over whatever ran in between
-        expected = train(engine, 2)
+        expected = _train_steps(engine, ids, 2)
         fresh = build_engine(tiny_gpt2(), None, cfg, total_steps=10, use_gpu=False)
-        note = load_training_state(fresh, state_dir)["note"]
-        results[stage] = (expected, train(fresh, 2), note)
-    dist.destroy_process_group()
+        note = load_training_state(fresh, workdir / f"stage{stage}")["note"]
+        results[stage] = (expected, _train_steps(fresh, ids, 2), note)
     return results
 
 
-def test_training_state_round_trip_is_exact_for_every_zero_stage(ray_train, tmp_path):
-    ray = ray_train
-    task = ray.remote(num_cpus=1, max_calls=1)(round_trip_every_stage)  # max_calls: fresh process
-    results = ray.get(task.remote(str(tmp_path)))
-    for stage, (expected, resumed, note) in results.items():
+def _run_epochs_with_fake_ray(workdir: Path, resume_from: Path | None, **kwargs):
+    """run_epochs with ray.train.report/get_checkpoint replaced by a folder of copies."""
+    import shutil
+    from unittest import mock
+
+    import ray.train
+    from torch.utils.data import TensorDataset
+
+    from pagellm.train.engine import build_engine
+    from pagellm.train.harness import distributed_loader, run_epochs
+
+    reports = []
+
+    def fake_report(metrics, checkpoint=None, checkpoint_dir_name=None):
+        dest = workdir / "reports" / checkpoint_dir_name
+        shutil.copytree(checkpoint.path, dest)
+        reports.append((dict(metrics), dest))
+
+    restored = ray.train.Checkpoint.from_directory(str(resume_from)) if resume_from else None
+    trained = []
+
+    def counted_step(engine, batch):
+        trained.append(1)
+        return lm_step(engine, batch)
+
+    with mock.patch("ray.train.report", fake_report), mock.patch("ray.train.get_checkpoint", lambda: restored):
+        cfg = _cfg(workers=1, epochs=2)
+        loader = distributed_loader(TensorDataset(counting_data()), 8, shuffle=True, seed=0)
+        engine = build_engine(tiny_gpt2(), None, cfg, len(loader) * 2, use_gpu=False)
+        state = run_epochs(engine, loader, counted_step, epochs=2, name="t", log_every=100, **kwargs)
+    return state, reports, len(trained)
+
+
+def loop_checks(workdir: str) -> dict:
+    """Engine and run_epochs checks in one throw-away process with a one-rank gloo group.
+
+    A separate process because DeepSpeed caches process groups in module globals.
+    """
+    import torch.distributed as dist
+
+    from pagellm.train.engine import setup_distributed_for_deepspeed
+
+    workdir = Path(workdir)
+    dist.init_process_group("gloo", init_method=f"file://{workdir}/pg", rank=0, world_size=1)
+    setup_distributed_for_deepspeed()
+    out = {"round_trip": _round_trip_every_stage(workdir / "round_trip")}
+
+    # Interrupted after step 3 of 8 (mid-epoch) and resumed: same history as uninterrupted.
+    full, reports, _ = _run_epochs_with_fake_ray(workdir / "full", None, checkpoint_every=3)
+    mid = next(path for metrics, path in reports if metrics["step"] == 3)
+    resumed, _, trained = _run_epochs_with_fake_ray(workdir / "resumed", mid, checkpoint_every=3)
+    out["mid_epoch"] = (full.history, resumed.history, trained, [m["step"] for m, _ in reports])
+
+    # Early stop after the first epoch, with eval metrics; resuming it trains nothing more.
+    val_ids = counting_data()[:4]
+    stop_kwargs = dict(eval_fn=lambda engine: {"loss": lm_step(engine, (val_ids,))[0].item()},
+                       should_stop=lambda history: history[-1]["val_loss"] < 100)
+    stopped, reports, _ = _run_epochs_with_fake_ray(workdir / "stop", None, **stop_kwargs)
+    again, _, trained_again = _run_epochs_with_fake_ray(workdir / "stop2", reports[-1][1], **stop_kwargs)
+    out["early_stop"] = (stopped.history, stopped.stopped, again.history, trained_again)
+
+    # A frozen ZeRO-3 engine (reference policy) computes what the plain model computes.
+    from pagellm.train.engine import build_frozen_engine
+
+    frozen = build_frozen_engine(tiny_gpt2(), zero_stage=3, use_gpu=False)
+    with torch.no_grad():
+        out["frozen"] = (frozen(input_ids=val_ids).logits, tiny_gpt2()(input_ids=val_ids).logits,
+                         any(p.requires_grad for p in frozen.module.parameters()))
+    dist.destroy_process_group()
+    return out
+
+
+@pytest.fixture(scope="module")
+def loop_results(ray_train, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("loop")
+    task = ray_train.remote(num_cpus=1, max_calls=1)(loop_checks)  # max_calls: a fresh process
+    return workdir, ray_train.get(task.remote(str(workdir)))
+
+
+def test_training_state_round_trip_is_exact_for_every_zero_stage(loop_results):
+    from pagellm.train.engine import DEEPSPEED_SAFE_GLOBALS
+
+    workdir, results = loop_results
+    for stage, (expected, resumed, note) in results["round_trip"].items():
         assert note == f"stage{stage}"
         assert resumed == expected, f"ZeRO-{stage}: {resumed} != {expected}"
     # The files load with weights_only=True (what WeightsOnlyCheckpointEngine relies on).
-    optim = next((tmp_path / "stage2" / "state").glob("*optim_states.pt"))
-    from pagellm.train.engine import DEEPSPEED_SAFE_GLOBALS
-
+    optim = next((workdir / "round_trip" / "stage2").rglob("*optim_states.pt"))
     with torch.serialization.safe_globals(DEEPSPEED_SAFE_GLOBALS):
         assert torch.load(optim, weights_only=True)["ds_version"]
+
+
+def test_mid_epoch_resume_matches_an_uninterrupted_run(loop_results):
+    full, resumed, trained, report_steps = loop_results[1]["mid_epoch"]
+    assert report_steps == [3, 6, 8, 9, 12, 15, 16]  # every 3 steps inside epochs, plus epoch ends
+    assert trained == 16 - 3
+    assert resumed == full and len(full) == 2
+
+
+def test_early_stop_records_eval_and_stays_stopped(loop_results):
+    history, stopped, history_again, trained_again = loop_results[1]["early_stop"]
+    assert stopped and len(history) == 1 and "val_loss" in history[0] and "train_loss" in history[0]
+    assert history_again == history and trained_again == 0
+
+
+def test_frozen_zero3_engine_matches_plain_model(loop_results):
+    sharded, plain, trainable = loop_results[1]["frozen"]
+    assert not trainable
+    torch.testing.assert_close(sharded, plain)
 
 
 # --------------------------------------------------------------------------- plain functions

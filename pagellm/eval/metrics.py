@@ -378,6 +378,8 @@ def evaluate_full_ranking(
         n_items = scores.shape[1]
     if not callable(scores) and scores.shape != (n_users, n_items):
         raise ValueError(f"scores has shape {scores.shape}, expected {(n_users, n_items)}")
+    if not (recall_ks or ndcg_ks or hr_ks):
+        raise ValueError("evaluate_full_ranking needs at least one cutoff")
     mask = _as_csr(train_mask, n_users, n_items)
     k_max = min(max([*recall_ks, *ndcg_ks, *hr_ks]), n_items)
     w = _w(k_max)

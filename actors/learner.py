@@ -1,0 +1,124 @@
+"""Learner actor: PPO updates of policy + value head in a DeepSpeed engine, weight publishing
+and checkpoints. One process here; on a GPU cluster the same engine code runs per worker."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+import ray
+import torch
+
+from pagellm.config import Config, TrainCommon
+from pagellm.models.policy import load_policy, save_policy
+from pagellm.rl.ppo_update import PolicyWithValue, ScoredBatch, minibatches, prepare_batch
+from pagellm.rl.stats import RunningMoments
+from pagellm.rl.value_head import ValueHead
+
+
+def _init_process_group() -> None:
+    """A one-process gloo group: DeepSpeed needs torch.distributed even for world size 1."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+
+
+@ray.remote(num_cpus=1, max_restarts=0)
+class LearnerActor:
+    def __init__(self, policy_dir: str, cfg: dict, total_updates: int) -> None:
+        from pagellm.train.engine import build_engine, setup_distributed_for_deepspeed
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
+        self.cfg = Config.model_validate(cfg)
+        ppo = self.cfg.ppo
+        torch.manual_seed(self.cfg.seed)
+        _init_process_group()
+        setup_distributed_for_deepspeed()
+        policy, self.tokenizer, self.layout = load_policy(policy_dir, self.cfg.model, trainable=True)
+        policy.eval()  # no dropout: the learner's logprobs must match the rollout's
+        value_head = ValueHead(policy.config.hidden_size if hasattr(policy, "config") else policy.base_model.config.hidden_size)
+        self.module = PolicyWithValue(policy, self.layout, value_head, ppo)
+        train_cfg = TrainCommon(epochs=1, lr=ppo.lr, batch_size=ppo.mini_batch_size, grad_clip=ppo.grad_clip,
+                                warmup_ratio=0.0, zero_stage=ppo.zero_stage, use_gpu=ppo.use_gpu)
+        self.engine = build_engine(self.module, None, train_cfg, max(1, total_updates), ppo.use_gpu)
+        self.moments = RunningMoments()
+        self.generator = torch.Generator().manual_seed(self.cfg.seed)
+        self.step = 0  # PPO steps (batches) trained
+        self.version = 0  # bumps once per step: the weights rollouts are tagged with
+
+    def trainable_weights(self) -> dict[str, torch.Tensor]:
+        """What rollout actors need: every trainable policy tensor (only adapters and the new
+        token rows under LoRA), as CPU copies."""
+        return {n: p.detach().cpu().clone() for n, p in self.module.policy.named_parameters() if p.requires_grad}
+
+    def train(self, batch: ScoredBatch) -> dict:
+        ppo = self.cfg.ppo
+        t0 = time.perf_counter()
+        prepared = prepare_batch(self.module, batch, self.moments, ppo)
+        sums: dict[str, float] = {}
+        updates = 0
+        for _ in range(ppo.epochs):
+            for mb in minibatches(prepared, ppo.mini_batch_size, self.generator):
+                loss, stats = self.engine(mb)
+                self.engine.backward(loss)
+                self.engine.step()
+                updates += 1
+                for k, v in stats.items():
+                    sums[k] = sums.get(k, 0.0) + float(v)
+        self.step += 1
+        self.version += 1
+        out = {k: v / updates for k, v in sums.items()}
+        out.update(kl=prepared["kl"], reward_mean=float(batch.reward.mean()), reward_std=float(batch.reward.std()),
+                   learner_seconds=time.perf_counter() - t0, policy_version=self.version, step=self.step,
+                   **batch.reward_parts)
+        return out
+
+    def publish(self) -> tuple[int, list]:
+        """(version, [ref]) of the current trainable weights, put once for every reader."""
+        return self.version, [ray.put(self.trainable_weights())]
+
+    def save(self, directory: str, driver_state: dict) -> str:
+        """Model, optimizer (DeepSpeed state), value head, step, RNG and the driver's data position."""
+        from pagellm.train.engine import save_hf_checkpoint, save_training_state  # also saves RNG
+
+        out = Path(directory)
+        tmp = out.with_name(out.name + ".tmp")
+        policy_dir = tmp / "policy"
+
+        def save_fn(module, state_dict, path):
+            prefix = "policy."
+            weights = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+            save_policy(module.policy, self.tokenizer, self.layout, path, state_dict=weights)
+
+        save_hf_checkpoint(self.engine, policy_dir, save_fn)
+        self.module.value_head.save(tmp)
+        save_training_state(self.engine, tmp / "deepspeed")
+        state = {"step": self.step, "version": self.version, "moments": self.moments.state_dict(),
+                 "generator": self.generator.get_state().tolist(), "driver": driver_state}
+        (tmp / "learner_state.json").write_text(json.dumps(state))
+        if out.exists():
+            import shutil
+
+            shutil.rmtree(out)
+        tmp.rename(out)  # a checkpoint directory is complete or absent, never half-written
+        return str(out)
+
+    def restore(self, directory: str) -> dict:
+        """Load a checkpoint written by save(); returns the driver's saved state."""
+        from pagellm.train.engine import load_training_state  # also restores RNG
+
+        path = Path(directory)
+        load_training_state(self.engine, path / "deepspeed")
+        state = json.loads((path / "learner_state.json").read_text())
+        self.step, self.version = state["step"], state["version"]
+        self.moments.load_state_dict(state["moments"])
+        self.generator.set_state(torch.tensor(state["generator"], dtype=torch.uint8))
+        return state["driver"]

@@ -1,0 +1,44 @@
+"""Rollout actor: samples pages with constrained decoding under the newest weights it has."""
+
+from __future__ import annotations
+
+import ray
+import torch
+
+from pagellm.config import Config
+from pagellm.models.decoding import generate_pages
+from pagellm.models.policy import load_policy
+
+
+@ray.remote(num_cpus=1, max_restarts=-1, max_task_retries=-1)
+class RolloutActor:
+    """Ray restarts a crashed actor and retries its task; the new process re-fetches the
+    newest weights from the broker, so a retried batch is sampled from current weights and
+    the learner's staleness check still holds."""
+
+    def __init__(self, policy_dir: str, cfg: dict, broker) -> None:
+        torch.set_num_threads(1)  # one core per actor; the box has few
+        self.cfg = Config.model_validate(cfg)
+        self.model, _, self.layout = load_policy(policy_dir, self.cfg.model, trainable=False)
+        self.model.eval()
+        self.version = 0
+        version, ref = ray.get(broker.latest.remote())
+        if ref:
+            self.set_weights(version, ray.get(ref[0]))
+
+    def set_weights(self, version: int, weights: dict[str, torch.Tensor]) -> int:
+        missing = set(weights) - {n for n, _ in self.model.named_parameters()}
+        if missing:
+            raise KeyError(f"published weights name unknown parameters: {sorted(missing)[:5]}")
+        self.model.load_state_dict(weights, strict=False)
+        self.version = version
+        return version
+
+    def generate(self, batch_id: int, prompts: list[list[int]], exclude: list[list[int]], seed: int) -> dict:
+        generator = torch.Generator().manual_seed(seed)
+        with torch.inference_mode():
+            pages = generate_pages(self.model, self.layout, prompts, k=self.cfg.data.page_len, mode="sample",
+                                   exclude=[set(e) for e in exclude], temperature=self.cfg.ppo.temperature,
+                                   generator=generator)
+        return {"batch_id": batch_id, "policy_version": self.version, "prompts": prompts, "exclude": exclude,
+                "response_ids": pages.response_ids, "logprobs": pages.logprobs}

@@ -1,0 +1,27 @@
+"""Stage 4: asynchronous PPO of the SFT policy against R = R_c + R_f (rollout, reward and
+learner Ray actors).
+
+    python -m jobs.ppo --run runs/demo [--set ppo.max_staleness=0]   # 0 = synchronous
+
+Re-running after an interruption resumes from the last learner checkpoint.
+"""
+
+from __future__ import annotations
+
+from jobs.common import open_run, ray_session, stage_parser
+from pagellm.rl.orchestrator import run_ppo_stage
+
+
+def run(folder, cfg) -> dict:
+    return run_ppo_stage(cfg, folder.root)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = stage_parser("ppo", __doc__).parse_args(argv)
+    folder, cfg = open_run(args)
+    with ray_session():
+        run(folder, cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""One PPO update on a scored batch of pages: the learner's arithmetic, without Ray.
+
+`PolicyWithValue` is the module DeepSpeed wraps: its forward takes a mini-batch and
+returns the PPO loss, so every parameter the loss touches goes through the engine's
+forward (which ZeRO-3's parameter gathering needs).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from pagellm.config import PPOConfig
+from pagellm.models.decoding import constrained_logprobs
+from pagellm.rl.advantages import token_rewards
+from pagellm.rl.losses import clipped_value_loss
+from pagellm.rl.registry import get_advantage, get_policy_loss
+from pagellm.rl.stats import RunningMoments, masked_mean, masked_whiten
+from pagellm.rl.value_head import ValueHead
+from pagellm.vocab import TokenLayout
+
+
+@dataclass
+class ScoredBatch:
+    """Pages sampled by a rollout actor and scored by a reward actor."""
+
+    batch_id: int
+    policy_version: int  # the weights the pages were sampled with
+    prompts: list[list[int]]
+    exclude: list[list[int]]
+    response_ids: torch.Tensor  # [B, T] items + eos, padded after eos
+    logprobs: torch.Tensor  # [B, T] behaviour logprobs under the constrained distribution
+    ref_logprobs: torch.Tensor  # [B, T] frozen SFT reference, same constraints
+    reward: torch.Tensor  # [B] sequence reward (R_c + R_f, or one head)
+    reward_parts: dict[str, float]  # batch means of r_c / r_f, for logging
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+
+class PolicyWithValue(nn.Module):
+    """The trainable policy plus a value head on its last hidden layer."""
+
+    def __init__(self, policy: nn.Module, layout: TokenLayout, value_head: ValueHead, cfg: PPOConfig):
+        super().__init__()
+        self.policy = policy
+        self.value_head = value_head
+        self.layout = layout
+        self.cfg = cfg
+
+    def evaluate(self, prompts, response_ids, exclude):
+        """(logprobs, entropy, mask, values) of the given pages under the current weights."""
+        logprobs, entropy, mask, hidden = constrained_logprobs(
+            self.policy, self.layout, prompts, response_ids, exclude=[set(e) for e in exclude],
+            temperature=self.cfg.temperature, return_hidden=True,
+        )
+        return logprobs, entropy, mask, self.value_head(hidden)
+
+    def forward(self, mb: dict) -> tuple[torch.Tensor, dict]:
+        logprobs, entropy, mask, values = self.evaluate(mb["prompts"], mb["response_ids"], mb["exclude"])
+        pg_loss, pg_stats = get_policy_loss(self.cfg.policy_loss)(
+            logprobs, mb["old_logprobs"], mb["advantages"], mask, clip=self.cfg.clip)
+        v_loss, v_stats = clipped_value_loss(values, mb["old_values"], mb["returns"], mask, self.cfg.value_clip)
+        ent = masked_mean(entropy, mask)
+        loss = pg_loss + self.cfg.vf_coef * v_loss - self.cfg.entropy_coef * ent
+        stats = {"policy_loss": float(pg_loss.detach()), "value_loss": float(v_loss.detach()), "entropy": float(ent.detach()),
+                 **{k: v for k, v in {**pg_stats, **v_stats}.items()}}
+        return loss, stats
+
+
+def sequence_reward(r_c: torch.Tensor, r_f: torch.Tensor, which: str) -> torch.Tensor:
+    """The scalar PPO optimises: R_c + R_f (the method), or one head (ablation)."""
+    return {"sum": r_c + r_f, "coarse": r_c, "fine": r_f}[which]
+
+
+@torch.no_grad()
+def prepare_batch(module: PolicyWithValue, batch: ScoredBatch, moments: RunningMoments, cfg: PPOConfig) -> dict:
+    """Old values, per-token rewards (KL-penalised), advantages and returns of a batch."""
+    _, _, mask, old_values = module.evaluate(batch.prompts, batch.response_ids, batch.exclude)
+    reward = batch.reward.float()
+    if cfg.normalize_reward:
+        # Running statistics, not per-batch: a batch of uniformly good pages should still
+        # push the policy further than a batch of bad ones.
+        moments.update(reward)
+        reward = moments.normalize(reward)
+    rewards, kl = token_rewards(reward, batch.logprobs, batch.ref_logprobs, mask, cfg.kl_beta)
+    advantages, returns = get_advantage(cfg.advantage)(rewards, old_values, mask, gamma=cfg.gamma, lam=cfg.lam)
+    advantages = masked_whiten(advantages, mask)
+    kl_per_page = (kl * mask).sum(dim=1)
+    return {
+        "prompts": batch.prompts, "exclude": batch.exclude, "response_ids": batch.response_ids,
+        "old_logprobs": batch.logprobs, "old_values": old_values, "advantages": advantages,
+        "returns": returns, "mask": mask, "kl": float(kl_per_page.mean()),
+    }
+
+
+def minibatches(prepared: dict, size: int, generator: torch.Generator):
+    """Shuffled mini-batches of a prepared batch (same keys, row subsets)."""
+    n = len(prepared["prompts"])
+    order = torch.randperm(n, generator=generator).tolist()
+    for a in range(0, n, size):
+        rows = order[a : a + size]
+        yield {k: ([v[i] for i in rows] if isinstance(v, list) else v[rows])
+               for k, v in prepared.items() if k != "kl"}
