@@ -2,6 +2,12 @@
 
 Jobs are the only place that calls ray.init(). Under `ray job submit` (or with
 RAY_ADDRESS set) they join the running cluster; otherwise they start a local one.
+
+On a cluster the run folder must be a path every node sees (a shared filesystem): Train
+workers and PPO actors on other nodes read and write it directly. A relative `--run` is
+placed under `storage` (config field, else $PAGELLM_STORAGE); inside a submitted job it
+may not be left relative, because the job's working directory is a per-node temporary
+copy that Ray deletes.
 """
 
 from __future__ import annotations
@@ -12,28 +18,91 @@ import os
 import sys
 from pathlib import Path
 
-from pagellm.config import ConfigError
+from pagellm.config import ConfigError, load_config
 from pagellm.runfolder import RunFolder, resolve_run
 
 ROOT = Path(__file__).resolve().parent.parent
+STORAGE_ENV = "PAGELLM_STORAGE"
+# Ray sets this in the driver process of a job started by `ray job submit`.
+SUBMITTED_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+# What a hand-started cluster driver does not ship to the workers with this checkout.
+CHECKOUT_EXCLUDES = [".venv", ".git", "runs", "**/__pycache__", "*.egg-info", ".pytest_cache"]
 
 
 def stage_parser(stage: str, description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=f"pagellm {stage}", description=description)
-    p.add_argument("--run", "--out", dest="run", required=True, help="run folder (created if missing)")
+    p.add_argument("--run", "--out", dest="run", required=True,
+                   help="run folder (created if missing); a relative path goes under `storage` when set")
     p.add_argument("--config", default=None, help="YAML config (default: the run's config.yaml, else configs/tiny.yaml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config field, e.g. --set ppo.lr=1e-5 (repeatable)")
     return p
 
 
+def in_submitted_job() -> bool:
+    return SUBMITTED_JOB_ENV in os.environ
+
+
+def _as_path(text: str, what: str) -> Path:
+    """A filesystem path from a path or file:// URI; object-store URIs are refused clearly."""
+    if text.startswith("file://"):
+        return Path(text[len("file://"):])
+    if "://" in text:
+        raise ConfigError(
+            f"{what}={text!r}: a run folder is read and written with file APIs by every node; "
+            "mount the bucket or volume on every node (NFS/EFS/Filestore, mountpoint-s3, gcsfuse) "
+            "and give its path"
+        )
+    return Path(text).expanduser()
+
+
+def place_run(run: str, storage: str | None, submitted_job: bool = False) -> Path:
+    """The absolute run folder for `--run`: itself when absolute, else under `storage`.
+
+    Absolute because workers do not share the driver's working directory (under
+    `ray job submit` every node unpacks its own copy)."""
+    run_path = _as_path(run, "--run")
+    if run_path.is_absolute():
+        return Path(os.path.abspath(run_path))
+    if storage:
+        base = _as_path(storage, "storage")
+        if not base.is_absolute():
+            raise ConfigError(f"storage={storage!r} must be an absolute path (a filesystem every node mounts)")
+        return Path(os.path.abspath(base / run_path))
+    if submitted_job:
+        raise ConfigError(
+            f"--run {run!r} is relative and no storage is set: inside `ray job submit` it would land "
+            "in the job's temporary working directory, which other nodes cannot see and Ray deletes. "
+            f"Pass an absolute path on shared storage, or set `storage` (--set storage=/mnt/shared/runs "
+            f"or ${STORAGE_ENV})"
+        )
+    return Path(os.path.abspath(run_path))
+
+
+def _configured_storage(args: argparse.Namespace) -> str | None:
+    """`storage` from --config/--set if given there, else $PAGELLM_STORAGE."""
+    if _as_path(args.run, "--run").is_absolute():
+        return None
+    return load_config(args.config, args.overrides).storage or os.environ.get(STORAGE_ENV) or None
+
+
 def open_run(args: argparse.Namespace):
     """Resolve the config before any work starts; a bad config exits with a clear message."""
     try:
-        return resolve_run(args.run, args.config, args.overrides)
+        run = place_run(args.run, _configured_storage(args), in_submitted_job())
+        return resolve_run(run, args.config, args.overrides)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def checkout_runtime_env() -> dict:
+    """Runtime env of a driver that joins a cluster by hand (RAY_ADDRESS, not a submitted
+    job): ship this checkout to the workers unless the project is installed from a wheel."""
+    env: dict = {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}
+    if (ROOT / "pyproject.toml").exists():
+        env |= {"working_dir": str(ROOT), "excludes": CHECKOUT_EXCLUDES}
+    return env
 
 
 @contextlib.contextmanager
@@ -46,7 +115,9 @@ def ray_session(num_cpus: int | None = None):
     started = False
     if not ray.is_initialized():
         if os.environ.get("RAY_ADDRESS"):
-            ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+            # A submitted job already carries its runtime env (working_dir, env_vars).
+            extra = {} if in_submitted_job() else {"runtime_env": checkout_runtime_env()}
+            ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True, **extra)
         else:
             # Local: workers must import this checkout even when it is not pip-installed.
             env = {"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
@@ -61,4 +132,4 @@ def ray_session(num_cpus: int | None = None):
             ray.shutdown()
 
 
-__all__ = ["RunFolder", "open_run", "ray_session", "stage_parser"]
+__all__ = ["RunFolder", "in_submitted_job", "open_run", "place_run", "ray_session", "stage_parser"]

@@ -165,6 +165,9 @@ class ServeConfig(Strict):
 class Config(Strict):
     seed: int = 0
     run_dir: str | None = None  # set by the CLI from --out/--run; may be a URI
+    # Where a relative --run folder is placed: on a cluster, a filesystem every node mounts
+    # (NFS, EFS, Filestore, a FUSE-mounted bucket). None: $PAGELLM_STORAGE, else the cwd.
+    storage: str | None = None
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     sft: SFTConfig = Field(default_factory=SFTConfig)

@@ -47,13 +47,9 @@ def served(ray_local, tmp_path_factory):
     save_config(cfg, root / "config.yaml")
     vocab = Vocab.from_parquet(root / "data" / "vocab.parquet")
     save_policy(*build_policy(cfg.model, vocab, seed=0), root / "sft")
-    import importlib.util
-    if importlib.util.find_spec("pagellm.models.reward_scorer") is None:  # TEMP until the scorer lands
-        pass
-    else:
-      torch.manual_seed(0)
-      reward, tok, layout = reward_model_from_policy(root / "sft", ("coarse", "fine"))
-      save_reward_model(reward, tok, layout, root / "reward")
+    torch.manual_seed(0)
+    reward, tok, layout = reward_model_from_policy(root / "sft", ("coarse", "fine"))
+    save_reward_model(reward, tok, layout, root / "reward")
     bare = root.parent / "bare"
     for part in ("data", "sft"):
         (bare / part).parent.mkdir(parents=True, exist_ok=True)

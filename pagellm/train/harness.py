@@ -145,11 +145,9 @@ def fit(
         pick = min if score_order == "min" else max
         best = pick(scored, key=lambda pair: pair[1])[0]
     history: list[dict[str, Any]] = []
-    if latest is not None:
-        with latest.as_directory() as local:
-            state_file = Path(local) / STATE_FILE
-            if state_file.exists():
-                history = json.loads(state_file.read_text())["history"]
+    if latest is not None:  # read one small file, not the whole (possibly remote) checkpoint
+        with latest.filesystem.open_input_stream(f"{latest.path}/{STATE_FILE}") as stream:
+            history = json.loads(stream.read())["history"]
     return FitResult(
         metrics=dict(result.metrics or {}),
         checkpoint_path=latest.path if latest else None,
@@ -263,6 +261,9 @@ def run_epochs(
     prefixed `val_`), a checkpoint + `ray.train.report` of `{epoch, step, lr, train_*, val_*}`,
     and `should_stop(history)` (rank 0 decides, e.g. early stopping on `val_loss`).
     `checkpoint_every > 0` adds a checkpoint every that many steps inside an epoch.
+    Every rank must run the same number of forward passes in `step_fn` and `eval_fn`
+    (ZeRO-3 gathers weights collectively); `distributed_loader` shards guarantee that.
+    Returns the final `LoopState` (its `history` is what `FitResult.history` holds).
     """
     state = restore_loop_state(engine)
     steps_per_epoch = len(loader)
@@ -290,7 +291,7 @@ def run_epochs(
             for key, value in {"loss": loss, **extra}.items():
                 sums[key] += float(value.detach()) if torch.is_tensor(value) else float(value)
             state.epoch_sums = dict(sums)
-            if state.step % log_every == 0:
+            if state.step % log_every == 0 and state.batch_in_epoch < steps_per_epoch:  # epoch line follows
                 means = {k: v / state.batch_in_epoch for k, v in sums.items()}
                 progress.report(epoch + 1, state.step, means)
             if checkpoint_every and state.step % checkpoint_every == 0 and state.batch_in_epoch < steps_per_epoch:

@@ -1,0 +1,223 @@
+"""Serving latency and throughput of the Ray Serve app, over real HTTP, K = 10.
+
+    python bench/serve_latency.py [--out runs/bench_serve] [--models tiny gpt2-small]
+                                  [--duration 60] [--concurrency 16] [--requests 300]
+
+For each policy shape (random weights: timing does not depend on training) it builds a run
+folder on one simulator data build, deploys the app on 127.0.0.1, and measures
+  - concurrency 1: p50/p99 latency and pages/s over `--requests` sequential requests;
+  - concurrency 16: a load run of `--duration` seconds (closed loop: each client thread
+    sends its next request when the previous answers), pages/s, p50/p99 and errors
+    (non-200 answers and pages that are not K distinct known items outside the history).
+Client, proxy and replica share the machine, so numbers include the client's CPU; the
+load average before and after each phase is recorded. Targets on a 2-core box: tiny p50
+<= 20 ms at concurrency 1; concurrency-16 pages/s >= 4x concurrency-1 pages/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import platform
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import requests
+from safetensors import safe_open
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from jobs.common import ray_session  # noqa: E402
+from pagellm.config import load_config, save_config  # noqa: E402
+from pagellm.data.pipeline import run_data_stage  # noqa: E402
+from pagellm.models.policy import build_policy, save_policy  # noqa: E402
+from pagellm.vocab import Vocab  # noqa: E402
+
+SHAPES = {
+    "tiny": [],  # configs/tiny.yaml: 2 layers, 64 wide
+    "gpt2-small": ["model.init={n_layer: 12, n_embd: 768, n_head: 12, n_positions: 1024}"],
+}
+K = 10
+
+
+def build_run(out: Path, shape: str) -> tuple[Path, object]:
+    """<out>/<shape>: the shared data build plus a randomly initialised SFT checkpoint."""
+    data = out / "data"
+    cfg = load_config(None, SHAPES[shape])
+    if not (data / "stats.json").exists():
+        run_data_stage(cfg, data, log=lambda *_: None)
+    run = out / shape
+    if not (run / "sft" / "config.json").exists():
+        (run).mkdir(parents=True, exist_ok=True)
+        if not (run / "data").exists():
+            (run / "data").symlink_to(data.resolve())
+        save_policy(*build_policy(cfg.model, Vocab.from_parquet(data / "vocab.parquet"), seed=0), run / "sft")
+    save_config(cfg, run / "config.yaml")
+    return run, cfg
+
+
+def request_pool(run: Path) -> list[dict]:
+    """Real users with their test-time prompts (raw ids), as a client would send them."""
+    vocab = Vocab.from_parquet(run / "data" / "vocab.parquet")
+    evals = pd.read_parquet(run / "data" / "eval.parquet", columns=["user_index", "prompt_test"])
+    return [{"user_id": vocab.user_ids[int(u)], "history": [vocab.item_ids[int(i)] for i in h], "k": K}
+            for u, h in zip(evals["user_index"], evals["prompt_test"])]
+
+
+def check_page(body: dict, req: dict, known: set[str]) -> str | None:
+    ids = [item["item_id"] for item in body.get("items", [])]
+    if len(ids) != K or len(set(ids)) != K:
+        return f"page of {len(ids)} items ({len(set(ids))} distinct)"
+    if not set(ids) <= known:
+        return "unknown item on the page"
+    if set(ids) & set(req["history"]):
+        return "history item on the page"
+    return None
+
+
+class Load:
+    """A closed-loop load: `concurrency` threads, each with its own keep-alive session."""
+
+    def __init__(self, url: str, pool: list[dict], known: set[str]):
+        self.url, self.pool, self.known = url + "/v1/page", pool, known
+        self.lock = threading.Lock()
+
+    def run(self, concurrency: int, seconds: float | None = None, requests_total: int | None = None) -> dict:
+        latencies, server_total, errors = [], [], {}
+        counter = itertools.count()  # next() on it is atomic under the GIL
+        stop_at = time.perf_counter() + seconds if seconds else None
+
+        def worker(seed: int) -> None:
+            rng = np.random.default_rng(seed)
+            session = requests.Session()
+            while True:
+                n = next(counter)
+                if (requests_total is not None and n >= requests_total) or (stop_at and time.perf_counter() >= stop_at):
+                    return
+                req = self.pool[int(rng.integers(len(self.pool)))]
+                t0 = time.perf_counter()
+                try:
+                    resp = session.post(self.url, json=req, timeout=60)
+                    body = resp.json()
+                    err = f"HTTP {resp.status_code}" if resp.status_code != 200 else check_page(body, req, self.known)
+                except (requests.RequestException, ValueError) as exc:
+                    err, body = type(exc).__name__, {}
+                dt = time.perf_counter() - t0
+                with self.lock:
+                    if err:
+                        errors[err] = errors.get(err, 0) + 1
+                    else:
+                        latencies.append(dt)
+                        server_total.append(body["timings_ms"])
+
+        load_before = os.getloadavg()[0]
+        start = time.perf_counter()
+        threads = [threading.Thread(target=worker, args=(s,)) for s in range(concurrency)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        wall = time.perf_counter() - start
+        lat = np.array(latencies) * 1000.0
+        return {
+            "concurrency": concurrency,
+            "seconds": round(wall, 2),
+            "pages": len(latencies),
+            "errors": sum(errors.values()),
+            "error_kinds": errors,
+            "pages_per_s": round(len(latencies) / wall, 1),
+            "p50_ms": round(float(np.percentile(lat, 50)), 1) if len(lat) else None,
+            "p99_ms": round(float(np.percentile(lat, 99)), 1) if len(lat) else None,
+            # Inside the replica: waiting for a batch slot, the batched decode, arrival to answer.
+            "server_p50_ms": {part: round(float(np.percentile([t[part] for t in server_total], 50)), 1)
+                              for part in ("queue", "decode", "total")} if server_total else None,
+            "load_avg_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+        }
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def bench_shape(shape: str, out: Path, args, url: str) -> dict:
+    from ray import serve
+
+    from pagellm.serve.app import build_app
+
+    run, cfg = build_run(out, shape)
+    pool = request_pool(run)
+    known = set(Vocab.from_parquet(run / "data" / "vocab.parquet").item_ids)
+    t0 = time.perf_counter()
+    serve.run(build_app(run, cfg, threads=args.threads), name=shape, route_prefix="/")
+    ready_s = time.perf_counter() - t0
+    load = Load(url, pool, known)
+    load.run(1, requests_total=20)  # warm-up: first calls pay lazy init
+    load.run(args.concurrency, seconds=3)
+    c1 = load.run(1, requests_total=args.requests, seconds=args.c1_max_seconds)
+    print(f"[{shape}] c=1  {c1}", flush=True)
+    cN = load.run(args.concurrency, seconds=args.duration)
+    print(f"[{shape}] c={args.concurrency} {cN}", flush=True)
+    serve.delete(shape)
+    with safe_open(str(run / "sft" / "model.safetensors"), "pt") as f:
+        params = sum(int(np.prod(f.get_slice(name).get_shape())) for name in f.keys())
+    return {"shape": shape, "init": cfg.model.init, "params": params, "deploy_s": round(ready_s, 1),
+            "batch": {"max_batch_size": cfg.serve.max_batch_size, "batch_wait_timeout_s": cfg.serve.batch_wait_timeout_s},
+            "c1": c1, "cN": cN, "speedup": round(cN["pages_per_s"] / c1["pages_per_s"], 2)}
+
+
+def table(results: list[dict], concurrency: int) -> str:
+    rows = [f"| policy | params | p50 ms (c=1) | p99 ms (c=1) | pages/s c=1 | pages/s c={concurrency} | "
+            f"speedup | load run | errors |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        c1, cN = r["c1"], r["cN"]
+        params = f"{r['params'] / 1e6:.1f}M" if r["params"] else "?"
+        rows.append(f"| {r['shape']} | {params} | {c1['p50_ms']} | {c1['p99_ms']} | {c1['pages_per_s']} | "
+                    f"{cN['pages_per_s']} | {r['speedup']}x | {cN['seconds']} s, {cN['pages']} pages | {cN['errors']} |")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="runs/bench_serve")
+    ap.add_argument("--models", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    ap.add_argument("--duration", type=float, default=60.0, help="seconds of the concurrency-N load run")
+    ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--requests", type=int, default=300, help="sequential requests for the concurrency-1 numbers")
+    ap.add_argument("--c1-max-seconds", type=float, default=90.0, help="cap on the concurrency-1 phase")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads per replica (default: its CPUs)")
+    args = ap.parse_args()
+    os.environ.setdefault("RAY_SERVE_ENABLE_ACCESS_LOG", "0")  # a log line per request costs CPU
+    out = Path(args.out)
+    results = []
+    with ray_session():
+        from ray import serve
+
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        try:
+            for shape in args.models:
+                results.append(bench_shape(shape, out, args, f"http://127.0.0.1:{port}"))
+        finally:
+            serve.shutdown()
+    report = {
+        "machine": f"{platform.machine()} {platform.processor() or ''} cpus={os.cpu_count()} {platform.platform()}",
+        "k": K,
+        "results": results,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "serve_latency.json").write_text(json.dumps(report, indent=2))
+    print(table(results, args.concurrency))
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,292 @@
+"""Stage 2 of training: the multi-grained reward model on preference pairs (Ray Train + DeepSpeed).
+
+Driver: `run_reward_stage(cfg, run_dir)` splits the pairs by user (no user on both sides),
+trains on `reward.workers` Ray Train workers (one DeepSpeed engine each, ZeRO from config),
+stops early on the validation Bradley–Terry log-likelihood of R (the sum of the enabled
+heads) after `reward.patience` epochs without a new best, publishes the best epoch's
+weights to <run>/reward/, scores the held-out pairs with `RewardScorer` and writes
+metrics.json, report.md and accuracy_by_family.png there.
+
+Each pair is one forward of 2B rows (its B chosen pages, then its B rejected pages), so
+both sides of a pair see the same weights, dropout mask statistics and batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import Dataset
+
+from pagellm.config import Config, RewardConfig
+from pagellm.models.reward import heads_for, pad_pages, reward_model_from_policy, save_reward_model
+from pagellm.runfolder import write_json
+from pagellm.train.reward_loss import accuracy_by_family, multi_head_loss, pair_accuracy, pair_loglik
+from pagellm.vocab import PromptEncoder
+
+REPORT_HEADS = ("coarse", "fine", "sum")
+
+
+def user_in_validation(user_index, val_fraction: float, seed: int) -> np.ndarray:
+    """True for users whose hash(seed, user) falls below `val_fraction`: a fixed, seeded
+    split by user that does not depend on the order or number of rows."""
+    def unit(u: int) -> float:
+        digest = hashlib.blake2b(f"{seed}:{int(u)}".encode(), digest_size=8).digest()
+        return int.from_bytes(digest, "big") / 2.0**64
+
+    users = np.asarray(user_index, dtype=np.int64)
+    cache = {u: unit(u) < val_fraction for u in np.unique(users).tolist()}
+    return np.fromiter((cache[u] for u in users.tolist()), dtype=bool, count=len(users))
+
+
+class PairRows(Dataset):
+    """(prompt_ids, chosen_page_ids, rejected_page_ids) per pair; page ids end with eos."""
+
+    def __init__(self, rows: list[tuple[list[int], list[int], list[int]]], what: str):
+        if not rows:
+            raise ValueError(f"no {what} pairs: the data stage built none, or the user split left this side empty")
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int):
+        return self.rows[i]
+
+
+def pair_rows(encoder: PromptEncoder, pairs: pd.DataFrame) -> list[tuple[list[int], list[int], list[int]]]:
+    return [
+        (encoder.encode_prompt(int(u), p), encoder.encode_page(c), encoder.encode_page(r))
+        for u, p, c, r in zip(pairs["user_index"], pairs["prompt"], pairs["chosen"], pairs["rejected"])
+    ]
+
+
+def collate_pairs(batch, layout) -> dict[str, torch.Tensor]:
+    """B pairs -> 2B right-padded rows: chosen pages first, then rejected pages."""
+    rows = [(p, c) for p, c, _ in batch] + [(p, r) for p, _, r in batch]
+    return pad_pages(rows, layout)
+
+
+def _split_scores(scores, n: int) -> tuple[dict, dict]:
+    by_head = scores.by_head()
+    return {h: s[:n] for h, s in by_head.items()}, {h: s[n:] for h, s in by_head.items()}
+
+
+def reward_step(engine, batch: dict[str, torch.Tensor]):
+    batch = {k: v.to(engine.device) for k, v in batch.items()}
+    chosen, rejected = _split_scores(engine(**batch), batch["input_ids"].shape[0] // 2)
+    return multi_head_loss(chosen, rejected)
+
+
+def evaluate_pairs(engine, loader) -> dict[str, float]:
+    """Pair-weighted means over this rank's validation shard: BT loss, log-likelihood of
+    R = Σ enabled heads, and accuracy per head."""
+    sums: dict[str, float] = {}
+    n_total = 0
+    for batch in loader:
+        batch = {k: v.to(engine.device) for k, v in batch.items()}
+        n = batch["input_ids"].shape[0] // 2
+        chosen, rejected = _split_scores(engine(**batch), n)
+        loss, extras = multi_head_loss(chosen, rejected)
+        total_c, total_r = sum(chosen.values()), sum(rejected.values())
+        values = {"loss": float(loss), "loglik": float(pair_loglik(total_c, total_r).mean()), **extras}
+        for key, value in values.items():
+            sums[key] = sums.get(key, 0.0) + value * n
+        n_total += n
+    return {k: v / max(1, n_total) for k, v in sums.items()}
+
+
+def should_stop(history: list[dict], patience: int, key: str = "val_loglik") -> bool:
+    """True once `patience` epochs have passed since the best `key` (higher is better)."""
+    values = [record[key] for record in history if key in record]
+    if not values:
+        return False
+    best = int(np.argmax(values))
+    return len(values) - 1 - best >= patience
+
+
+def _train_loop(config: dict) -> None:
+    """One Ray Train worker."""
+    import torch.distributed as dist
+
+    from pagellm.models.decoding import check_context
+    from pagellm.train.engine import build_engine, micro_batch_size, setup_distributed_for_deepspeed
+    from pagellm.train.harness import distributed_loader, run_epochs
+
+    cfg = Config.model_validate(config["cfg"])
+    train_cfg = RewardConfig.model_validate(config["train_cfg"])
+    setup_distributed_for_deepspeed()
+    torch.manual_seed(cfg.seed)  # same head initialisation on every rank
+    model, tokenizer, layout = reward_model_from_policy(
+        config["sft_dir"], heads_for(train_cfg.heads), cfg.model, slots=cfg.data.page_len
+    )
+    encoder = PromptEncoder(tokenizer, layout)
+    pairs = pd.read_parquet(Path(config["data_dir"]) / "pairs.parquet")
+    val = user_in_validation(pairs["user_index"], train_cfg.val_fraction, cfg.seed)
+    train_rows, val_rows = pair_rows(encoder, pairs[~val]), pair_rows(encoder, pairs[val])
+    check_context(model.policy, max(len(p) + max(len(c), len(r)) for p, c, r in train_rows + val_rows))
+    mbs = micro_batch_size(train_cfg.batch_size, dist.get_world_size())
+    collate = partial(collate_pairs, layout=layout)
+    loader = distributed_loader(PairRows(train_rows, "training"), mbs, shuffle=True, seed=cfg.seed, collate_fn=collate)
+    val_loader = distributed_loader(PairRows(val_rows, "validation"), mbs, shuffle=False, collate_fn=collate)
+    engine = build_engine(model, None, train_cfg, len(loader) * train_cfg.epochs, train_cfg.use_gpu)
+
+    def save_fn(module, state_dict, out_dir):
+        save_reward_model(module, tokenizer, layout, out_dir, state_dict=state_dict)
+
+    run_epochs(
+        engine, loader, reward_step, epochs=train_cfg.epochs, name="reward", save_fn=save_fn,
+        eval_fn=lambda eng: evaluate_pairs(eng, val_loader),
+        should_stop=lambda history: should_stop(history, train_cfg.patience), log_every=train_cfg.log_every,
+    )
+
+
+def heldout_scores(reward_dir: str, pairs: pd.DataFrame, device: str = "cpu", batch_size: int = 64) -> dict:
+    """R_c and R_f of every held-out pair's chosen and rejected page (numpy arrays)."""
+    from pagellm.models.reward_scorer import RewardScorer
+
+    scorer = RewardScorer.load(reward_dir, device=device)
+    users, prompts = pairs["user_index"].tolist(), pairs["prompt"].tolist()
+    chosen = scorer.score(users, prompts, pairs["chosen"].tolist(), batch_size)
+    rejected = scorer.score(users, prompts, pairs["rejected"].tolist(), batch_size)
+    return {"heads": list(scorer.heads), "chosen": chosen, "rejected": rejected}
+
+
+def heldout_metrics(scores: dict, families) -> dict:
+    """pair_accuracy per head per family, score variance per head, log-likelihood of R.
+
+    A head the model was trained without reports None (its zeros would read as 0% accuracy).
+    """
+    (c_c, c_f), (r_c, r_f) = scores["chosen"], scores["rejected"]
+    per_head = {"coarse": (c_c, r_c), "fine": (c_f, r_f), "sum": (c_c + c_f, r_c + r_f)}
+    enabled = set(scores["heads"]) | {"sum"}
+    families = list(families)
+    accuracy, variance = {}, {}
+    for head in REPORT_HEADS:
+        chosen, rejected = per_head[head]
+        if head in enabled:
+            accuracy[head] = accuracy_by_family(chosen, rejected, families)
+            accuracy[head]["all"] = pair_accuracy(chosen, rejected)
+            variance[head] = float(np.var(np.concatenate([chosen, rejected])))
+        else:
+            accuracy[head] = {f: None for f in [*dict.fromkeys(families), "all"]}
+            variance[head] = None
+    c_sum, r_sum = per_head["sum"]
+    loglik = float(pair_loglik(torch.from_numpy(c_sum), torch.from_numpy(r_sum)).mean())
+    return {"pair_accuracy": accuracy, "score_variance": variance, "val_loglik": loglik}
+
+
+def plot_accuracy(accuracy: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    families = [f for f in accuracy["sum"] if f != "all"]
+    heads = [h for h in REPORT_HEADS if accuracy[h].get(families[0]) is not None] if families else []
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    width = 0.8 / max(1, len(heads))
+    for n, head in enumerate(heads):
+        xs = np.arange(len(families)) + (n - (len(heads) - 1) / 2) * width
+        ax.bar(xs, [accuracy[head][f] for f in families], width, label=head)
+    ax.axhline(0.5, color="grey", linestyle=":", linewidth=1)
+    ax.set_xticks(np.arange(len(families)), families)
+    ax.set_ylim(0, 1.02)
+    ax.set_ylabel("held-out pair accuracy")
+    ax.set_title("Reward model: R(chosen) > R(rejected) per family")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(metrics: dict, path: Path) -> None:
+    acc = metrics["pair_accuracy"]
+    counts = metrics["val_pairs_by_family"]
+
+    def cell(v):
+        return "—" if v is None else f"{v:.3f}"
+
+    lines = [
+        "# Reward model",
+        "",
+        f"Heads: {', '.join(metrics['heads'])}. Pairs: {metrics['pairs']['train']} train, "
+        f"{metrics['pairs']['val']} held out (split by user). Epochs run: {metrics['epochs_run']} "
+        f"(best: {metrics['best_epoch']}). Held-out log-likelihood of R: {metrics['val_loglik']:.4f}.",
+        "",
+        "| family | pairs | R_c | R_f | R_c + R_f |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for family in acc["sum"]:
+        n = counts.get(family, metrics["pairs"]["val"]) if family != "all" else metrics["pairs"]["val"]
+        lines.append(f"| {family} | {n} | " + " | ".join(cell(acc[h][family]) for h in REPORT_HEADS) + " |")
+    var = metrics["score_variance"]
+    lines += ["", "Score variance over held-out pages: " + ", ".join(f"{h} {cell(var[h])}" for h in REPORT_HEADS), ""]
+    path.write_text("\n".join(lines))
+
+
+def run_reward_stage(cfg: Config, run_dir: Path, log=print) -> dict:
+    """Train (or resume) the reward model; writes <run>/reward/ and its metrics."""
+    import ray
+
+    from pagellm.train.harness import fit
+
+    run_dir = Path(run_dir)
+    data_dir, sft_dir, out_dir = run_dir / "data", run_dir / "sft", run_dir / "reward"
+    if not (data_dir / "pairs.parquet").exists():
+        raise FileNotFoundError(f"{data_dir}/pairs.parquet not found: run `pagellm data --run {run_dir}` first")
+    if not sft_dir.exists():
+        raise FileNotFoundError(f"{sft_dir} not found: run `pagellm sft --run {run_dir}` first")
+    rc = cfg.reward
+    pairs = pd.read_parquet(data_dir / "pairs.parquet")
+    val = user_in_validation(pairs["user_index"], rc.val_fraction, cfg.seed)
+    if val.all() or not val.any():
+        raise ValueError(f"reward.val_fraction={rc.val_fraction} puts {'every' if val.all() else 'no'} user in "
+                         f"validation ({pairs['user_index'].nunique()} users with pairs); change it")
+    log(f"[reward] heads {rc.heads}: {int((~val).sum())} train / {int(val.sum())} held-out pairs, "
+        f"{rc.epochs} epoch(s), {rc.workers} worker(s), ZeRO-{rc.zero_stage}")
+    loop_config = {"cfg": cfg.model_dump(mode="json"), "data_dir": str(data_dir.resolve()),
+                   "sft_dir": str(sft_dir.resolve())}
+    result = fit(_train_loop, loop_config, rc, run_dir, name="reward", checkpoint_score=("val_loglik", "max"))
+    if result.best_checkpoint_path is None:
+        raise RuntimeError("reward training finished without a checkpoint")
+    _publish(Path(result.best_checkpoint_path) / "hf", out_dir)
+
+    held_out = pairs[val].reset_index(drop=True)
+    device = "cuda" if rc.use_gpu else "cpu"
+    task = ray.remote(num_cpus=1, num_gpus=1 if rc.use_gpu else 0)(heldout_scores)
+    scores = ray.get(task.remote(str(out_dir.resolve()), held_out, device, rc.batch_size))
+    history = result.history
+    best = max(history, key=lambda r: r.get("val_loglik", float("-inf"))) if history else {}
+    metrics = {
+        **heldout_metrics(scores, held_out["family"]),
+        "pairs": {"train": int((~val).sum()), "val": int(val.sum())},
+        "val_pairs_by_family": {str(k): int(v) for k, v in held_out["family"].value_counts(sort=False).items()},
+        "epochs_run": len(history),
+        "best_epoch": best.get("epoch"),
+        "heads": list(scores["heads"]),
+        "history": history,
+        "checkpoint": result.best_checkpoint_path,
+    }
+    write_json(out_dir / "metrics.json", metrics)
+    plot_accuracy(metrics["pair_accuracy"], out_dir / "accuracy_by_family.png")
+    write_report(metrics, out_dir / "report.md")
+    acc = metrics["pair_accuracy"]["sum"]
+    log("[reward] held-out accuracy of R: " + ", ".join(f"{f} {a:.3f}" for f, a in acc.items())
+        + f" -> {out_dir}")
+    return metrics
+
+
+def _publish(checkpoint_hf: Path, out_dir: Path) -> None:
+    """Copy the chosen checkpoint to <run>/reward atomically (readers never see half of it)."""
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(checkpoint_hf, tmp)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.rename(out_dir)

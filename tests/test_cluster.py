@@ -1,0 +1,296 @@
+"""PageLLM on a real Ray cluster: cluster.yaml against Ray's own launcher validator, the
+KubeRay manifest's shape, and the tiny pipeline submitted with `ray job submit` to a
+two-node cluster started on loopback with `ray start`.
+
+Why the cluster is stopped by process id and never with `ray stop`: `ray stop` kills
+every Ray process on the machine, including this pytest session's `ray_local` instance
+and anything else running Ray here. Each node is started with `ray start --block`, which
+keeps the node's processes (GCS, raylet, dashboard) as children bound to the `ray start`
+process; terminating those two processes takes the whole cluster down, and a final sweep
+kills by pid whatever still names this cluster's private temp dir.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent  # the venv running the tests: its `ray` and `python`
+RAY = str(BIN / "ray")
+JOB_TIMEOUT_S = 480
+NODE_START_TIMEOUT_S = 180
+
+# The tiny pipeline, small enough for a loaded 2-core box: every stage still runs.
+PIPELINE_SETTINGS = [
+    "data.simulator.users=80", "data.simulator.items=60", "data.simulator.categories=6",
+    "data.simulator.interactions_per_user=20", "data.sft_windows=1",
+    "sft.epochs=1", "reward.epochs=1", "ppo.steps=2", "ppo.batch_size=16", "ppo.mini_batch_size=8",
+    "ppo.epochs=1", "ppo.checkpoint_every=1", "eval.list_len=20", "eval.max_users=40",
+    "eval.baselines=[popularity]",
+]
+
+
+# ----------------------------------------------------------------------------- cluster.yaml
+
+
+def _cluster_config() -> dict:
+    return yaml.safe_load((ROOT / "cluster.yaml").read_text())
+
+
+def test_cluster_yaml_passes_rays_launcher_validation():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    # What `ray up` does before it touches a cloud: fill in the provider's defaults, merge
+    # the setup commands, then check the result against ray-schema.json and its own rules.
+    prepared = prepare_config(_cluster_config())
+    validate_config(prepared)
+    types = prepared["available_node_types"]
+    head = types[prepared["head_node_type"]]
+    assert head["resources"].get("GPU", 0) == 0, "the head is a CPU node"
+    gpu_types = {name: t for name, t in types.items() if t["resources"].get("GPU", 0) > 0}
+    assert {"gpu_gpt2", "gpu_llama"} <= set(gpu_types)
+    assert gpu_types["gpu_llama"]["resources"]["GPU"] >= 4  # one Train worker per GPU for the Llama config
+    # Setup commands install this project on every node (after the common ones are merged in).
+    for key in ("head_setup_commands", "worker_setup_commands"):
+        assert any("pip install" in c and "pagellm" in c for c in prepared[key]), key
+
+
+def test_cluster_yaml_invalid_is_rejected_by_the_validator():
+    import jsonschema
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    broken = _cluster_config()
+    broken["available_node_types"]["gpu_gpt2"]["not_a_field"] = 1
+    with pytest.raises(jsonschema.ValidationError, match="not_a_field"):
+        validate_config(prepare_config(broken))
+
+
+def test_gpu_configs_fit_the_cluster_node_types():
+    from pagellm.config import load_config
+
+    types = _cluster_config()["available_node_types"]
+    for config, node_type in (("gpt2.yaml", "gpu_gpt2"), ("llama-3.2-1b-lora.yaml", "gpu_llama")):
+        cfg = load_config(ROOT / "configs" / config)
+        gpus = types[node_type]["resources"]["GPU"] * types[node_type]["max_workers"]
+        for section in (cfg.sft, cfg.reward):
+            assert section.use_gpu and section.workers <= gpus, (config, node_type)
+        assert cfg.ppo.use_gpu
+
+
+def test_rayjob_manifest_runs_the_pipeline_on_shared_storage():
+    docs = [d for d in yaml.safe_load_all((ROOT / "deploy" / "rayjob.yaml").read_text()) if d]
+    job = next(d for d in docs if d["kind"] == "RayJob")
+    assert job["apiVersion"].startswith("ray.io/")
+    assert "python -m jobs.pipeline" in job["spec"]["entrypoint"]
+    assert job["spec"].get("shutdownAfterJobFinishes") is True
+    cluster = job["spec"]["rayClusterSpec"]
+    groups = {g["groupName"]: g for g in cluster["workerGroupSpecs"]}
+    gpu_limits = [c["resources"]["limits"].get("nvidia.com/gpu") for g in groups.values()
+                  for c in g["template"]["spec"]["containers"]]
+    assert any(gpu_limits), "at least one worker group has GPUs"
+    # Every pod mounts the same volume where the run folder lives.
+    pods = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in groups.values()]
+    mounts = [{m["mountPath"] for c in p["spec"]["containers"] for m in c.get("volumeMounts", [])} for p in pods]
+    shared = set.intersection(*mounts)
+    assert shared, "head and workers must share a mount for the run folder"
+    env = {e["name"]: e.get("value") for p in pods for c in p["spec"]["containers"] for e in c.get("env", [])}
+    assert any(env.get("PAGELLM_STORAGE", "").startswith(m) for m in shared)
+
+
+# ----------------------------------------------------------------------------- a live cluster
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _node_ports() -> list[str]:
+    """Every port a node opens, picked free, so nothing collides with other Ray instances."""
+    flags = ["--node-manager-port", "--object-manager-port", "--dashboard-agent-listen-port",
+             "--dashboard-agent-grpc-port", "--runtime-env-agent-port", "--metrics-export-port"]
+    return [arg for flag in flags for arg in (flag, str(_free_port()))]
+
+
+class LoopbackCluster:
+    """A head and a worker node started with `ray start --block` on 127.0.0.1."""
+
+    def __init__(self, workdir: Path):
+        self.workdir = workdir
+        # Short: Ray's unix socket paths live under it and must stay under 108 bytes.
+        self.temp_dir = Path(tempfile.mkdtemp(prefix="plr", dir="/tmp"))
+        self.gcs_port, self.dashboard_port = _free_port(), _free_port()
+        self.address = f"http://127.0.0.1:{self.dashboard_port}"
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+        self.env.update(
+            PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # the job's `python` is the venv's
+            RAY_USAGE_STATS_ENABLED="0",
+            # Token auth with a token of this cluster's own, so neither ~/.ray/auth_token nor
+            # another cluster's token decides whether the nodes and the CLI can talk.
+            RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32),
+            TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
+        )
+        self.nodes: list[subprocess.Popen] = []
+        self.logs: list[Path] = []
+
+    def _start_node(self, name: str, args: list[str]) -> None:
+        log = self.workdir / f"{name}.log"
+        self.logs.append(log)
+        with open(log, "w") as out:
+            self.nodes.append(subprocess.Popen([RAY, "start", "--block", "--node-ip-address", "127.0.0.1",
+                                                "--num-cpus", "2", "--num-gpus", "0", *args, *_node_ports()],
+                                               env=self.env, stdout=out, stderr=subprocess.STDOUT,
+                                               start_new_session=True))
+
+    def start(self) -> None:
+        self._start_node("head", ["--head", "--port", str(self.gcs_port), "--include-dashboard", "true",
+                                  "--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.dashboard_port),
+                                  "--ray-client-server-port", str(_free_port()), "--temp-dir", str(self.temp_dir),
+                                  "--disable-usage-stats"])
+        self._wait(lambda: self.ray("job", "list", "--address", self.address, check=False).returncode == 0,
+                   "the head's job server")
+        self._start_node("worker", ["--address", f"127.0.0.1:{self.gcs_port}"])
+        self._wait(lambda: self.alive_nodes() == 2, "two alive nodes")
+
+    def _wait(self, ready, what: str) -> None:
+        deadline = time.monotonic() + NODE_START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            dead = [p.args[2:4] for p in self.nodes if p.poll() is not None]
+            if dead:
+                raise RuntimeError(f"`ray start` exited while waiting for {what}:\n{self.tail_logs()}")
+            if ready():
+                return
+            time.sleep(2)
+        raise TimeoutError(f"no {what} after {NODE_START_TIMEOUT_S}s:\n{self.tail_logs()}")
+
+    def ray(self, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
+        proc = subprocess.run([RAY, *args], env=self.env, capture_output=True, text=True, timeout=timeout)
+        if check and proc.returncode != 0:
+            raise RuntimeError(f"ray {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+        return proc
+
+    def alive_nodes(self) -> int:
+        out = self.ray("list", "nodes", "--address", self.address, "--format", "json", check=False)
+        if out.returncode != 0:
+            return 0
+        try:
+            return sum(n["state"] == "ALIVE" for n in json.loads(out.stdout))
+        except (json.JSONDecodeError, KeyError, TypeError):
+            return 0
+
+    def tail_logs(self, lines: int = 40) -> str:
+        return "\n".join(f"--- {log.name}\n" + "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+                         for log in self.logs if log.exists())
+
+    def stop(self) -> None:
+        """Worker first, then head: SIGTERM to each `ray start --block`, SIGKILL after 30 s."""
+        for proc in reversed(self.nodes):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=30)
+        for pid in self._leftover_pids():
+            with_pid_gone(pid)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+    def _leftover_pids(self) -> list[int]:
+        """Processes of this cluster still alive: their command line names its temp dir."""
+        import psutil
+
+        mine = []
+        for proc in psutil.process_iter(["pid", "cmdline"]):
+            if any(str(self.temp_dir) in part for part in (proc.info["cmdline"] or [])):
+                mine.append(proc.info["pid"])
+        return mine
+
+
+def with_pid_gone(pid: int) -> None:
+    import psutil
+
+    try:
+        proc = psutil.Process(pid)
+        proc.terminate()
+        proc.wait(timeout=10)
+    except psutil.TimeoutExpired:
+        proc.kill()
+    except psutil.NoSuchProcess:
+        pass
+
+
+@pytest.fixture(scope="module")
+def loopback_cluster(tmp_path_factory):
+    cluster = LoopbackCluster(tmp_path_factory.mktemp("cluster"))
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def _job_status(cluster: LoopbackCluster, job_id: str) -> str:
+    out = cluster.ray("job", "status", "--address", cluster.address, job_id, check=False).stdout
+    for status in ("SUCCEEDED", "FAILED", "STOPPED", "RUNNING", "PENDING"):
+        if f": {status}" in out:
+            return status
+    return "UNKNOWN"
+
+
+@pytest.mark.timeout(JOB_TIMEOUT_S + 2 * NODE_START_TIMEOUT_S + 120)
+def test_tiny_pipeline_submitted_to_a_two_node_cluster(loopback_cluster, tmp_path):
+    cluster = loopback_cluster
+    storage = tmp_path / "shared"  # the "shared storage": both nodes are on this machine
+    job_id = f"pagellm-test-{secrets.token_hex(4)}"
+    runtime_env = {"excludes": [".venv", ".git", "runs", "**/__pycache__", "*.egg-info", ".pytest_cache"],
+                   "env_vars": {"PAGELLM_STORAGE": str(storage)}}
+    settings = [arg for s in PIPELINE_SETTINGS for arg in ("--set", s)]
+    cluster.ray("job", "submit", "--address", cluster.address, "--submission-id", job_id, "--no-wait",
+                "--working-dir", str(ROOT), "--runtime-env-json", json.dumps(runtime_env), "--",
+                "python", "-m", "jobs.pipeline", "--run", "tiny", "--config", "configs/tiny.yaml", *settings)
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    status = "PENDING"
+    while time.monotonic() < deadline and status not in ("SUCCEEDED", "FAILED", "STOPPED"):
+        time.sleep(5)
+        status = _job_status(cluster, job_id)
+    if status != "SUCCEEDED":
+        if status not in ("FAILED", "STOPPED"):
+            cluster.ray("job", "stop", "--address", cluster.address, job_id, check=False)
+        logs = cluster.ray("job", "logs", "--address", cluster.address, job_id, check=False).stdout
+        pytest.fail(f"job {job_id} ended {status}\n--- job logs (tail)\n{logs[-12000:]}\n{cluster.tail_logs()}")
+
+    run = storage / "tiny"  # the relative --run went under PAGELLM_STORAGE
+    stats = json.loads((run / "data" / "stats.json").read_text())
+    assert stats["users"] > 0 and stats["sft_rows"] > 0
+    assert (run / "sft" / "metrics.json").exists() and (run / "sft" / "pagellm_policy.json").exists()
+    assert (run / "reward" / "metrics.json").exists()
+    assert (run / "ppo" / "DONE").exists()
+    steps = [json.loads(line) for line in (run / "ppo" / "metrics.jsonl").read_text().splitlines() if line]
+    assert [s["step"] for s in steps][-1] == 2
+    metrics = json.loads((run / "eval" / "metrics.json").read_text())
+    assert {"popularity", "sft", "ppo"} <= set(metrics["models"])
+    for name in ("sft", "ppo"):
+        assert metrics["models"][name]["invalid_rate"] == 0.0
+    assert (run / "eval" / "report.md").exists()
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["run_dir"] == str(run) and saved["ppo"]["steps"] == 2
+
+    # The work really was spread over both nodes: actors ran on two different node ids.
+    actors = json.loads(cluster.ray("list", "actors", "--address", cluster.address, "--format", "json",
+                                    "--detail", "--limit", "1000").stdout)
+    assert len({a["node_id"] for a in actors if a.get("node_id")}) == 2

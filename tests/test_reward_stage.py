@@ -1,0 +1,100 @@
+"""Reward stage: user split, early stopping, held-out metrics, and `pagellm reward` end to end
+on a 60-user simulator run (Ray Train, 1 worker, untrained tiny SFT policy)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pagellm.train.reward import heldout_metrics, should_stop, user_in_validation
+
+SMALL = ["data.simulator.users=60", "data.simulator.items=80", "data.simulator.categories=5",
+         "data.simulator.interactions_per_user=30", "data.sft_windows=2",
+         "model.init={n_layer: 1, n_embd: 16, n_head: 2, n_positions: 96}",
+         "reward.epochs=2", "reward.batch_size=16", "reward.lr=3e-3", "reward.val_fraction=0.25", "reward.log_every=50"]
+METRIC_KEYS = {"pair_accuracy", "score_variance", "val_loglik", "pairs", "epochs_run"}
+
+
+def test_user_split_is_seeded_by_user_and_about_the_fraction():
+    users = np.repeat(np.arange(2000), 3)
+    val = user_in_validation(users, 0.1, seed=0)
+    per_user = val.reshape(-1, 3)
+    assert (per_user == per_user[:, :1]).all()  # a user's pairs all fall on one side
+    assert 0.08 < per_user[:, 0].mean() < 0.12
+    shuffled = np.random.default_rng(1).permutation(users)
+    assert (user_in_validation(shuffled, 0.1, 0) == np.isin(shuffled, users[val])).all()  # order-free
+    assert (user_in_validation(users, 0.1, seed=1) != val).any()
+
+
+def test_should_stop_after_patience_epochs_without_a_better_loglik():
+    hist = [{"val_loglik": v} for v in (-0.6, -0.5, -0.55)]
+    assert not should_stop(hist, patience=2)
+    assert should_stop(hist + [{"val_loglik": -0.51}], patience=2)
+    assert not should_stop(hist + [{"val_loglik": -0.4}], patience=2)
+    assert not should_stop([{"train_loss": 1.0}], patience=1)  # no validation: never stops
+
+
+def test_heldout_metrics_per_head_and_a_disabled_head():
+    chosen = (np.array([1.0, 0.0, 2.0]), np.array([0.0, 0.0, 0.0]))
+    rejected = (np.array([0.0, 1.0, 0.0]), np.array([0.0, 0.0, 0.0]))
+    m = heldout_metrics({"heads": ["coarse"], "chosen": chosen, "rejected": rejected},
+                        ["ranking", "ranking", "diversity"])
+    assert m["pair_accuracy"]["coarse"] == {"ranking": 0.5, "diversity": 1.0, "all": pytest.approx(2 / 3)}
+    assert m["pair_accuracy"]["fine"]["ranking"] is None and m["score_variance"]["fine"] is None
+    assert m["pair_accuracy"]["sum"] == m["pair_accuracy"]["coarse"]
+    assert m["score_variance"]["coarse"] == pytest.approx(np.var([1, 0, 2, 0, 1, 0]))
+    # log σ(1), log σ(-1), log σ(2)
+    assert m["val_loglik"] == pytest.approx(np.mean([-math.log1p(math.exp(-d)) for d in (1, -1, 2)]))
+
+
+@pytest.fixture(scope="module")
+def reward_run(ray_local, tmp_path_factory):
+    from jobs import reward as reward_job
+    from pagellm.data.pipeline import run_data_stage
+    from pagellm.models.policy import build_policy, save_policy
+    from pagellm.runfolder import resolve_run
+    from pagellm.vocab import Vocab
+
+    folder, cfg = resolve_run(tmp_path_factory.mktemp("reward") / "run", None, SMALL)
+    run_data_stage(cfg, folder.data, log=lambda *_: None)
+    vocab = Vocab.from_parquet(folder.data / "vocab.parquet")
+    save_policy(*build_policy(cfg.model, vocab, seed=cfg.seed), folder.sft)  # untrained: enough here
+    reward_job.main(["--run", str(folder.root)])
+    return folder, cfg
+
+
+def test_reward_stage_writes_checkpoint_and_metrics(reward_run):
+    from pagellm.models.reward_scorer import RewardScorer
+
+    folder, cfg = reward_run
+    out = folder.reward
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert METRIC_KEYS <= set(metrics)
+    pairs = pd.read_parquet(folder.data / "pairs.parquet")
+    families = set(pairs["family"])
+    for head in ("coarse", "fine", "sum"):
+        assert set(metrics["pair_accuracy"][head]) == families | {"all"}
+        assert all(0.0 <= a <= 1.0 for a in metrics["pair_accuracy"][head].values())
+        assert metrics["score_variance"][head] > 0
+    assert metrics["pairs"]["train"] + metrics["pairs"]["val"] == len(pairs)
+    assert metrics["epochs_run"] == 2 and len(metrics["history"]) == 2
+    assert metrics["val_loglik"] > math.log(0.5)  # better than a coin on held-out users
+    assert (out / "accuracy_by_family.png").stat().st_size > 1000
+    assert "| family | pairs | R_c | R_f | R_c + R_f |" in (out / "report.md").read_text()
+
+    # No user on both sides of the split.
+    val = user_in_validation(pairs["user_index"], cfg.reward.val_fraction, cfg.seed)
+    assert not set(pairs.loc[val, "user_index"]) & set(pairs.loc[~val, "user_index"])
+
+    # The published folder alone is a working scorer, and it is the best epoch's model.
+    scorer = RewardScorer.load(out)
+    held = pairs[val]
+    r_c, r_f = scorer.score(held["user_index"].tolist(), held["prompt"].tolist(), held["chosen"].tolist())
+    assert np.isfinite(r_c).all() and np.isfinite(r_f).all() and r_f.std() > 0
+    best = max(metrics["history"], key=lambda r: r["val_loglik"])
+    assert metrics["best_epoch"] == best["epoch"]
+    assert metrics["val_loglik"] == pytest.approx(best["val_loglik"], abs=1e-4)
