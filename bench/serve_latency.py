@@ -17,19 +17,18 @@ load average before and after each phase is recorded. Targets on a 2-core box: t
 from __future__ import annotations
 
 import argparse
+import asyncio
 import itertools
 import json
 import os
 import platform
 import socket
 import sys
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import requests
 from safetensors import safe_open
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -83,47 +82,17 @@ def check_page(body: dict, req: dict, known: set[str]) -> str | None:
 
 
 class Load:
-    """A closed-loop load: `concurrency` threads, each with its own keep-alive session."""
+    """A closed-loop load on one asyncio loop (aiohttp, keep-alive): `concurrency` workers,
+    each sending its next request when the previous answers. One loop instead of client
+    threads keeps the load generator's own CPU small on a 2-core box it shares with the server."""
 
     def __init__(self, url: str, pool: list[dict], known: set[str]):
         self.url, self.pool, self.known = url + "/v1/page", pool, known
-        self.lock = threading.Lock()
 
     def run(self, concurrency: int, seconds: float | None = None, requests_total: int | None = None) -> dict:
-        latencies, server_total, errors = [], [], {}
-        counter = itertools.count()  # next() on it is atomic under the GIL
-        stop_at = time.perf_counter() + seconds if seconds else None
-
-        def worker(seed: int) -> None:
-            rng = np.random.default_rng(seed)
-            session = requests.Session()
-            while True:
-                n = next(counter)
-                if (requests_total is not None and n >= requests_total) or (stop_at and time.perf_counter() >= stop_at):
-                    return
-                req = self.pool[int(rng.integers(len(self.pool)))]
-                t0 = time.perf_counter()
-                try:
-                    resp = session.post(self.url, json=req, timeout=60)
-                    body = resp.json()
-                    err = f"HTTP {resp.status_code}" if resp.status_code != 200 else check_page(body, req, self.known)
-                except (requests.RequestException, ValueError) as exc:
-                    err, body = type(exc).__name__, {}
-                dt = time.perf_counter() - t0
-                with self.lock:
-                    if err:
-                        errors[err] = errors.get(err, 0) + 1
-                    else:
-                        latencies.append(dt)
-                        server_total.append(body["timings_ms"])
-
         load_before = os.getloadavg()[0]
         start = time.perf_counter()
-        threads = [threading.Thread(target=worker, args=(s,)) for s in range(concurrency)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        latencies, server, errors = asyncio.run(self._drive(concurrency, seconds, requests_total))
         wall = time.perf_counter() - start
         lat = np.array(latencies) * 1000.0
         return {
@@ -136,10 +105,45 @@ class Load:
             "p50_ms": round(float(np.percentile(lat, 50)), 1) if len(lat) else None,
             "p99_ms": round(float(np.percentile(lat, 99)), 1) if len(lat) else None,
             # Inside the replica: waiting for a batch slot, the batched decode, arrival to answer.
-            "server_p50_ms": {part: round(float(np.percentile([t[part] for t in server_total], 50)), 1)
-                              for part in ("queue", "decode", "total")} if server_total else None,
+            "server_p50_ms": {part: round(float(np.percentile([t[part] for t in server], 50)), 1)
+                              for part in ("queue", "decode", "total")} if server else None,
             "load_avg_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         }
+
+    async def _drive(self, concurrency: int, seconds: float | None, requests_total: int | None):
+        import aiohttp
+
+        latencies, server, errors = [], [], {}
+        counter = itertools.count()
+        stop_at = time.perf_counter() + seconds if seconds else None
+        timeout = aiohttp.ClientTimeout(total=120)
+
+        async def worker(session, seed: int) -> None:
+            rng = np.random.default_rng(seed)
+            while True:
+                n = next(counter)
+                if (requests_total is not None and n >= requests_total) or (stop_at and time.perf_counter() >= stop_at):
+                    return
+                req = self.pool[int(rng.integers(len(self.pool)))]
+                t0 = time.perf_counter()
+                try:
+                    async with session.post(self.url, json=req) as resp:
+                        body = await resp.json(content_type=None)
+                        status = resp.status
+                    err = f"HTTP {status}" if status != 200 else check_page(body, req, self.known)
+                except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+                    err, body = type(exc).__name__, {}
+                dt = time.perf_counter() - t0
+                if err:
+                    errors[err] = errors.get(err, 0) + 1
+                else:
+                    latencies.append(dt)
+                    server.append(body["timings_ms"])
+
+        connector = aiohttp.TCPConnector(limit=concurrency)
+        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+            await asyncio.gather(*(worker(session, s) for s in range(concurrency)))
+        return latencies, server, errors
 
 
 def free_port() -> int:

@@ -2,14 +2,15 @@
 
     pagellm serve --run runs/demo [--set serve.port=8080] [--threads 2]
 
-blocks until Ctrl-C, on cfg.serve.host:port (127.0.0.1:8000 by default). On a cluster,
+blocks until Ctrl-C (or SIGTERM), on cfg.serve.host:port (127.0.0.1:8000 by default). On a cluster,
 `serve deploy deploy/serve_config.yaml` builds the same application through
 `app_builder` (args: run_dir, optional config and set).
 """
 
 from __future__ import annotations
 
-import time
+import signal
+import threading
 from pathlib import Path
 
 from jobs.common import open_run, ray_session, stage_parser
@@ -54,10 +55,11 @@ def main(argv: list[str] | None = None) -> None:
 
         url = start(folder, cfg, args.threads)
         print(f"[serve] PageLLM on {url}  (POST /v1/page, POST /v1/score, GET /healthz); Ctrl-C stops", flush=True)
+        stop = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C, `ray job stop`, docker stop
+            signal.signal(sig, lambda *_: stop.set())
         try:
-            while True:
-                time.sleep(3600)
-        except KeyboardInterrupt:
+            stop.wait()
             print("[serve] shutting down", flush=True)
         finally:
             serve.shutdown()

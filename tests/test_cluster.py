@@ -131,8 +131,10 @@ class LoopbackCluster:
 
     def __init__(self, workdir: Path):
         self.workdir = workdir
-        # Short: Ray's unix socket paths live under it and must stay under 108 bytes.
-        self.temp_dir = Path(tempfile.mkdtemp(prefix="plr", dir="/tmp"))
+        # One per node, as on real machines: nodes sharing a session dir share the runtime-env
+        # cache, and one node's cleanup deletes the job's working dir under the other. Short,
+        # because Ray's unix socket paths live under them and must stay under 108 bytes.
+        self.temp_dirs = {name: Path(tempfile.mkdtemp(prefix="plr", dir="/tmp")) for name in ("head", "worker")}
         self.gcs_port, self.dashboard_port = _free_port(), _free_port()
         self.address = f"http://127.0.0.1:{self.dashboard_port}"
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
@@ -152,15 +154,15 @@ class LoopbackCluster:
         self.logs.append(log)
         with open(log, "w") as out:
             self.nodes.append(subprocess.Popen([RAY, "start", "--block", "--node-ip-address", "127.0.0.1",
-                                                "--num-cpus", "2", "--num-gpus", "0", *args, *_node_ports()],
+                                                "--num-cpus", "2", "--num-gpus", "0",
+                                                "--temp-dir", str(self.temp_dirs[name]), *args, *_node_ports()],
                                                env=self.env, stdout=out, stderr=subprocess.STDOUT,
                                                start_new_session=True))
 
     def start(self) -> None:
         self._start_node("head", ["--head", "--port", str(self.gcs_port), "--include-dashboard", "true",
                                   "--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.dashboard_port),
-                                  "--ray-client-server-port", str(_free_port()), "--temp-dir", str(self.temp_dir),
-                                  "--disable-usage-stats"])
+                                  "--ray-client-server-port", str(_free_port()), "--disable-usage-stats"])
         self._wait(lambda: self.ray("job", "list", "--address", self.address, check=False).returncode == 0,
                    "the head's job server")
         self._start_node("worker", ["--address", f"127.0.0.1:{self.gcs_port}"])
@@ -208,15 +210,17 @@ class LoopbackCluster:
                 proc.wait(timeout=30)
         for pid in self._leftover_pids():
             with_pid_gone(pid)
-        shutil.rmtree(self.temp_dir, ignore_errors=True)
+        for path in self.temp_dirs.values():
+            shutil.rmtree(path, ignore_errors=True)
 
     def _leftover_pids(self) -> list[int]:
-        """Processes of this cluster still alive: their command line names its temp dir."""
+        """Processes of this cluster still alive: their command line names one of its temp dirs."""
         import psutil
 
         mine = []
         for proc in psutil.process_iter(["pid", "cmdline"]):
-            if any(str(self.temp_dir) in part for part in (proc.info["cmdline"] or [])):
+            line = " ".join(proc.info["cmdline"] or [])
+            if any(str(path) in line for path in self.temp_dirs.values()):
                 mine.append(proc.info["pid"])
         return mine
 
@@ -245,7 +249,8 @@ def loopback_cluster(tmp_path_factory):
 
 
 def _job_status(cluster: LoopbackCluster, job_id: str) -> str:
-    out = cluster.ray("job", "status", "--address", cluster.address, job_id, check=False).stdout
+    proc = cluster.ray("job", "status", "--address", cluster.address, job_id, check=False)
+    out = proc.stdout + proc.stderr  # the CLI logs the status line to stderr
     for status in ("SUCCEEDED", "FAILED", "STOPPED", "RUNNING", "PENDING"):
         if f": {status}" in out:
             return status

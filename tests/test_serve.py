@@ -57,8 +57,10 @@ def served(ray_local, tmp_path_factory):
 
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(root, cfg), name="pagellm_test", route_prefix="/")
-    serve.run(build_app(bare, cfg), name="pagellm_bare", route_prefix="/bare")
+    serve.run_many([  # both replicas start in parallel
+        serve.RunTarget(target=build_app(root, cfg), name="pagellm_test", route_prefix="/"),
+        serve.RunTarget(target=build_app(bare, cfg), name="pagellm_bare", route_prefix="/bare"),
+    ])
     items = pd.read_parquet(root / "data" / "items.parquet")
     evals = pd.read_parquet(root / "data" / "eval.parquet")
     try:

@@ -7,8 +7,8 @@ R_c + R_f: each head is then a calibrated scorer on its own. Serving uses R_c al
 ranking feature (`/v1/score`), PPO can be asked for `coarse`, `fine` or `sum`, and the
 per-head accuracy table means "what this head knows", not "what it adds to the other
 head". A single term on the sum would let one head carry the pair and leave the other
-at an arbitrary scale and sign. The sum of two calibrated scorers is still a good scorer
-(measured: its held-out accuracy is at least that of the better head on every family).
+at an arbitrary scale and sign. The price: R_c + R_f itself is not what is fitted, so
+its accuracy can fall below the better head's where the two disagree (reported per family).
 """
 
 from __future__ import annotations

@@ -127,7 +127,7 @@ def _train_loop(config: dict) -> None:
     if phase == "meta":
         rows = history_rows(encoder, evals["user_index"], evals["train_positives"], config["max_items"])
         val_rows = history_rows(encoder, evals["user_index"],
-                                [a + b for a, b in zip(evals["train_positives"], evals["val_items"])],
+                                [list(a) + list(b) for a, b in zip(evals["train_positives"], evals["val_items"])],
                                 config["max_items"])
     else:
         sft = pd.read_parquet(data_dir / "sft.parquet")
