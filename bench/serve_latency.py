@@ -174,7 +174,8 @@ def bench_shape(shape: str, out: Path, args, url: str) -> dict:
     with safe_open(str(run / "sft" / "model.safetensors"), "pt") as f:
         params = sum(int(np.prod(f.get_slice(name).get_shape())) for name in f.keys())
     return {"shape": shape, "init": cfg.model.init, "params": params, "deploy_s": round(ready_s, 1),
-            "batch": {"max_batch_size": cfg.serve.max_batch_size, "batch_wait_timeout_s": cfg.serve.batch_wait_timeout_s},
+            "batch": {"max_batch_size": cfg.serve.max_batch_size,
+                      "batch_wait_timeout_s": cfg.serve.batch_wait_timeout_s},
             "c1": c1, "cN": cN, "speedup": round(cN["pages_per_s"] / c1["pages_per_s"], 2)}
 
 
@@ -185,7 +186,8 @@ def table(results: list[dict], concurrency: int) -> str:
         c1, cN = r["c1"], r["cN"]
         params = f"{r['params'] / 1e6:.1f}M" if r["params"] else "?"
         rows.append(f"| {r['shape']} | {params} | {c1['p50_ms']} | {c1['p99_ms']} | {c1['pages_per_s']} | "
-                    f"{cN['pages_per_s']} | {r['speedup']}x | {cN['seconds']} s, {cN['pages']} pages | {cN['errors']} |")
+                    f"{cN['pages_per_s']} | {r['speedup']}x | {cN['seconds']} s, {cN['pages']} pages | "
+                    f"{cN['errors']} |")
     return "\n".join(rows)
 
 

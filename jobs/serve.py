@@ -47,7 +47,8 @@ def start(folder, cfg, threads: int | None = None) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = stage_parser("serve", __doc__)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads per replica (default: its CPUs, at most 4)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads per replica (default: its CPUs, at most 4)")
     args = parser.parse_args(argv)
     folder, cfg = open_run(args)
     with ray_session():

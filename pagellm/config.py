@@ -110,6 +110,8 @@ class RewardConfig(TrainCommon):
     heads: Literal["sum", "coarse", "fine"] = "sum"
     val_fraction: float = Field(0.1, gt=0.0, lt=1.0)
     patience: int = Field(2, ge=1)
+    # The heads start from scratch on a trained backbone: they learn at lr x this.
+    head_lr_mult: float = Field(10.0, gt=0.0)
 
 
 class PPOConfig(Strict):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -249,12 +250,15 @@ def loopback_cluster(tmp_path_factory):
 
 
 def _job_status(cluster: LoopbackCluster, job_id: str) -> str:
-    proc = cluster.ray("job", "status", "--address", cluster.address, job_id, check=False)
-    out = proc.stdout + proc.stderr  # the CLI logs the status line to stderr
-    for status in ("SUCCEEDED", "FAILED", "STOPPED", "RUNNING", "PENDING"):
-        if f": {status}" in out:
+    """SUCCEEDED / FAILED / STOPPED / PENDING / RUNNING / UNKNOWN from `ray job status`."""
+    proc = cluster.ray("job", "status", "--log-style", "record", "--address", cluster.address, job_id, check=False)
+    out = proc.stdout + proc.stderr
+    # The CLI words terminal states as sentences and the others as "Status for job 'id': X".
+    for phrase, status in (("succeeded", "SUCCEEDED"), ("failed", "FAILED"), ("was stopped", "STOPPED")):
+        if f"Job '{job_id}' {phrase}" in out:
             return status
-    return "UNKNOWN"
+    found = re.search(rf"Status for job '{re.escape(job_id)}': (\w+)", out)
+    return found.group(1) if found else "UNKNOWN"
 
 
 @pytest.mark.timeout(JOB_TIMEOUT_S + 2 * NODE_START_TIMEOUT_S + 120)

@@ -178,7 +178,8 @@ def test_bad_page_requests_get_422_with_a_readable_message(served, body, message
         ({"history": [], "page": []}, "invalid request: page: page is empty; send at least one item id"),
         ({"history": []}, "invalid request: page: Field required"),
         ({"page": "i1"}, "invalid request: page: Input should be a valid array, got string"),
-        ({"page": ["ghost", "ghost2"]}, "invalid request: page holds item ids not in the catalogue: ['ghost', 'ghost2']"),
+        ({"page": ["ghost", "ghost2"]},
+         "invalid request: page holds item ids not in the catalogue: ['ghost', 'ghost2']"),
     ],
 )
 def test_bad_score_requests_get_422(served, body, message):
@@ -202,7 +203,8 @@ def test_score_agrees_with_the_offline_reward_scorer(served):
     users, prompts, pages, answers = [], [], [], []
     for row in range(3):
         user, history = user_history(served, row)
-        page_ids = [i["item_id"] for i in post(served, "/v1/page", {"user_id": user, "history": history}).json()["items"]]
+        served_page = post(served, "/v1/page", {"user_id": user, "history": history}).json()
+        page_ids = [i["item_id"] for i in served_page["items"]]
         answers.append(post(served, "/v1/score", {"user_id": user, "history": history, "page": page_ids}).json())
         users.append(vocab.user_index(user))
         prompts.append([vocab.item_index(h) for h in history])
@@ -215,7 +217,8 @@ def test_score_agrees_with_the_offline_reward_scorer(served):
         assert answer["model_version"].startswith("reward@") and answer["warnings"] == []
     # Cold start on /v1/score: an unknown user is scored from the history alone.
     user, history = user_history(served, 0)
-    cold = post(served, "/v1/score", {"user_id": "zz", "history": history, "page": [vocab.item_ids[p] for p in pages[0]]})
+    page_ids = [vocab.item_ids[p] for p in pages[0]]
+    cold = post(served, "/v1/score", {"user_id": "zz", "history": history, "page": page_ids})
     c_c, c_f = scorer.score([None], [prompts[0]], [pages[0]])
     assert cold.json()["r_c"] == pytest.approx(float(c_c[0]), abs=1e-4)
     assert cold.json()["warnings"] == ["unknown user_id 'zz': served from the history alone"]

@@ -9,6 +9,7 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from pagellm.config import load_config
 from pagellm.models.decoding import generate_pages
@@ -182,6 +183,27 @@ def test_checkpoint_choice_and_version(tmp_path, run):
     assert find_policy(run2) == ("ppo", run2 / "ppo") and policy_version("ppo", run2 / "ppo", run2) == "ppo@2"
     with pytest.raises(FileNotFoundError, match="pagellm sft --run"):
         find_policy(tmp_path / "empty")
+
+
+def test_a_lora_checkpoint_is_served_merged_with_the_same_pages(tmp_path, run):
+    root, cfg, _ = run
+    lora_cfg = load_config(None, ["model.lora.enabled=true", "model.lora.r=4", "model.init.n_layer=1"])
+    vocab = Vocab.from_parquet(root / "data" / "vocab.parquet")
+    model, tok, layout = build_policy(lora_cfg.model, vocab, seed=0)
+    with torch.no_grad():  # move the adapters off their zero init so merging matters
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
+    shutil.copytree(root / "data", tmp_path / "data")
+    save_policy(model, tok, layout, tmp_path / "ppo" / "step_3")
+    engine = PageEngine.load(tmp_path, lora_cfg, device="cpu")
+    assert engine.version == "ppo@3" and not type(engine.model).__name__.startswith("Peft")
+    page = engine.page(req(user_id="u2", history=["i04"], k=6))
+    model.eval()
+    prompt = PromptEncoder(None, layout).encode_prompt(engine.vocab.user_index("u2"), [4])
+    ref = generate_pages(model, layout, [prompt], 6, exclude=[{4}])  # the unmerged adapter model
+    assert page.item_ids == [engine.vocab.item_ids[i] for i in ref.items[0]]
+    assert np.allclose(page.scores, ref.logprobs[0, :6].tolist(), atol=1e-4)
 
 
 def test_a_checkpoint_from_another_data_build_is_refused(tmp_path, run):

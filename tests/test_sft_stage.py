@@ -72,3 +72,20 @@ def test_sft_on_two_workers(data_run, tmp_path, zero, meta):
     assert torch.isfinite(torch.tensor(metrics["final"]["train_loss"]))
     assert (run_dir / "sft" / "model.safetensors").exists()
     _check_policy(run_dir)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_target_token_loss_equals_the_models_own_loss(arch):
+    from pagellm.train.sft import collate, target_token_loss
+
+    init = ({"n_layer": 1, "n_embd": 32, "n_head": 2} if arch == "gpt2" else
+            {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+             "num_key_value_heads": 1})
+    cfg = load_config(None, [f"model.arch={arch}"]).model.model_copy(update={"init": init})
+    vocab = Vocab.build(["u0", "u1"], [f"i{i}" for i in range(9)])
+    model, tok, layout = build_policy(cfg, vocab, seed=0)
+    model.eval()
+    rows = page_rows(PromptEncoder(tok, layout), [0, 1], [[1, 2, 3], [4]], [[5, 6], [7, 8, 0]], 0.0, 0)
+    batch = collate(rows, layout.pad_id)
+    expected = model(**batch).loss
+    assert torch.allclose(target_token_loss(model, batch), expected, atol=1e-5)

@@ -71,7 +71,8 @@ class PageService:
         for batched in (self.decode_batch, self.score_batch):
             batched.set_max_batch_size(cfg.serve.max_batch_size)
             batched.set_batch_wait_timeout_s(self.batch_wait_s)
-        log.info("PageLLM serving %s from %s (prompt window %d)", self.engine.version, run_dir, self.engine.history_window)
+        log.info("PageLLM serving %s from %s (prompt window %d)",
+                 self.engine.version, run_dir, self.engine.history_window)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
     async def decode_batch(self, prepared: list[Prepared]) -> list[tuple]:
@@ -107,7 +108,8 @@ class PageService:
             return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
         except Exception as exc:  # a bug must answer 500 with its reason, not drop the connection
             log.exception("PageLLM request failed")
-            return JSONResponse({"error": f"internal error: {type(exc).__name__}: {exc}", "errors": []}, status_code=500)
+            body = {"error": f"internal error: {type(exc).__name__}: {exc}", "errors": []}
+            return JSONResponse(body, status_code=500)
 
     @staticmethod
     def _route_path(request: Request) -> str:
@@ -172,4 +174,5 @@ def deployment_options(serve_cfg: ServeConfig) -> dict:
 def build_app(run_dir: str | Path, cfg: Config, threads: int | None = None, device: str | None = None):
     """The bound application for `serve.run` / an app builder: one PageService deployment."""
     run_dir = str(Path(run_dir).resolve())
-    return PageService.options(**deployment_options(cfg.serve)).bind(run_dir, cfg.model_dump(mode="json"), threads, device)
+    deployment = PageService.options(**deployment_options(cfg.serve))
+    return deployment.bind(run_dir, cfg.model_dump(mode="json"), threads, device)

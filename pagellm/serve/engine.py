@@ -156,7 +156,7 @@ class PageEngine:
         self.encoder = PromptEncoder(None, layout)
         self.version = version
         self.max_k = max_k
-        self.by_popularity = popularity_order(items)
+        self.by_popularity = popularity_order(items).tolist()
         self.pop_score = popularity_logshare(items, vocab.n_items)
         self.history_window = self._fit_window(history_len, max_k)
 
@@ -236,7 +236,12 @@ class PageEngine:
     # -- pages ---------------------------------------------------------------------------
 
     def _popularity_page(self, prep: Prepared) -> tuple[list[int], list[float]]:
-        chosen = [int(i) for i in self.by_popularity if int(i) not in prep.blocked][: prep.k]
+        chosen = []
+        for item in self.by_popularity:  # stops after k: a large catalogue costs nothing extra
+            if item not in prep.blocked:
+                chosen.append(item)
+                if len(chosen) == prep.k:
+                    break
         return chosen, [float(self.pop_score[i]) for i in chosen]
 
     def _decode(self, rows: list[Prepared]) -> list[tuple[list[int], list[float]]]:
@@ -246,9 +251,15 @@ class PageEngine:
         prompts = [self.encoder.encode_prompt(p.user_index, p.prompt_items) for p in rows]
         k = max(p.k for p in rows)
         with torch.inference_mode():
-            batch = generate_pages(self.model, self.layout, prompts, k, mode="greedy", exclude=[p.blocked for p in rows])
+            batch = generate_pages(
+                self.model, self.layout, prompts, k, mode="greedy", exclude=[p.blocked for p in rows]
+            )
         logprobs = batch.logprobs.float().cpu().tolist()
-        return [(items[: p.k], logprobs[row][: len(items[: p.k])]) for row, (items, p) in enumerate(zip(batch.items, rows))]
+        out = []
+        for row, (items, prep) in enumerate(zip(batch.items, rows)):
+            kept = items[: prep.k]
+            out.append((kept, logprobs[row][: len(kept)]))
+        return out
 
     def pages(self, prepared: list[Prepared]) -> list[ServedPage]:
         """Pages for a batch of prepared requests (model rows decoded together)."""
@@ -291,5 +302,7 @@ class PageScorer:
 
     def score(self, rows: list[ScoreInputs]) -> list[tuple[float, float]]:
         with torch.inference_mode():
-            r_c, r_f = self.scorer.score([r.user_index for r in rows], [r.prompt_items for r in rows], [r.page for r in rows])
+            r_c, r_f = self.scorer.score(
+                [r.user_index for r in rows], [r.prompt_items for r in rows], [r.page for r in rows]
+            )
         return [(float(c), float(f)) for c, f in zip(np.asarray(r_c).reshape(-1), np.asarray(r_f).reshape(-1))]

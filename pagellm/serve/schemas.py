@@ -179,7 +179,8 @@ def describe(exc: ValidationError) -> RequestError:
 def parse_request(model: type[_Request], body: bytes | str, max_k: int, max_history: int):
     """Validate a raw JSON body against `model` with the run's limits; RequestError on failure."""
     if isinstance(body, bytes) and not body.strip():
-        raise RequestError("invalid request: empty body; send a JSON object", 422, [{"loc": "body", "msg": "empty body"}])
+        errors = [{"loc": "body", "msg": "empty body"}]
+        raise RequestError("invalid request: empty body; send a JSON object", 422, errors)
     try:
         return model.model_validate_json(body, context={"max_k": max_k, "max_history": max_history})
     except ValidationError as exc:

@@ -85,19 +85,33 @@ def collate(batch, pad_id: int):
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention}
 
 
+def target_token_loss(model, batch: dict, reduction: str = "mean") -> torch.Tensor:
+    """Causal-LM cross-entropy over the labelled tokens, with the output layer applied only
+    where a label is. Same value as the model's own `labels=` loss, but the vocabulary-wide
+    logits (most of the compute once every user and item is a token) are never built for
+    prompt positions. `model` is the DeepSpeed engine or the bare model: the forward and
+    the output layer go through module calls, so ZeRO-3 gathers their weights."""
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                output_hidden_states=True, logits_to_keep=1)
+    hidden = out.hidden_states[-1][:, :-1]  # position t predicts token t + 1
+    targets = batch["labels"][:, 1:]
+    keep = targets != IGNORE
+    module = getattr(model, "module", model)
+    logits = module.get_output_embeddings()(hidden[keep])
+    return torch.nn.functional.cross_entropy(logits.float(), targets[keep], reduction=reduction)
+
+
 def lm_step(engine, batch):
     batch = {k: v.to(engine.device) for k, v in batch.items()}
-    out = engine(**batch)
-    return out.loss
+    return target_token_loss(engine, batch)
 
 
 def _lm_eval(engine, loader) -> dict[str, float]:
     total, n = 0.0, 0
     for batch in loader:
         batch = {k: v.to(engine.device) for k, v in batch.items()}
-        tokens = int((batch["labels"][:, 1:] != IGNORE).sum())
-        total += float(engine(**batch).loss) * tokens
-        n += tokens
+        total += float(target_token_loss(engine, batch, reduction="sum"))
+        n += int((batch["labels"][:, 1:] != IGNORE).sum())
     return {"loss": total / max(1, n)}
 
 
