@@ -46,10 +46,10 @@ SHAPES = {
 K = 10
 
 
-def build_run(out: Path, shape: str) -> tuple[Path, object]:
+def build_run(out: Path, shape: str, overrides: list[str]) -> tuple[Path, object]:
     """<out>/<shape>: the shared data build plus a randomly initialised SFT checkpoint."""
     data = out / "data"
-    cfg = load_config(None, SHAPES[shape])
+    cfg = load_config(None, SHAPES[shape] + overrides)
     if not (data / "stats.json").exists():
         run_data_stage(cfg, data, log=lambda *_: None)
     run = out / shape
@@ -157,7 +157,7 @@ def bench_shape(shape: str, out: Path, args, url: str) -> dict:
 
     from pagellm.serve.app import build_app
 
-    run, cfg = build_run(out, shape)
+    run, cfg = build_run(out, shape, args.overrides)
     pool = request_pool(run)
     known = set(Vocab.from_parquet(run / "data" / "vocab.parquet").item_ids)
     t0 = time.perf_counter()
@@ -200,6 +200,8 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=300, help="sequential requests for the concurrency-1 numbers")
     ap.add_argument("--c1-max-seconds", type=float, default=90.0, help="cap on the concurrency-1 phase")
     ap.add_argument("--threads", type=int, default=None, help="torch threads per replica (default: its CPUs)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="config override for the served runs, e.g. --set serve.batch_wait_timeout_s=0.02")
     args = ap.parse_args()
     os.environ.setdefault("RAY_SERVE_ENABLE_ACCESS_LOG", "0")  # a log line per request costs CPU
     out = Path(args.out)

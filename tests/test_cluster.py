@@ -6,8 +6,11 @@ Why the cluster is stopped by process id and never with `ray stop`: `ray stop` k
 every Ray process on the machine, including this pytest session's `ray_local` instance
 and anything else running Ray here. Each node is started with `ray start --block`, which
 keeps the node's processes (GCS, raylet, dashboard) as children bound to the `ray start`
-process; terminating those two processes takes the whole cluster down, and a final sweep
-kills by pid whatever still names this cluster's private temp dir.
+process; terminating those two processes takes the whole cluster down (the job driver
+goes with its supervisor actor), and a final sweep kills by pid whatever still names one
+of this cluster's private temp dirs. The nodes also get SIGTERM if pytest itself dies.
+The cluster's environment strips RAY_* variables and uses its own ports, temp dirs and
+auth token, so it never meets the test process's own Ray.
 """
 
 from __future__ import annotations
@@ -111,7 +114,52 @@ def test_rayjob_manifest_runs_the_pipeline_on_shared_storage():
     assert any(env.get("PAGELLM_STORAGE", "").startswith(m) for m in shared)
 
 
+# ----------------------------------------------------------------------------- where a run folder goes
+
+
+def test_place_run_puts_relative_runs_under_storage(tmp_path, monkeypatch):
+    from jobs.common import place_run
+
+    monkeypatch.chdir(tmp_path)
+    assert place_run("/abs/run", "/mnt/shared") == Path("/abs/run")
+    assert place_run("demo", "/mnt/shared/runs") == Path("/mnt/shared/runs/demo")
+    assert place_run("demo", "file:///mnt/shared/runs") == Path("/mnt/shared/runs/demo")
+    assert place_run("runs/demo", None) == tmp_path / "runs" / "demo"  # local: the cwd, made absolute
+
+
+def test_place_run_refuses_what_other_nodes_could_not_see():
+    from jobs.common import place_run
+    from pagellm.config import ConfigError
+
+    with pytest.raises(ConfigError, match="temporary working directory"):
+        place_run("demo", None, submitted_job=True)
+    with pytest.raises(ConfigError, match="mount the bucket"):
+        place_run("demo", "s3://bucket/runs")
+    with pytest.raises(ConfigError, match="absolute path"):
+        place_run("demo", "relative/storage")
+
+
+def test_storage_comes_from_config_then_environment(tmp_path, monkeypatch):
+    from jobs.common import open_run, stage_parser
+
+    monkeypatch.setenv("PAGELLM_STORAGE", str(tmp_path / "from_env"))
+    args = stage_parser("data", "").parse_args(["--run", "a"])
+    folder, cfg = open_run(args)
+    assert folder.root == tmp_path / "from_env" / "a" and cfg.run_dir == str(folder.root)
+    args = stage_parser("data", "").parse_args(["--run", "b", "--set", f"storage={tmp_path / 'from_cfg'}"])
+    folder, cfg = open_run(args)
+    assert folder.root == tmp_path / "from_cfg" / "b" and (folder.root / "config.yaml").exists()
+
+
 # ----------------------------------------------------------------------------- a live cluster
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when pytest dies, so even a killed test run does not
+    leave a cluster behind (Linux prctl PR_SET_PDEATHSIG)."""
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
 
 
 def _free_port() -> int:
@@ -158,7 +206,7 @@ class LoopbackCluster:
                                                 "--num-cpus", "2", "--num-gpus", "0",
                                                 "--temp-dir", str(self.temp_dirs[name]), *args, *_node_ports()],
                                                env=self.env, stdout=out, stderr=subprocess.STDOUT,
-                                               start_new_session=True))
+                                               start_new_session=True, preexec_fn=_die_with_parent))
 
     def start(self) -> None:
         self._start_node("head", ["--head", "--port", str(self.gcs_port), "--include-dashboard", "true",
@@ -172,8 +220,7 @@ class LoopbackCluster:
     def _wait(self, ready, what: str) -> None:
         deadline = time.monotonic() + NODE_START_TIMEOUT_S
         while time.monotonic() < deadline:
-            dead = [p.args[2:4] for p in self.nodes if p.poll() is not None]
-            if dead:
+            if any(p.poll() is not None for p in self.nodes):
                 raise RuntimeError(f"`ray start` exited while waiting for {what}:\n{self.tail_logs()}")
             if ready():
                 return
@@ -200,17 +247,20 @@ class LoopbackCluster:
                          for log in self.logs if log.exists())
 
     def stop(self) -> None:
-        """Worker first, then head: SIGTERM to each `ray start --block`, SIGKILL after 30 s."""
-        for proc in reversed(self.nodes):
+        """SIGTERM to every `ray start --block` (each node drains for up to 30 s, then takes
+        its processes down), SIGKILL to those still running after 45 s."""
+        for proc in self.nodes:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 45
+        for proc in self.nodes:
             try:
-                proc.wait(timeout=30)
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(timeout=30)
         for pid in self._leftover_pids():
-            with_pid_gone(pid)
+            _terminate(pid)
         for path in self.temp_dirs.values():
             shutil.rmtree(path, ignore_errors=True)
 
@@ -226,7 +276,7 @@ class LoopbackCluster:
         return mine
 
 
-def with_pid_gone(pid: int) -> None:
+def _terminate(pid: int) -> None:
     import psutil
 
     try:
@@ -290,7 +340,7 @@ def test_tiny_pipeline_submitted_to_a_two_node_cluster(loopback_cluster, tmp_pat
     assert (run / "reward" / "metrics.json").exists()
     assert (run / "ppo" / "DONE").exists()
     steps = [json.loads(line) for line in (run / "ppo" / "metrics.jsonl").read_text().splitlines() if line]
-    assert [s["step"] for s in steps][-1] == 2
+    assert steps[-1]["step"] == 2
     metrics = json.loads((run / "eval" / "metrics.json").read_text())
     assert {"popularity", "sft", "ppo"} <= set(metrics["models"])
     for name in ("sft", "ppo"):

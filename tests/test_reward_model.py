@@ -120,6 +120,20 @@ def test_fine_score_is_the_mean_of_per_item_scores():
     assert torch.allclose(out.fine, out.per_item.sum(-1) / torch.tensor([3.0, 5.0]), atol=1e-6)
 
 
+def test_fine_logit_term_is_the_policys_logit_for_each_page_item():
+    model, _, layout = reward_model(heads=("fine",), arch="llama")  # untied output layer
+    batch = pad_pages(rows(layout, [[5, 6, 7], [1, 2, 3, 4, 8]]), layout)
+    with torch.no_grad():
+        model.fine.slot_weight.zero_()  # leave only g · ℓ, with g = 1 at init
+        per_item = model(**batch).per_item
+        logits = model.policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    ids, items = batch["input_ids"], batch["item_mask"]
+    # The item at column t was predicted by the logits at column t - 1.
+    want = torch.zeros_like(per_item)
+    want[:, 1:] = logits[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1) * items[:, 1:]
+    assert torch.allclose(per_item, want, atol=1e-5)
+
+
 def test_fine_head_gives_a_gradient_for_one_misplaced_item():
     model, _, layout = reward_model(heads=("fine",))
     model.train()

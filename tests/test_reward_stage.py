@@ -43,8 +43,10 @@ def test_heldout_metrics_per_head_and_a_disabled_head():
     rejected = (np.array([0.0, 1.0, 0.0]), np.array([0.0, 0.0, 0.0]))
     m = heldout_metrics({"heads": ["coarse"], "chosen": chosen, "rejected": rejected},
                         ["ranking", "ranking", "diversity"])
-    assert m["pair_accuracy"]["coarse"] == {"ranking": 0.5, "diversity": 1.0, "all": pytest.approx(2 / 3)}
-    assert m["pair_accuracy"]["fine"]["ranking"] is None and m["score_variance"]["fine"] is None
+    assert m["pair_accuracy"]["coarse"] == {"ranking": 0.5, "diversity": 1.0}
+    assert m["pair_accuracy_all"]["coarse"] == pytest.approx(2 / 3)
+    assert m["pair_accuracy"]["fine"] == {"ranking": None, "diversity": None}
+    assert m["score_variance"]["fine"] is None and m["pair_accuracy_all"]["fine"] is None
     assert m["pair_accuracy"]["sum"] == m["pair_accuracy"]["coarse"]
     assert m["score_variance"]["coarse"] == pytest.approx(np.var([1, 0, 2, 0, 1, 0]))
     # log σ(1), log σ(-1), log σ(2)
@@ -75,9 +77,11 @@ def test_reward_stage_writes_checkpoint_and_metrics(reward_run):
     metrics = json.loads((out / "metrics.json").read_text())
     assert METRIC_KEYS <= set(metrics)
     pairs = pd.read_parquet(folder.data / "pairs.parquet")
-    families = set(pairs["family"])
+    val = user_in_validation(pairs["user_index"], cfg.reward.val_fraction, cfg.seed)
+    families = set(pairs.loc[val, "family"])
+    assert families == set(pairs["family"])  # every family is held out for some user
     for head in ("coarse", "fine", "sum"):
-        assert set(metrics["pair_accuracy"][head]) == families | {"all"}
+        assert set(metrics["pair_accuracy"][head]) == families
         assert all(0.0 <= a <= 1.0 for a in metrics["pair_accuracy"][head].values())
         assert metrics["score_variance"][head] > 0
     assert metrics["pairs"]["train"] + metrics["pairs"]["val"] == len(pairs)
@@ -86,9 +90,9 @@ def test_reward_stage_writes_checkpoint_and_metrics(reward_run):
     assert (out / "accuracy_by_family.png").stat().st_size > 1000
     assert "| family | pairs | R_c | R_f | R_c + R_f |" in (out / "report.md").read_text()
 
-    # No user on both sides of the split.
-    val = user_in_validation(pairs["user_index"], cfg.reward.val_fraction, cfg.seed)
-    assert not set(pairs.loc[val, "user_index"]) & set(pairs.loc[~val, "user_index"])
+    # The stage held out exactly the pairs of the validation users (split by user).
+    assert metrics["pairs"]["val"] == int(val.sum())
+    assert metrics["val_pairs_by_family"] == pairs.loc[val, "family"].value_counts().to_dict()
 
     # The published folder alone is a working scorer, and it is the best epoch's model.
     scorer = RewardScorer.load(out)
@@ -98,3 +102,32 @@ def test_reward_stage_writes_checkpoint_and_metrics(reward_run):
     best = max(metrics["history"], key=lambda r: r["val_loglik"])
     assert metrics["best_epoch"] == best["epoch"]
     assert metrics["val_loglik"] == pytest.approx(best["val_loglik"], abs=1e-4)
+
+
+def test_heads_keep_their_own_peak_lr_under_deepspeeds_schedule():
+    """train_ds_config gives WarmupDecayLR one peak lr; the heads must still get lr x head_lr_mult."""
+    from types import SimpleNamespace
+
+    import torch
+    from deepspeed.runtime.lr_schedules import WarmupDecayLR
+    from test_reward_model import reward_model
+
+    from pagellm.config import RewardConfig
+    from pagellm.train.reward import param_groups, use_group_peak_lrs
+
+    model, _, _ = reward_model()
+    cfg = RewardConfig(lr=1e-3, head_lr_mult=10.0)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr)
+    engine = SimpleNamespace(optimizer=optimizer, lr_scheduler=WarmupDecayLR(
+        optimizer, total_num_steps=10, warmup_min_lr=0.0, warmup_max_lr=cfg.lr, warmup_num_steps=2,
+        warmup_type="linear"))
+    use_group_peak_lrs(engine)
+    head_ids = {id(p) for h in (model.coarse, model.fine) for p in h.parameters()}
+    for step in range(6):  # warmup, peak, decay: the heads stay at 10x the backbone throughout
+        engine.lr_scheduler.step()
+        lrs = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+        heads = {lrs[i] for i in head_ids}
+        body = {v for k, v in lrs.items() if k not in head_ids}
+        assert len(heads) == len(body) == 1, (heads, body)
+        assert heads.pop() == pytest.approx(10 * body.pop())
+    assert max(g["lr"] for g in optimizer.param_groups) < 1e-2  # decaying after the peak

@@ -78,7 +78,9 @@ def _is_checkpoint(path: Path) -> bool:
 
 def find_policy(run_dir: str | Path) -> tuple[str, Path]:
     """(stage, checkpoint dir): PPO when <run>/ppo holds a checkpoint, else SFT. A stage dir
-    is a checkpoint itself or holds checkpoint subdirs; the highest step (then newest) wins."""
+    is a checkpoint itself (what `pagellm sft` and a finished `pagellm ppo` publish) or holds
+    checkpoint subdirs; the highest step (then newest) wins. PPO's in-training checkpoints
+    (<run>/ppo/checkpoints/step_N/policy) are not served: an unfinished run serves SFT."""
     run_dir = Path(run_dir)
     for stage in POLICY_STAGES:
         stage_dir = run_dir / stage

@@ -7,8 +7,8 @@ heads) after `reward.patience` epochs without a new best, publishes the best epo
 weights to <run>/reward/, scores the held-out pairs with `RewardScorer` and writes
 metrics.json, report.md and accuracy_by_family.png there.
 
-Each pair is one forward of 2B rows (its B chosen pages, then its B rejected pages), so
-both sides of a pair see the same weights, dropout mask statistics and batch.
+Each batch of B pairs is one forward of 2B rows (the B chosen pages, then the B rejected
+pages), so both sides of a pair are scored by the same weights in the same step.
 """
 
 from __future__ import annotations
@@ -191,27 +191,26 @@ def heldout_scores(reward_dir: str, pairs: pd.DataFrame, device: str = "cpu", ba
 
 
 def heldout_metrics(scores: dict, families) -> dict:
-    """pair_accuracy per head per family, score variance per head, log-likelihood of R.
-
-    A head the model was trained without reports None (its zeros would read as 0% accuracy).
-    """
+    """pair_accuracy per head per family (and over all pairs), score variance per head,
+    log-likelihood of R. A head the model was trained without reports None (its zeros
+    would read as 0% accuracy)."""
     (c_c, c_f), (r_c, r_f) = scores["chosen"], scores["rejected"]
     per_head = {"coarse": (c_c, r_c), "fine": (c_f, r_f), "sum": (c_c + c_f, r_c + r_f)}
     enabled = set(scores["heads"]) | {"sum"}
     families = list(families)
-    accuracy, variance = {}, {}
+    accuracy, overall, variance = {}, {}, {}
     for head in REPORT_HEADS:
         chosen, rejected = per_head[head]
         if head in enabled:
             accuracy[head] = accuracy_by_family(chosen, rejected, families)
-            accuracy[head]["all"] = pair_accuracy(chosen, rejected)
+            overall[head] = pair_accuracy(chosen, rejected)
             variance[head] = float(np.var(np.concatenate([chosen, rejected])))
         else:
-            accuracy[head] = {f: None for f in [*dict.fromkeys(families), "all"]}
-            variance[head] = None
+            accuracy[head] = {f: None for f in dict.fromkeys(families)}
+            overall[head] = variance[head] = None
     c_sum, r_sum = per_head["sum"]
     loglik = float(pair_loglik(torch.from_numpy(c_sum), torch.from_numpy(r_sum)).mean())
-    return {"pair_accuracy": accuracy, "score_variance": variance, "val_loglik": loglik}
+    return {"pair_accuracy": accuracy, "pair_accuracy_all": overall, "score_variance": variance, "val_loglik": loglik}
 
 
 def plot_accuracy(accuracy: dict, path: Path) -> None:
@@ -220,7 +219,7 @@ def plot_accuracy(accuracy: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    families = [f for f in accuracy["sum"] if f != "all"]
+    families = list(accuracy["sum"])
     heads = [h for h in REPORT_HEADS if accuracy[h].get(families[0]) is not None] if families else []
     fig, ax = plt.subplots(figsize=(7, 3.6))
     width = 0.8 / max(1, len(heads))
@@ -256,8 +255,10 @@ def write_report(metrics: dict, path: Path) -> None:
         "|---|---:|---:|---:|---:|",
     ]
     for family in acc["sum"]:
-        n = counts.get(family, metrics["pairs"]["val"]) if family != "all" else metrics["pairs"]["val"]
-        lines.append(f"| {family} | {n} | " + " | ".join(cell(acc[h][family]) for h in REPORT_HEADS) + " |")
+        cells = " | ".join(cell(acc[h][family]) for h in REPORT_HEADS)
+        lines.append(f"| {family} | {counts[family]} | {cells} |")
+    overall = " | ".join(cell(metrics["pair_accuracy_all"][h]) for h in REPORT_HEADS)
+    lines.append(f"| all | {metrics['pairs']['val']} | {overall} |")
     var = metrics["score_variance"]
     lines += ["", "Score variance over held-out pages: " + ", ".join(f"{h} {cell(var[h])}" for h in REPORT_HEADS), ""]
     path.write_text("\n".join(lines))
@@ -309,9 +310,8 @@ def run_reward_stage(cfg: Config, run_dir: Path, log=print) -> dict:
     write_json(out_dir / "metrics.json", metrics)
     plot_accuracy(metrics["pair_accuracy"], out_dir / "accuracy_by_family.png")
     write_report(metrics, out_dir / "report.md")
-    acc = metrics["pair_accuracy"]["sum"]
-    log("[reward] held-out accuracy of R: " + ", ".join(f"{f} {a:.3f}" for f, a in acc.items())
-        + f" -> {out_dir}")
+    acc = {**metrics["pair_accuracy"]["sum"], "all": metrics["pair_accuracy_all"]["sum"]}
+    log("[reward] held-out accuracy of R: " + ", ".join(f"{f} {a:.3f}" for f, a in acc.items()) + f" -> {out_dir}")
     return metrics
 
 
