@@ -1,7 +1,8 @@
 """The whole pipeline in one Ray session: data → sft → reward → ppo → eval (+ report).
 
     pagellm run --config configs/tiny.yaml --out runs/demo
-    ray job submit --working-dir . -- python -m jobs.pipeline --run runs/demo
+    ray job submit --working-dir . --runtime-env-json '{"env_vars": {"PAGELLM_STORAGE": "/mnt/shared"}}' \
+        -- python -m jobs.pipeline --run demo     # the run folder must be on shared storage
 
 A stage whose output already exists in the run folder is skipped (delete the folder, or
 pass --from STAGE, to redo it); an interrupted stage resumes from its own checkpoints.

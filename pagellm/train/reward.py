@@ -228,10 +228,10 @@ def plot_accuracy(accuracy: dict, path: Path) -> None:
         ax.bar(xs, [accuracy[head][f] for f in families], width, label=head)
     ax.axhline(0.5, color="grey", linestyle=":", linewidth=1)
     ax.set_xticks(np.arange(len(families)), families)
-    ax.set_ylim(0, 1.02)
+    ax.set_ylim(0, 1.15)  # headroom for the legend above the bars
     ax.set_ylabel("held-out pair accuracy")
-    ax.set_title("Reward model: R(chosen) > R(rejected) per family")
-    ax.legend(loc="lower right")
+    ax.set_title("Reward model: share of held-out pairs with R(chosen) > R(rejected)")
+    ax.legend(loc="upper center", ncol=len(heads), frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -292,9 +292,11 @@ def run_reward_stage(cfg: Config, run_dir: Path, log=print) -> dict:
     _publish(Path(result.best_checkpoint_path) / "hf", out_dir)
 
     held_out = pairs[val].reset_index(drop=True)
-    device = "cuda" if rc.use_gpu else "cpu"
-    task = ray.remote(num_cpus=1, num_gpus=1 if rc.use_gpu else 0)(heldout_scores)
-    scores = ray.get(task.remote(str(out_dir.resolve()), held_out, device, rc.batch_size))
+    if rc.use_gpu:  # where the model was trained: the driver may have no GPU
+        task = ray.remote(num_cpus=1, num_gpus=1)(heldout_scores)
+        scores = ray.get(task.remote(str(out_dir.resolve()), held_out, "cuda", rc.batch_size))
+    else:  # a CPU model scores as fast here as in a task, without a fresh process to start
+        scores = heldout_scores(str(out_dir), held_out, "cpu", rc.batch_size)
     history = result.history
     best = max(history, key=lambda r: r.get("val_loglik", float("-inf"))) if history else {}
     metrics = {
