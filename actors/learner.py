@@ -28,7 +28,8 @@ def _init_process_group() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
 
 
 @ray.remote(num_cpus=1, max_restarts=0)
@@ -62,6 +63,9 @@ class LearnerActor:
     def train(self, batch: ScoredBatch) -> dict:
         ppo = self.cfg.ppo
         t0 = time.perf_counter()
+        device = self.engine.device  # rollouts arrive as CPU tensors
+        for name in ("response_ids", "logprobs", "ref_logprobs", "reward"):
+            setattr(batch, name, getattr(batch, name).to(device))
         prepared = prepare_batch(self.module, batch, self.moments, ppo)
         sums: dict[str, float] = {}
         updates = 0

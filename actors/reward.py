@@ -20,9 +20,10 @@ class RewardActor:
     def __init__(self, reward_dir: str, reference_dir: str, cfg: dict) -> None:
         torch.set_num_threads(1)
         self.cfg = Config.model_validate(cfg)
-        self.scorer = RewardScorer.load(reward_dir, device="cpu")
-        self.reference, _, self.layout = load_policy(reference_dir, trainable=False)
-        self.reference.eval()
+        device = "cuda" if self.cfg.ppo.use_gpu and torch.cuda.is_available() else "cpu"
+        self.scorer = RewardScorer.load(reward_dir, device=device)
+        self.reference, _, self.layout = load_policy(reference_dir, trainable=False, device=device)
+        self.reference.to(device).eval()
 
     def score(self, rollout: dict) -> ScoredBatch:
         prompts, responses, exclude = rollout["prompts"], rollout["response_ids"], rollout["exclude"]
@@ -32,6 +33,7 @@ class RewardActor:
             ref_logprobs, _, _ = constrained_logprobs(self.reference, self.layout, prompts, responses,
                                                       exclude=[set(e) for e in exclude],
                                                       temperature=self.cfg.ppo.temperature)
+            ref_logprobs = ref_logprobs.cpu()
         return ScoredBatch(
             batch_id=rollout["batch_id"], policy_version=rollout["policy_version"], prompts=prompts,
             exclude=exclude, response_ids=responses, logprobs=rollout["logprobs"], ref_logprobs=ref_logprobs,

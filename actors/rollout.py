@@ -20,7 +20,8 @@ class RolloutActor:
         torch.set_num_threads(1)  # one core per actor; the box has few
         self.cfg = Config.model_validate(cfg)
         self.model, _, self.layout = load_policy(policy_dir, self.cfg.model, trainable=False)
-        self.model.eval()
+        self.device = "cuda" if self.cfg.ppo.use_gpu and torch.cuda.is_available() else "cpu"
+        self.model.to(self.device).eval()
         self.version = 0
         version, ref = ray.get(broker.latest.remote())
         if ref:
@@ -41,4 +42,4 @@ class RolloutActor:
                                    exclude=[set(e) for e in exclude], temperature=self.cfg.ppo.temperature,
                                    generator=generator)
         return {"batch_id": batch_id, "policy_version": self.version, "prompts": prompts, "exclude": exclude,
-                "response_ids": pages.response_ids, "logprobs": pages.logprobs}
+                "response_ids": pages.response_ids.cpu(), "logprobs": pages.logprobs.cpu()}

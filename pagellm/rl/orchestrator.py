@@ -122,10 +122,16 @@ class PPORun:
         ppo = cfg.ppo
         n_mini = -(-ppo.batch_size // ppo.mini_batch_size)
         cfg_dict = cfg.model_dump(mode="json")
+        # On GPU the learner takes a whole device; rollout and reward actors share one.
+        gpu = {"learner": 1.0 if ppo.use_gpu else 0.0, "worker": 0.5 if ppo.use_gpu else 0.0}
+        learner_env = {"env_vars": {"DS_ACCELERATOR": "cuda" if ppo.use_gpu else "cpu"}}
         self.broker = WeightsBroker.remote()
-        self.learner = LearnerActor.remote(str(self.sft_dir), cfg_dict, ppo.steps * ppo.epochs * n_mini)
-        self.rollouts = [RolloutActor.remote(str(self.sft_dir), cfg_dict, self.broker) for _ in range(ppo.rollout_actors)]
-        self.rewarders = [RewardActor.remote(str(self.reward_dir), str(self.sft_dir), cfg_dict)
+        self.learner = LearnerActor.options(num_gpus=gpu["learner"], runtime_env=learner_env).remote(
+            str(self.sft_dir), cfg_dict, ppo.steps * ppo.epochs * n_mini)
+        self.rollouts = [RolloutActor.options(num_gpus=gpu["worker"]).remote(str(self.sft_dir), cfg_dict, self.broker)
+                         for _ in range(ppo.rollout_actors)]
+        self.rewarders = [RewardActor.options(num_gpus=gpu["worker"]).remote(str(self.reward_dir), str(self.sft_dir),
+                                                                             cfg_dict)
                           for _ in range(ppo.reward_actors)]
         self.step, self.version, self.stale_dropped, self.next_batch = 0, 0, 0, 0
         self.trained_ids: list[int] = []
