@@ -86,7 +86,6 @@ def plain_pytorch(cfg: Config, data_dir: Path, steps: int, warmup: int) -> dict:
 
 
 def _ours_loop(config: dict) -> None:
-    import ray.train
     import torch.distributed as dist
 
     from pagellm.train.engine import build_engine, micro_batch_size, setup_distributed_for_deepspeed
@@ -110,24 +109,27 @@ def _ours_loop(config: dict) -> None:
     secs, tokens = timed_steps(step, batches_for(rows, mbs, steps + warmup, layout.pad_id, rank, world), warmup)
     totals = torch.tensor([tokens, secs], dtype=torch.float64)
     dist.all_reduce(totals)  # tokens summed over ranks; seconds summed, averaged below
-    ray.train.report({"tokens_per_s": float(totals[0] / (totals[1] / world)), "seconds": float(totals[1] / world)})
+    if rank == 0:  # Ray Train V2 keeps reported metrics only with a checkpoint: use a file
+        Path(config["out_file"]).write_text(json.dumps(
+            {"tokens_per_s": float(totals[0] / (totals[1] / world)), "seconds": float(totals[1] / world)}))
 
 
 def ours(cfg: Config, data_dir: Path, run_dir: Path, workers: int, steps: int, warmup: int, threads: int) -> dict:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    out_file = (run_dir / f"ours_w{workers}.json").resolve()
     t0 = time.perf_counter()
     trainer = TorchTrainer(
         _ours_loop,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "data_dir": str(data_dir.resolve()),
-                           "steps": steps, "warmup": warmup, "threads": threads},
+                           "steps": steps, "warmup": warmup, "threads": threads, "out_file": str(out_file)},
         scaling_config=ScalingConfig(num_workers=workers, resources_per_worker={"CPU": 1}),
         run_config=RunConfig(name=f"bench_w{workers}_{time.time_ns()}", storage_path=str((run_dir / "ray_train").resolve()),
                              worker_runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}}),
     )
-    result = trainer.fit()
-    return {**result.metrics, "wall_incl_startup_s": time.perf_counter() - t0}
+    trainer.fit()
+    return {**json.loads(out_file.read_text()), "wall_incl_startup_s": time.perf_counter() - t0}
 
 
 def main() -> None:
