@@ -170,13 +170,7 @@ class RewardModel(nn.Module):
             # Last real token of each row, whichever side the padding is on.
             columns = torch.arange(attention_mask.shape[1], device=attention_mask.device)
             last = (attention_mask * columns).argmax(-1)
-            if getattr(self, "coarse_pool", "last") == "mean":
-                page = item_mask.bool() & attention_mask.bool()
-                page[torch.arange(hidden.shape[0], device=hidden.device), last] = True
-                pooled = (hidden * page.unsqueeze(-1)).sum(1) / page.sum(1, keepdim=True)
-                coarse = self.coarse(pooled)
-            else:
-                coarse = self.coarse(hidden[torch.arange(hidden.shape[0], device=hidden.device), last])
+            coarse = self.coarse(hidden[torch.arange(hidden.shape[0], device=hidden.device), last])
         if self.fine is not None:
             items = item_mask & attention_mask.bool()
             fine, per_item = self.fine(hidden, items, self._item_logits(hidden, input_ids, items))
