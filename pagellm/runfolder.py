@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,16 @@ def resolve_run(run: str | Path, config_path: str | None, overrides: list[str]) 
     folder.root.mkdir(parents=True, exist_ok=True)
     save_config(cfg, folder.config)
     return folder, cfg
+
+
+def publish_dir(src: Path, dest: Path) -> None:
+    """Copy a finished checkpoint directory to its stage folder atomically: readers (eval,
+    serve, the next stage) see the old folder or the new one, never half of one."""
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
 
 
 def write_json(path: Path, obj: Any) -> None:

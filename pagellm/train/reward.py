@@ -14,7 +14,6 @@ pages), so both sides of a pair are scored by the same weights in the same step.
 from __future__ import annotations
 
 import hashlib
-import shutil
 from functools import partial
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from torch.utils.data import Dataset
 
 from pagellm.config import Config, RewardConfig
 from pagellm.models.reward import heads_for, pad_pages, reward_model_from_policy, save_reward_model
-from pagellm.runfolder import write_json
+from pagellm.runfolder import publish_dir, write_json
 from pagellm.train.reward_loss import accuracy_by_family, multi_head_loss, pair_accuracy, pair_loglik
 from pagellm.vocab import PromptEncoder
 
@@ -289,7 +288,7 @@ def run_reward_stage(cfg: Config, run_dir: Path, log=print) -> dict:
     result = fit(_train_loop, loop_config, rc, run_dir, name="reward", checkpoint_score=("val_loglik", "max"))
     if result.best_checkpoint_path is None:
         raise RuntimeError("reward training finished without a checkpoint")
-    _publish(Path(result.best_checkpoint_path) / "hf", out_dir)
+    publish_dir(Path(result.best_checkpoint_path) / "hf", out_dir)
 
     held_out = pairs[val].reset_index(drop=True)
     if rc.use_gpu:  # where the model was trained: the driver may have no GPU
@@ -315,12 +314,3 @@ def run_reward_stage(cfg: Config, run_dir: Path, log=print) -> dict:
     acc = {**metrics["pair_accuracy"]["sum"], "all": metrics["pair_accuracy_all"]["sum"]}
     log("[reward] held-out accuracy of R: " + ", ".join(f"{f} {a:.3f}" for f, a in acc.items()) + f" -> {out_dir}")
     return metrics
-
-
-def _publish(checkpoint_hf: Path, out_dir: Path) -> None:
-    """Copy the chosen checkpoint to <run>/reward atomically (readers never see half of it)."""
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(checkpoint_hf, tmp)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)

@@ -13,7 +13,6 @@ config). The final weights land in <run>/sft/ as a save_policy checkpoint.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +22,7 @@ from torch.utils.data import Dataset
 
 from pagellm.config import Config, SFTConfig
 from pagellm.models.policy import build_policy, load_policy, save_policy
+from pagellm.runfolder import publish_dir
 from pagellm.vocab import PromptEncoder, Vocab
 
 IGNORE = -100
@@ -191,18 +191,9 @@ def run_sft_stage(cfg: Config, run_dir: Path, log=print) -> dict:
     history["sft"] = result.history
     if result.hf_path is None:
         raise RuntimeError("SFT finished without a checkpoint")
-    _publish(Path(result.hf_path), out_dir)
+    publish_dir(Path(result.hf_path), out_dir)
     metrics = {"final": result.metrics, "history": history, "checkpoint": result.checkpoint_path}
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
     log(f"[sft] done: train_loss {result.metrics.get('train_loss', float('nan')):.4f} "
         f"val_loss {result.metrics.get('val_loss', float('nan')):.4f} -> {out_dir}")
     return metrics
-
-
-def _publish(checkpoint_hf: Path, out_dir: Path) -> None:
-    """Copy the final HF checkpoint to <run>/sft atomically (readers never see half of it)."""
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(checkpoint_hf, tmp)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)
