@@ -66,7 +66,8 @@ def heads_for(choice: str) -> tuple[str, ...]:
 
 
 class CoarseHead(nn.Module):
-    """hidden [N, H] at each row's last token -> R_c [N]; fp32 so a bf16 backbone does not quantise it."""
+    """hidden [N, H] at each row's last token -> R_c [N], in the head's own dtype (fp32 when
+    scoring, so a bf16 backbone does not quantise the score)."""
 
     def __init__(self, hidden_size: int):
         super().__init__()

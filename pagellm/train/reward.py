@@ -285,7 +285,9 @@ def run_reward_stage(cfg: Config, run_dir: Path, log=print) -> dict:
         f"{rc.epochs} epoch(s), {rc.workers} worker(s), ZeRO-{rc.zero_stage}")
     loop_config = {"cfg": cfg.model_dump(mode="json"), "data_dir": str(data_dir.resolve()),
                    "sft_dir": str(sft_dir.resolve())}
-    result = fit(_train_loop, loop_config, rc, run_dir, name="reward", checkpoint_score=("val_loglik", "max"))
+    # One Ray Train run per head set: an ablation must not resume the other heads' checkpoint.
+    name = "reward" if rc.heads == "sum" else f"reward_{rc.heads}"
+    result = fit(_train_loop, loop_config, rc, run_dir, name=name, checkpoint_score=("val_loglik", "max"))
     if result.best_checkpoint_path is None:
         raise RuntimeError("reward training finished without a checkpoint")
     publish_dir(Path(result.best_checkpoint_path) / "hf", out_dir)
