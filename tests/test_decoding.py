@@ -22,14 +22,6 @@ TINY = {
 N_ITEMS, K = 30, 5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models on a shared 2-core box: intra-op threads only spin against each other.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def policy(arch="gpt2", n_items=N_ITEMS, lora=False):
     vocab = Vocab.build([f"u{n}" for n in range(6)], [f"i{n:03d}" for n in range(n_items)])

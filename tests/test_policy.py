@@ -28,14 +28,6 @@ TINY = {
 LORA = {"enabled": True, "r": 4, "alpha": 8, "dropout": 0.0}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models on a shared 2-core box: intra-op threads only spin against each other.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def vocab(n_items=200) -> Vocab:
     return Vocab.build([f"u{n}" for n in range(6)], [f"i{n:03d}" for n in range(n_items)])
