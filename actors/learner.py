@@ -1,10 +1,15 @@
 """Learner actor: PPO updates of policy + value head in a DeepSpeed engine, weight publishing
-and checkpoints. One process here; on a GPU cluster the same engine code runs per worker."""
+and checkpoints. One process here; on a GPU cluster the same engine code runs per worker.
+
+The learner is the source of truth for the run's position (step, policy version, batches
+trained and dropped): it judges staleness and writes checkpoints itself, between two
+updates, so the driver can queue work ahead without ever racing it."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import time
 from pathlib import Path
@@ -14,7 +19,7 @@ import torch
 
 from pagellm.config import Config, TrainCommon
 from pagellm.models.policy import load_policy, save_policy
-from pagellm.rl.ppo_update import PolicyWithValue, ScoredBatch, minibatches, prepare_batch
+from pagellm.rl.ppo_update import PolicyWithValue, ScoredBatch, merge_shards, minibatches, prepare_batch
 from pagellm.rl.stats import RunningMoments
 from pagellm.rl.value_head import ValueHead
 
@@ -34,7 +39,7 @@ def _init_process_group() -> None:
 
 @ray.remote(num_cpus=1, max_restarts=0)
 class LearnerActor:
-    def __init__(self, policy_dir: str, cfg: dict, total_updates: int) -> None:
+    def __init__(self, policy_dir: str, cfg: dict, total_updates: int, checkpoint_root: str) -> None:
         from pagellm.train.engine import build_engine, setup_distributed_for_deepspeed
 
         torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
@@ -52,17 +57,61 @@ class LearnerActor:
         self.engine = build_engine(self.module, None, train_cfg, max(1, total_updates), ppo.use_gpu)
         self.moments = RunningMoments()
         self.generator = torch.Generator().manual_seed(self.cfg.seed)
+        self.checkpoint_root = Path(checkpoint_root)
         self.step = 0  # PPO steps (batches) trained
         self.version = 0  # bumps once per step: the weights rollouts are tagged with
+        self.next_batch = 0  # the first batch id not yet consumed (trained or dropped)
+        self.stale_dropped = 0
+        self.trained_ids: list[int] = []
+        self.idle_since = time.perf_counter()
 
     def trainable_weights(self) -> dict[str, torch.Tensor]:
         """What rollout actors need: every trainable policy tensor (only adapters and the new
         token rows under LoRA), as CPU copies."""
         return {n: p.detach().cpu().clone() for n, p in self.module.policy.named_parameters() if p.requires_grad}
 
-    def train(self, batch: ScoredBatch) -> dict:
-        ppo = self.cfg.ppo
+    @ray.method(num_returns=2)
+    def publish(self) -> tuple[int, dict[str, torch.Tensor]]:
+        """(version, weights) of the current policy: two objects, so a reader of the version
+        (the broker) never has to fetch the tensors."""
+        self.idle_since = time.perf_counter()
+        return self.version, self.trainable_weights()
+
+    @ray.method(num_returns=3)
+    def train(self, batch_id: int, *shards: ScoredBatch) -> tuple[dict, int, dict[str, torch.Tensor]]:
+        """Train on one scored batch, or drop it if its weights are more than
+        `ppo.max_staleness` versions old; returns (stats, version, weights) after it.
+
+        Shards arrive as top-level arguments, so Ray hands them over straight from the
+        reward actors' outputs: the batch never passes through the driver."""
         t0 = time.perf_counter()
+        batch = merge_shards(list(shards))
+        staleness = self.version - batch.policy_version
+        if batch_id != self.next_batch:
+            raise RuntimeError(f"batch {batch_id} arrived, expected {self.next_batch}: batches must be consumed in order")
+        self.next_batch = batch_id + 1
+        common = {"batch_id": batch_id, "staleness": staleness, "learner_idle_s": t0 - self.idle_since,
+                  **batch.timings}
+        if staleness > self.cfg.ppo.max_staleness:
+            self.stale_dropped += 1
+            stats = {"dropped": True, "stale_dropped": self.stale_dropped, "policy_version": self.version,
+                     "sampled_version": batch.policy_version, **common}
+        else:
+            if batch_id in self.trained_ids:
+                raise RuntimeError(f"batch {batch_id} would be trained twice")
+            stats = {**self._update(batch), "dropped": False, "stale_dropped": self.stale_dropped, **common}
+            self.trained_ids.append(batch_id)
+            stats["learner_seconds"] = time.perf_counter() - t0
+            if self.step % self.cfg.ppo.checkpoint_every == 0 or self.step == self.cfg.ppo.steps:
+                self.save(str(self.checkpoint_root / f"step_{self.step:06d}"))
+                for old in sorted(self.checkpoint_root.glob("step_*"))[:-2]:  # keep the last two
+                    shutil.rmtree(old, ignore_errors=True)
+        weights = self.trainable_weights()
+        self.idle_since = time.perf_counter()
+        return stats, self.version, weights
+
+    def _update(self, batch: ScoredBatch) -> dict:
+        ppo = self.cfg.ppo
         device = self.engine.device  # rollouts arrive as CPU tensors
         for name in ("response_ids", "logprobs", "ref_logprobs", "reward"):
             setattr(batch, name, getattr(batch, name).to(device))
@@ -81,16 +130,11 @@ class LearnerActor:
         self.version += 1
         out = {k: v / updates for k, v in sums.items()}
         out.update(kl=prepared["kl"], reward_mean=float(batch.reward.mean()), reward_std=float(batch.reward.std()),
-                   learner_seconds=time.perf_counter() - t0, policy_version=self.version, step=self.step,
-                   **batch.reward_parts)
+                   policy_version=self.version, step=self.step, **batch.reward_parts)
         return out
 
-    def publish(self) -> tuple[int, list]:
-        """(version, [ref]) of the current trainable weights, put once for every reader."""
-        return self.version, [ray.put(self.trainable_weights())]
-
-    def save(self, directory: str, driver_state: dict) -> str:
-        """Model, optimizer (DeepSpeed state), value head, step, RNG and the driver's data position."""
+    def save(self, directory: str) -> str:
+        """Model, optimizer (DeepSpeed state), value head, RNG and the run's position."""
         from pagellm.train.engine import save_hf_checkpoint, save_training_state  # also saves RNG
 
         out = Path(directory)
@@ -105,24 +149,24 @@ class LearnerActor:
         save_hf_checkpoint(self.engine, policy_dir, save_fn)
         self.module.value_head.save(tmp)
         save_training_state(self.engine, tmp / "deepspeed")
-        state = {"step": self.step, "version": self.version, "moments": self.moments.state_dict(),
-                 "generator": self.generator.get_state().tolist(), "driver": driver_state}
+        state = {"step": self.step, "version": self.version, "next_batch": self.next_batch,
+                 "stale_dropped": self.stale_dropped, "trained_ids": self.trained_ids,
+                 "moments": self.moments.state_dict(), "generator": self.generator.get_state().tolist()}
         (tmp / "learner_state.json").write_text(json.dumps(state))
         if out.exists():
-            import shutil
-
             shutil.rmtree(out)
         tmp.rename(out)  # a checkpoint directory is complete or absent, never half-written
         return str(out)
 
     def restore(self, directory: str) -> dict:
-        """Load a checkpoint written by save(); returns the driver's saved state."""
+        """Load a checkpoint written by save(); returns the run's position (step, next_batch, ...)."""
         from pagellm.train.engine import load_training_state  # also restores RNG
 
         path = Path(directory)
         load_training_state(self.engine, path / "deepspeed")
         state = json.loads((path / "learner_state.json").read_text())
-        self.step, self.version = state["step"], state["version"]
+        self.step, self.version, self.next_batch = state["step"], state["version"], state["next_batch"]
+        self.stale_dropped, self.trained_ids = state["stale_dropped"], state["trained_ids"]
         self.moments.load_state_dict(state["moments"])
         self.generator.set_state(torch.tensor(state["generator"], dtype=torch.uint8))
-        return state["driver"]
+        return {k: state[k] for k in ("step", "version", "next_batch", "stale_dropped")}

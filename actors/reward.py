@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import ray
 import torch
 
@@ -26,6 +28,7 @@ class RewardActor:
         self.reference.to(device).eval()
 
     def score(self, rollout: dict) -> ScoredBatch:
+        t0 = time.perf_counter()
         prompts, responses, exclude = rollout["prompts"], rollout["response_ids"], rollout["exclude"]
         with torch.inference_mode():
             r_c, r_f = self.scorer.score_tokens(prompts, responses)
@@ -39,4 +42,5 @@ class RewardActor:
             exclude=exclude, response_ids=responses, logprobs=rollout["logprobs"], ref_logprobs=ref_logprobs,
             reward=sequence_reward(r_c, r_f, self.cfg.ppo.reward),
             reward_parts={"r_c": float(r_c.mean()), "r_f": float(r_f.mean())},
+            timings={"generate_s": rollout["generate_s"], "score_s": time.perf_counter() - t0},
         )

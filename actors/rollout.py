@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import ray
 import torch
 
@@ -36,10 +38,12 @@ class RolloutActor:
         return version
 
     def generate(self, batch_id: int, prompts: list[list[int]], exclude: list[list[int]], seed: int) -> dict:
+        t0 = time.perf_counter()
         generator = torch.Generator().manual_seed(seed)
         with torch.inference_mode():
             pages = generate_pages(self.model, self.layout, prompts, k=self.cfg.data.page_len, mode="sample",
                                    exclude=[set(e) for e in exclude], temperature=self.cfg.ppo.temperature,
                                    generator=generator)
         return {"batch_id": batch_id, "policy_version": self.version, "prompts": prompts, "exclude": exclude,
-                "response_ids": pages.response_ids.cpu(), "logprobs": pages.logprobs.cpu()}
+                "response_ids": pages.response_ids.cpu(), "logprobs": pages.logprobs.cpu(),
+                "generate_s": time.perf_counter() - t0}

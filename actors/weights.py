@@ -16,8 +16,10 @@ class WeightsBroker:
 
     def publish(self, version: int, weights: list) -> None:
         # `weights` arrives as [ObjectRef] so Ray keeps the reference instead of fetching
-        # the tensors into this actor.
-        self.version, self.ref = version, weights[0]
+        # the tensors into this actor. Publishes are not awaited by the driver, so never
+        # let an older version replace a newer one.
+        if self.ref is None or version >= self.version:
+            self.version, self.ref = version, weights[0]
 
     def latest(self) -> tuple[int, list]:
         return self.version, [self.ref] if self.ref is not None else []

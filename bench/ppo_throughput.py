@@ -43,7 +43,10 @@ def measure(run_dir: Path, overrides: list[str], staleness: int, steps: int) -> 
     # Steady state: from the end of step 1 to the end of the last step.
     pages = sum(cfg.ppo.batch_size for _ in rows[1:])
     span = sum(1.0 / r["pages_per_s"] * cfg.ppo.batch_size for r in rows[1:])
-    return {"max_staleness": staleness, "steps": len(rows), "pages_per_s": pages / span,
+    # Where a step's time goes: the learner's update, and how long it sat waiting for a batch.
+    parts = {f"{k}_mean": round(sum(r[k] for r in rows[1:]) / len(rows[1:]), 4)
+             for k in ("learner_seconds", "learner_idle_s", "generate_s", "score_s")}
+    return {"max_staleness": staleness, "steps": len(rows), "pages_per_s": pages / span, **parts,
             "stage_wall_s": total, "stale_dropped": rows[-1]["stale_dropped"],
             "final_reward_mean": rows[-1]["reward_mean"], "final_kl": rows[-1]["kl"]}
 
@@ -61,10 +64,13 @@ def main() -> None:
             r = measure(run_dir, args.overrides, staleness, args.steps)
             results[f"max_staleness_{staleness}"] = r
             print(f"max_staleness={staleness}: {r['pages_per_s']:.1f} pages/s "
-                  f"(stage wall {r['stage_wall_s']:.0f}s incl. actor start-up)", flush=True)
+                  f"(stage wall {r['stage_wall_s']:.0f}s incl. actor start-up; per step: learner "
+                  f"{r['learner_seconds_mean']:.3f}s, learner idle {r['learner_idle_s_mean']:.3f}s, "
+                  f"generate {r['generate_s_mean']:.3f}s, score {r['score_s_mean']:.3f}s)", flush=True)
     speedup = results["max_staleness_1"]["pages_per_s"] / results["max_staleness_0"]["pages_per_s"]
     print(f"async / sync: {speedup:.2f}x (target >= 1.5x)")
-    print(json.dumps({"machine": f"{platform.machine()} cpus={os.cpu_count()}", "speedup": speedup,
+    print(json.dumps({"machine": f"{platform.machine()} cpus={os.cpu_count()}", "date": time.strftime("%Y-%m-%d %H:%M"),
+                      "speedup": speedup,
                       "results": results}, indent=2))
 
 

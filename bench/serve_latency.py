@@ -1,7 +1,8 @@
 """Serving latency and throughput of the Ray Serve app, over real HTTP, K = 10.
 
     python bench/serve_latency.py [--out runs/bench_serve] [--models tiny gpt2-small]
-                                  [--duration 60] [--concurrency 16] [--requests 300]
+                                  [--ingress proxy haproxy] [--duration 60] [--concurrency 16]
+                                  [--requests 300]
 
 For each policy shape (random weights: timing does not depend on training) it builds a run
 folder on one simulator data build, deploys the app on 127.0.0.1, and measures
@@ -9,6 +10,8 @@ folder on one simulator data build, deploys the app on 127.0.0.1, and measures
   - concurrency 16: a load run of `--duration` seconds (closed loop: each client thread
     sends its next request when the previous answers), pages/s, p50/p99 and errors
     (non-200 answers and pages that are not K distinct known items outside the history).
+Each ingress (`serve.ingress`: Serve's Python proxy, or its HAProxy ingress) runs in its own
+Ray instance, since Serve reads that switch when Ray starts.
 Client, proxy and replica share the machine, so numbers include the client's CPU; the
 load average before and after each phase is recorded. Targets on a 2-core box: tiny p50
 <= 20 ms at concurrency 1; concurrency-16 pages/s >= 4x concurrency-1 pages/s.
@@ -23,6 +26,7 @@ import json
 import os
 import platform
 import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -37,6 +41,7 @@ from jobs.common import ray_session  # noqa: E402
 from pagellm.config import load_config, save_config  # noqa: E402
 from pagellm.data.pipeline import run_data_stage  # noqa: E402
 from pagellm.models.policy import build_policy, save_policy  # noqa: E402
+from pagellm.serve.ingress import prepare_ingress  # noqa: E402
 from pagellm.vocab import Vocab  # noqa: E402
 
 SHAPES = {
@@ -157,7 +162,8 @@ def bench_shape(shape: str, out: Path, args, url: str) -> dict:
 
     from pagellm.serve.app import build_app
 
-    run, cfg = build_run(out, shape, args.overrides)
+    # No access log: a line per request, printed by this driver too, is CPU the server loses.
+    run, cfg = build_run(out, shape, ["serve.access_log=false", *args.overrides, f"serve.ingress={args.ingress[0]}"])
     pool = request_pool(run)
     known = set(Vocab.from_parquet(run / "data" / "vocab.parquet").item_ids)
     t0 = time.perf_counter()
@@ -173,19 +179,19 @@ def bench_shape(shape: str, out: Path, args, url: str) -> dict:
     serve.delete(shape)
     with safe_open(str(run / "sft" / "model.safetensors"), "pt") as f:
         params = sum(int(np.prod(f.get_slice(name).get_shape())) for name in f.keys())
-    return {"shape": shape, "init": cfg.model.init, "params": params, "deploy_s": round(ready_s, 1),
+    return {"ingress": cfg.serve.ingress, "shape": shape, "init": cfg.model.init, "params": params, "deploy_s": round(ready_s, 1),
             "batch": {"max_batch_size": cfg.serve.max_batch_size,
                       "batch_wait_timeout_s": cfg.serve.batch_wait_timeout_s},
             "c1": c1, "cN": cN, "speedup": round(cN["pages_per_s"] / c1["pages_per_s"], 2)}
 
 
 def table(results: list[dict], concurrency: int) -> str:
-    rows = [f"| policy | params | p50 ms (c=1) | p99 ms (c=1) | pages/s c=1 | pages/s c={concurrency} | "
-            f"speedup | load run | errors |", "|---|---|---|---|---|---|---|---|---|"]
+    rows = [f"| ingress | policy | params | p50 ms (c=1) | p99 ms (c=1) | pages/s c=1 | pages/s c={concurrency} | "
+            f"speedup | load run | errors |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         c1, cN = r["c1"], r["cN"]
         params = f"{r['params'] / 1e6:.1f}M" if r["params"] else "?"
-        rows.append(f"| {r['shape']} | {params} | {c1['p50_ms']} | {c1['p99_ms']} | {c1['pages_per_s']} | "
+        rows.append(f"| {r['ingress']} | {r['shape']} | {params} | {c1['p50_ms']} | {c1['p99_ms']} | {c1['pages_per_s']} | "
                     f"{cN['pages_per_s']} | {r['speedup']}x | {cN['seconds']} s, {cN['pages']} pages | "
                     f"{cN['errors']} |")
     return "\n".join(rows)
@@ -202,9 +208,29 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch threads per replica (default: its CPUs)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="config override for the served runs, e.g. --set serve.batch_wait_timeout_s=0.02")
+    ap.add_argument("--ingress", nargs="+", default=["proxy", "haproxy"], choices=["proxy", "haproxy"],
+                    help="serve.ingress modes to measure, each in a fresh Ray")
     args = ap.parse_args()
-    os.environ.setdefault("RAY_SERVE_ENABLE_ACCESS_LOG", "0")  # a log line per request costs CPU
     out = Path(args.out)
+    if len(args.ingress) > 1:
+        results = []
+        for mode in args.ingress:  # one process per ingress: Serve reads the switch at Ray start
+            argv = list(sys.argv[1:])
+            i = argv.index("--ingress") if "--ingress" in argv else None
+            if i is not None:
+                j = i + 1
+                while j < len(argv) and not argv[j].startswith("--"):
+                    j += 1
+                del argv[i:j]
+            subprocess.run([sys.executable, __file__, *argv, "--ingress", mode], check=True)
+            results += json.loads((out / f"serve_latency_{mode}.json").read_text())["results"]
+        print(table(results, args.concurrency))
+        return
+    mode = args.ingress[0]
+    # Replicas behind HAProxy hold on for 30 s at shutdown so a load balancer can take them
+    # out; nothing routes to a benchmark's replicas after it, so do not wait.
+    os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "0")
+    prepare_ingress(mode)
     results = []
     with ray_session():
         from ray import serve
@@ -218,11 +244,13 @@ def main() -> None:
             serve.shutdown()
     report = {
         "machine": f"{platform.machine()} {platform.processor() or ''} cpus={os.cpu_count()} {platform.platform()}",
+        "date": time.strftime("%Y-%m-%d %H:%M"),
         "k": K,
+        "ingress": mode,
         "results": results,
     }
     out.mkdir(parents=True, exist_ok=True)
-    (out / "serve_latency.json").write_text(json.dumps(report, indent=2))
+    (out / f"serve_latency_{mode}.json").write_text(json.dumps(report, indent=2))
     print(table(results, args.concurrency))
     print(json.dumps(report, indent=2))
 

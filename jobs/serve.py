@@ -2,7 +2,8 @@
 
     pagellm serve --run runs/demo [--set serve.port=8080] [--threads 2]
 
-blocks until Ctrl-C (or SIGTERM), on cfg.serve.host:port (127.0.0.1:8000 by default). On a cluster,
+blocks until Ctrl-C (or SIGTERM), on cfg.serve.host:port (127.0.0.1:8000 by default), behind
+Serve's Python proxy or, with `--set serve.ingress=haproxy`, Serve's HAProxy ingress. On a cluster,
 `serve deploy deploy/serve_config.yaml` builds the same application through
 `app_builder` (args: run_dir, optional config and set).
 """
@@ -17,6 +18,7 @@ from jobs.common import open_run, ray_session, stage_parser
 from pagellm.config import load_config
 from pagellm.runfolder import RunFolder
 from pagellm.serve.app import build_app
+from pagellm.serve.ingress import prepare_ingress
 
 APP_NAME = "pagellm"
 
@@ -51,6 +53,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="torch threads per replica (default: its CPUs, at most 4)")
     args = parser.parse_args(argv)
     folder, cfg = open_run(args)
+    prepare_ingress(cfg.serve.ingress)
     with ray_session():
         from ray import serve
 

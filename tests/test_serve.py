@@ -4,6 +4,7 @@ batching and /v1/score against the offline reward scorer."""
 from __future__ import annotations
 
 import json
+import os
 import socket
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -254,3 +255,63 @@ def test_serve_deploy_config_and_app_builder(served):
     assert type(built).__name__ == "Application"
     with pytest.raises(ValueError, match="args.run_dir"):
         app_builder({})
+
+
+def test_prepare_ingress_sets_the_switch_only_for_a_ray_it_will_start(monkeypatch):
+    import ray
+
+    from pagellm.serve.ingress import HAPROXY_ENV, prepare_ingress
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv(HAPROXY_ENV, "0")
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    prepare_ingress("haproxy")
+    assert os.environ[HAPROXY_ENV] == "1"
+    prepare_ingress("proxy")
+    assert os.environ[HAPROXY_ENV] == "0"
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)  # a running Ray keeps its ingress
+    said = []
+    prepare_ingress("haproxy", log=said.append)
+    assert os.environ[HAPROXY_ENV] == "0" and "already running" in said[0]
+
+
+def test_pagellm_serve_behind_haproxy_answers_pages(served, tmp_path):
+    """`pagellm serve --set serve.ingress=haproxy` in its own process and Ray: HAProxy on the
+    configured port, replicas answering HTTP themselves behind it."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_SERVE_ENABLE_HA_PROXY")}
+    env.update(RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S="0", PYTHONPATH=str(ROOT))
+    log = tmp_path / "serve.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "jobs.serve", "--run", str(served["root"]),
+                                 "--set", "serve.ingress=haproxy", "--set", f"serve.port={port}"],
+                                cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                if requests.get(url + "/healthz", timeout=5).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            time.sleep(1)
+        else:
+            raise AssertionError(f"server never became healthy:\n{log.read_text()[-3000:]}")
+        user, history = user_history(served, 0)
+        resp = requests.post(url + "/v1/page", json={"user_id": user, "history": history, "k": 5}, timeout=60)
+        assert resp.status_code == 200, resp.text
+        ids = [item["item_id"] for item in resp.json()["items"]]
+        assert len(ids) == 5 == len(set(ids)) and not set(ids) & set(history)
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert "HAProxy started successfully" in log.read_text()  # not Serve's Python proxy

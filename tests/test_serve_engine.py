@@ -241,7 +241,10 @@ def test_bad_page_requests_get_one_readable_message(body, message):
 
 def test_deployment_options_follow_the_serve_config():
     cfg = load_config(None, [])
-    assert deployment_options(cfg.serve) == {"max_ongoing_requests": 32, "num_replicas": 1}
+    assert deployment_options(cfg.serve) == {"max_ongoing_requests": 32, "num_replicas": 1,
+                                             "logging_config": {"enable_access_log": True}}
+    quiet = load_config(None, ["serve.access_log=false"])
+    assert deployment_options(quiet.serve)["logging_config"] == {"enable_access_log": False}
     scaled = load_config(None, ["serve.autoscaling={min_replicas: 1, max_replicas: 4}", "serve.max_batch_size=8"])
     opts = deployment_options(scaled.serve)
     assert opts["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 8}

@@ -1,13 +1,23 @@
 """The asynchronous PPO driver: rollout → reward → learner actors with bounded staleness.
 
-Batches flow through Ray object refs (a rollout's result goes straight to a reward
-actor, never through the driver). While the learner trains on batch n, up to
-`max_staleness` further batches are already being sampled with older weights; a batch
-whose weights are more than `max_staleness` versions behind the learner when its turn
-comes is dropped and counted. `max_staleness: 0` is synchronous PPO.
+The driver only wires a dataflow; no batch or weight tensor passes through it. For batch b
+it queues, as ordered actor calls whose arguments are other calls' outputs:
 
-Weights reach rollout actors as ordered actor calls: a set_weights sent before a
-generate is applied before it, so each batch is tagged with the version it really used.
+    rollout.set_weights(<weights after learner.train(b - s - 1)>)   (s = max_staleness)
+    rollout.generate(b) → reward.score(...) → learner.train(b, *scored shards)
+
+so generation of b starts the moment the learner finishes b - s - 1, and Ray hands each
+output straight to its consumer. While the learner trains on b, batches b+1 .. b+s are
+already being sampled and scored with older weights: no batch is ever more than s
+versions behind when trained. The learner still checks each batch's version and drops
+(and counts) any that is: Ray keeps an actor's calls in order only until it retries one
+(a killed rollout actor is restarted and its queued calls re-sent), and a restarted
+rollout actor starts from whatever the broker holds. `max_staleness: 0` is synchronous PPO: generate, score and train strictly in turn.
+
+The driver keeps up to s + 2 batches queued, so the next generation and training calls
+are already waiting when an update ends: the driver's own round trips are off the
+critical path. It collects each step's statistics in order, logs them and stops at
+`ppo.steps`; the learner writes checkpoints between updates.
 """
 
 from __future__ import annotations
@@ -21,10 +31,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
 from pagellm.config import Config
-from pagellm.rl.ppo_update import ScoredBatch
 
 GET_TIMEOUT_S = 900  # a batch that takes longer than this means a stuck actor, not a slow one
 
@@ -57,30 +65,6 @@ def load_prompt_source(cfg: Config, run_dir: Path, encoder) -> PromptSource:
     prompts = [encoder.encode_prompt(int(u), list(p)) for u, p in zip(evals["user_index"], evals["prompt_val"])]
     exclude = [sorted(set(t)) for t in evals["train_items"]]
     return PromptSource(prompts, exclude, cfg.ppo.batch_size, cfg.seed)
-
-
-def merge_shards(shards: list[ScoredBatch]) -> ScoredBatch:
-    """One batch from per-actor shards; its version is the oldest shard's (staleness is
-    judged by the stalest pages in it)."""
-    width = max(s.response_ids.shape[1] for s in shards)
-
-    def cat(attr: str, pad: float) -> torch.Tensor:
-        parts = [torch.nn.functional.pad(getattr(s, attr), (0, width - getattr(s, attr).shape[1]), value=pad)
-                 for s in shards]
-        return torch.cat(parts)
-
-    n = sum(len(s) for s in shards)
-    return ScoredBatch(
-        batch_id=shards[0].batch_id,
-        policy_version=min(s.policy_version for s in shards),
-        prompts=[p for s in shards for p in s.prompts],
-        exclude=[e for s in shards for e in s.exclude],
-        response_ids=cat("response_ids", 0),  # anything after a page's eos is masked out
-        logprobs=cat("logprobs", 0.0),
-        ref_logprobs=cat("ref_logprobs", 0.0),
-        reward=torch.cat([s.reward for s in shards]),
-        reward_parts={k: sum(s.reward_parts[k] * len(s) for s in shards) / n for k in shards[0].reward_parts},
-    )
 
 
 def latest_checkpoint(ckpt_root: Path) -> Path | None:
@@ -127,29 +111,28 @@ class PPORun:
         learner_env = {"env_vars": {"DS_ACCELERATOR": "cuda" if ppo.use_gpu else "cpu"}}
         self.broker = WeightsBroker.remote()
         self.learner = LearnerActor.options(num_gpus=gpu["learner"], runtime_env=learner_env).remote(
-            str(self.sft_dir), cfg_dict, ppo.steps * ppo.epochs * n_mini)
+            str(self.sft_dir), cfg_dict, ppo.steps * ppo.epochs * n_mini, str(self.ckpt_root))
         self.rollouts = [RolloutActor.options(num_gpus=gpu["worker"]).remote(str(self.sft_dir), cfg_dict, self.broker)
                          for _ in range(ppo.rollout_actors)]
         self.rewarders = [RewardActor.options(num_gpus=gpu["worker"]).remote(str(self.reward_dir), str(self.sft_dir),
                                                                              cfg_dict)
                           for _ in range(ppo.reward_actors)]
-        self.step, self.version, self.stale_dropped, self.next_batch = 0, 0, 0, 0
-        self.trained_ids: list[int] = []
+        self.step, self.stale_dropped, self.next_batch, self.version = 0, 0, 0, 0
 
     # ------------------------------------------------------------------ actors
-    def _publish(self) -> None:
-        self.version, refs = self.ray.get(self.learner.publish.remote(), timeout=GET_TIMEOUT_S)
-        # The broker first (and waited on), so an actor restarted from now on starts current.
-        self.ray.get(self.broker.publish.remote(self.version, refs))
+    def _send_weights(self, version_ref, weights_ref) -> None:
+        """Queue new weights on every rollout actor (applied before any generate queued
+        after this) and on the broker, for actors that restart later. Nothing is awaited."""
+        self.broker.publish.remote(version_ref, [weights_ref])  # in a list: the broker keeps a ref
         for actor in self.rollouts:
-            actor.set_weights.remote(self.version, refs[0])
+            actor.set_weights.remote(version_ref, weights_ref)
 
-    def _submit(self, pending: deque) -> None:
-        batch_id = self.next_batch
-        self.next_batch += 1
+    def _submit(self, batch_id: int):
+        """Queue generate → score → train for one batch; returns the ref of the learner's
+        (stats, version, weights) outputs."""
         rows = self.source.batch(batch_id)
         shards = np.array_split(np.array(rows), len(self.rollouts))
-        refs = []
+        scored = []
         for j, shard in enumerate(shards):
             if len(shard) == 0:
                 continue
@@ -157,8 +140,8 @@ class PPORun:
             exclude = [self.source.exclude[i] for i in shard]
             seed = self.cfg.ppo.seed_offset + 7919 * batch_id + j
             rollout = self.rollouts[j].generate.remote(batch_id, prompts, exclude, seed)
-            refs.append(self.rewarders[j % len(self.rewarders)].score.remote(rollout))
-        pending.append((batch_id, refs))
+            scored.append(self.rewarders[j % len(self.rewarders)].score.remote(rollout))
+        return self.learner.train.remote(batch_id, *scored)
 
     # ------------------------------------------------------------------ loop
     def resume(self) -> None:
@@ -167,59 +150,52 @@ class PPORun:
             _truncate_metrics(self.metrics_path, 0)
             return
         state = self.ray.get(self.learner.restore.remote(str(latest)), timeout=GET_TIMEOUT_S)
-        self.step, self.stale_dropped = state["step"], state["stale_dropped"]
-        self.next_batch, self.trained_ids = state["next_batch"], state["trained_ids"]
+        self.step, self.stale_dropped, self.next_batch = state["step"], state["stale_dropped"], state["next_batch"]
+        self.version = state["version"]
         _truncate_metrics(self.metrics_path, self.step)
         self.log(f"[ppo] resumed from {latest.name}: step {self.step}, next batch {self.next_batch}")
-
-    def _checkpoint(self, pending: deque) -> None:
-        # Batches still in flight are not trained yet: a resumed run regenerates them.
-        next_batch = pending[0][0] if pending else self.next_batch
-        state = {"step": self.step, "stale_dropped": self.stale_dropped, "next_batch": next_batch,
-                 "trained_ids": self.trained_ids}
-        path = self.ckpt_root / f"step_{self.step:06d}"
-        self.ray.get(self.learner.save.remote(str(path), state), timeout=GET_TIMEOUT_S)
-        for old in sorted(self.ckpt_root.glob("step_*"))[:-2]:  # keep the last two
-            shutil.rmtree(old, ignore_errors=True)
 
     def train(self, stop_after: int | None = None) -> dict:
         """Run until cfg.ppo.steps (or `stop_after` more steps, to simulate an interruption)."""
         ppo = self.cfg.ppo
         self.resume()
-        self._publish()
-        lookahead = ppo.max_staleness  # batches sampled ahead while the learner trains
-        pending: deque = deque()
-        last = time.perf_counter()
         target = ppo.steps if stop_after is None else min(ppo.steps, self.step + stop_after)
+        version_ref, weights_ref = self.learner.publish.remote()
+        self._send_weights(version_ref, weights_ref)
+        # after_train[i]: the (version, weights) refs the i-th queued train call will return.
+        # Generation of the k-th queued batch waits for after_train[k - s - 1].
+        after_train: deque = deque()
+        queued: deque = deque()  # (batch_id, stats ref), in training order
+        n_queued = 0
+        last = time.perf_counter()
         while self.step < target:
-            while len(pending) < 1 + lookahead:
-                self._submit(pending)
-            batch_id, refs = pending.popleft()
-            batch = merge_shards(self.ray.get(refs, timeout=GET_TIMEOUT_S))
-            staleness = self.version - batch.policy_version
-            if staleness > ppo.max_staleness:
-                self.stale_dropped += 1
-                self.log(f"[ppo] dropped batch {batch_id}: sampled at version {batch.policy_version}, "
-                         f"learner at {self.version}")
+            # Keep s + 2 batches queued, but never queue more than the steps still to train
+            # (a batch dropped as stale is made up for on a later pass of this loop).
+            while len(queued) < ppo.max_staleness + 2 and self.step + len(queued) < target:
+                if n_queued > ppo.max_staleness:
+                    self._send_weights(*after_train.popleft())
+                stats_ref, version_ref, weights_ref = self._submit(self.next_batch)
+                after_train.append((version_ref, weights_ref))
+                queued.append((self.next_batch, stats_ref))
+                self.next_batch += 1
+                n_queued += 1
+            batch_id, stats_ref = queued.popleft()
+            stats = self.ray.get(stats_ref, timeout=GET_TIMEOUT_S)
+            if stats.pop("dropped"):
+                self.stale_dropped = stats["stale_dropped"]
+                self.log(f"[ppo] dropped batch {batch_id}: sampled at version {stats['sampled_version']}, "
+                         f"learner at {stats['policy_version']}")
                 continue
-            if batch_id in self.trained_ids:
-                raise RuntimeError(f"batch {batch_id} would be trained twice")
-            stats = self.ray.get(self.learner.train.remote(batch), timeout=GET_TIMEOUT_S)
-            self.step += 1
-            self.trained_ids.append(batch_id)
-            self._publish()
+            self.step, self.stale_dropped, self.version = stats["step"], stats["stale_dropped"], stats["policy_version"]
             now = time.perf_counter()
-            row = {"step": self.step, "batch_id": batch_id, "staleness": staleness,
-                   "stale_dropped": self.stale_dropped, "pages_per_s": len(batch) / (now - last), **stats,
-                   "policy_version": self.version}
+            row = {"step": self.step, "pages_per_s": ppo.batch_size / (now - last), **stats}
             last = now
             with self.metrics_path.open("a") as f:
                 f.write(json.dumps(row) + "\n")
             self.log(f"[ppo] step {self.step}/{ppo.steps} reward {row['reward_mean']:+.4f} kl {row['kl']:.4f} "
                      f"policy_loss {row['policy_loss']:+.4f} value_loss {row['value_loss']:.4f} "
-                     f"pages/s {row['pages_per_s']:.1f} staleness {staleness} dropped {self.stale_dropped}")
-            if self.step % ppo.checkpoint_every == 0 or self.step == ppo.steps:
-                self._checkpoint(pending)
+                     f"pages/s {row['pages_per_s']:.1f} staleness {row['staleness']} dropped {self.stale_dropped} "
+                     f"learner idle {row['learner_idle_s']:.2f}s")
         return {"step": self.step, "stale_dropped": self.stale_dropped, "policy_version": self.version}
 
     def finish(self) -> Path:

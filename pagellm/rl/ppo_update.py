@@ -7,7 +7,7 @@ forward (which ZeRO-3's parameter gathering needs).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -35,9 +35,36 @@ class ScoredBatch:
     ref_logprobs: torch.Tensor  # [B, T] frozen SFT reference, same constraints
     reward: torch.Tensor  # [B] sequence reward (R_c + R_f, or one head)
     reward_parts: dict[str, float]  # batch means of r_c / r_f, for logging
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage, for logging
 
     def __len__(self) -> int:
         return len(self.prompts)
+
+
+def merge_shards(shards: list[ScoredBatch]) -> ScoredBatch:
+    """One batch from per-actor shards; its version is the oldest shard's (staleness is
+    judged by the stalest pages in it)."""
+    width = max(s.response_ids.shape[1] for s in shards)
+
+    def cat(attr: str, pad: float) -> torch.Tensor:
+        parts = [torch.nn.functional.pad(getattr(s, attr), (0, width - getattr(s, attr).shape[1]), value=pad)
+                 for s in shards]
+        return torch.cat(parts)
+
+    n = sum(len(s) for s in shards)
+    return ScoredBatch(
+        batch_id=shards[0].batch_id,
+        policy_version=min(s.policy_version for s in shards),
+        prompts=[p for s in shards for p in s.prompts],
+        exclude=[e for s in shards for e in s.exclude],
+        response_ids=cat("response_ids", 0),  # anything after a page's eos is masked out
+        logprobs=cat("logprobs", 0.0),
+        ref_logprobs=cat("ref_logprobs", 0.0),
+        reward=torch.cat([s.reward for s in shards]),
+        reward_parts={k: sum(s.reward_parts[k] * len(s) for s in shards) / n for k in shards[0].reward_parts},
+        # Shards run side by side, so a stage took as long as its slowest shard.
+        timings={k: max(s.timings.get(k, 0.0) for s in shards) for k in shards[0].timings},
+    )
 
 
 class PolicyWithValue(nn.Module):

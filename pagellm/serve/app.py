@@ -157,7 +157,8 @@ class PageService:
 def deployment_options(serve_cfg: ServeConfig) -> dict:
     """Replica count or autoscaling, and enough ongoing requests per replica to fill a batch
     (Serve's default of 5 would cap every batch at 5)."""
-    opts: dict = {"max_ongoing_requests": max(2 * serve_cfg.max_batch_size, 8)}
+    opts: dict = {"max_ongoing_requests": max(2 * serve_cfg.max_batch_size, 8),
+                  "logging_config": {"enable_access_log": serve_cfg.access_log}}
     if serve_cfg.autoscaling:
         scaling = dict(serve_cfg.autoscaling)
         # Serve's default target (2 ongoing per replica) would add replicas long before a
