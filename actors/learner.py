@@ -19,7 +19,14 @@ import torch
 
 from pagellm.config import Config, TrainCommon
 from pagellm.models.policy import load_policy, save_policy
-from pagellm.rl.ppo_update import PolicyWithValue, ScoredBatch, merge_shards, minibatches, prepare_batch
+from pagellm.rl.ppo_update import (
+    PolicyWithValue,
+    ScoredBatch,
+    admit_batch,
+    merge_shards,
+    minibatches,
+    prepare_batch,
+)
 from pagellm.rl.stats import RunningMoments
 from pagellm.rl.value_head import ValueHead
 
@@ -86,19 +93,17 @@ class LearnerActor:
         reward actors' outputs: the batch never passes through the driver."""
         t0 = time.perf_counter()
         batch = merge_shards(list(shards))
-        staleness = self.version - batch.policy_version
-        if batch_id != self.next_batch:
-            raise RuntimeError(f"batch {batch_id} arrived, expected {self.next_batch}: batches must be consumed in order")
+        admitted, staleness = admit_batch(batch_id, batch.policy_version, learner_version=self.version,
+                                          next_batch=self.next_batch, trained_ids=self.trained_ids,
+                                          max_staleness=self.cfg.ppo.max_staleness)
         self.next_batch = batch_id + 1
         common = {"batch_id": batch_id, "staleness": staleness, "learner_idle_s": t0 - self.idle_since,
                   **batch.timings}
-        if staleness > self.cfg.ppo.max_staleness:
+        if not admitted:
             self.stale_dropped += 1
             stats = {"dropped": True, "stale_dropped": self.stale_dropped, "policy_version": self.version,
                      "sampled_version": batch.policy_version, **common}
         else:
-            if batch_id in self.trained_ids:
-                raise RuntimeError(f"batch {batch_id} would be trained twice")
             stats = {**self._update(batch), "dropped": False, "stale_dropped": self.stale_dropped, **common}
             self.trained_ids.append(batch_id)
             stats["learner_seconds"] = time.perf_counter() - t0

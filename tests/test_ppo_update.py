@@ -1,13 +1,13 @@
 """The learner's PPO update on a tiny policy, without Ray: it must learn what the reward pays."""
 
+import pytest
 import torch
 
 from pagellm.config import ModelConfig, PPOConfig
 from pagellm.models.decoding import generate_pages
 from pagellm.models.policy import build_policy
 from pagellm.rl.orchestrator import PromptSource
-from pagellm.rl.ppo_update import merge_shards
-from pagellm.rl.ppo_update import PolicyWithValue, ScoredBatch, minibatches, prepare_batch
+from pagellm.rl.ppo_update import PolicyWithValue, ScoredBatch, admit_batch, merge_shards, minibatches, prepare_batch
 from pagellm.rl.stats import RunningMoments
 from pagellm.rl.value_head import ValueHead
 from pagellm.vocab import PromptEncoder, Vocab
@@ -83,3 +83,16 @@ def test_merge_shards_keeps_the_stalest_version():
     merged = merge_shards([a, b])
     assert merged.policy_version == 2 and len(merged) == 8
     assert torch.equal(merged.reward, torch.cat([a.reward, b.reward]))
+
+
+def test_admit_batch_drops_stale_batches_and_refuses_out_of_order_or_repeated_ones():
+    common = {"next_batch": 5, "trained_ids": [0, 1, 3, 4], "max_staleness": 1}
+    assert admit_batch(5, 7, learner_version=8, **common) == (True, 1)  # one version behind: trained
+    assert admit_batch(5, 8, learner_version=8, **common) == (True, 0)
+    assert admit_batch(5, 6, learner_version=8, **common) == (False, 2)  # two behind: dropped
+    assert admit_batch(5, 8, learner_version=8, **{**common, "max_staleness": 0}) == (True, 0)
+    assert admit_batch(5, 7, learner_version=8, **{**common, "max_staleness": 0}) == (False, 1)
+    with pytest.raises(RuntimeError, match="expected 5"):
+        admit_batch(6, 8, learner_version=8, **common)  # batch 5 skipped
+    with pytest.raises(RuntimeError, match="trained twice"):
+        admit_batch(4, 8, learner_version=8, **{**common, "next_batch": 4})

@@ -67,6 +67,19 @@ def merge_shards(shards: list[ScoredBatch]) -> ScoredBatch:
     )
 
 
+def admit_batch(batch_id: int, sampled_version: int, *, learner_version: int, next_batch: int,
+                trained_ids: list[int], max_staleness: int) -> tuple[bool, int]:
+    """(train it?, staleness) for a batch reaching the learner. Batches must arrive in id
+    order and never twice (either would mean the driver lost track of the run's position);
+    one sampled more than `max_staleness` versions ago is refused, to be dropped and counted."""
+    if batch_id != next_batch:
+        raise RuntimeError(f"batch {batch_id} arrived, expected {next_batch}: batches must be consumed in order")
+    if batch_id in trained_ids:
+        raise RuntimeError(f"batch {batch_id} would be trained twice")
+    staleness = learner_version - sampled_version
+    return staleness <= max_staleness, staleness
+
+
 class PolicyWithValue(nn.Module):
     """The trainable policy plus a value head on its last hidden layer."""
 
