@@ -215,14 +215,8 @@ def main() -> None:
     if len(args.ingress) > 1:
         results = []
         for mode in args.ingress:  # one process per ingress: Serve reads the switch at Ray start
-            argv = list(sys.argv[1:])
-            i = argv.index("--ingress") if "--ingress" in argv else None
-            if i is not None:
-                j = i + 1
-                while j < len(argv) and not argv[j].startswith("--"):
-                    j += 1
-                del argv[i:j]
-            subprocess.run([sys.executable, __file__, *argv, "--ingress", mode], check=True)
+            # argparse keeps the last --ingress, so appending one overrides any given before it.
+            subprocess.run([sys.executable, __file__, *sys.argv[1:], "--ingress", mode], check=True)
             results += json.loads((out / f"serve_latency_{mode}.json").read_text())["results"]
         print(table(results, args.concurrency))
         return

@@ -132,4 +132,13 @@ def ray_session(num_cpus: int | None = None):
             ray.shutdown()
 
 
-__all__ = ["RunFolder", "in_submitted_job", "open_run", "place_run", "ray_session", "stage_parser"]
+def stage_main(stage: str, doc: str, run, argv: list[str] | None = None) -> None:
+    """The command line of a stage that runs on Ray: parse, resolve the run folder (a bad
+    config fails here, before Ray starts), then `run(folder, cfg)` in a Ray session."""
+    args = stage_parser(stage, doc).parse_args(argv)
+    folder, cfg = open_run(args)
+    with ray_session():
+        run(folder, cfg)
+
+
+__all__ = ["RunFolder", "in_submitted_job", "open_run", "place_run", "ray_session", "stage_main", "stage_parser"]

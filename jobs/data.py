@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from jobs.common import open_run, ray_session, stage_parser
+from jobs.common import stage_main
 from pagellm.data.pipeline import run_data_stage
 
 
@@ -14,10 +14,7 @@ def run(folder, cfg) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = stage_parser("data", __doc__).parse_args(argv)
-    folder, cfg = open_run(args)
-    with ray_session():
-        run(folder, cfg)
+    stage_main("data", __doc__, run, argv)
 
 
 if __name__ == "__main__":

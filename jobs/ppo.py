@@ -8,7 +8,7 @@ Re-running after an interruption resumes from the last learner checkpoint.
 
 from __future__ import annotations
 
-from jobs.common import open_run, ray_session, stage_parser
+from jobs.common import stage_main
 from pagellm.rl.orchestrator import run_ppo_stage
 
 
@@ -17,10 +17,7 @@ def run(folder, cfg) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = stage_parser("ppo", __doc__).parse_args(argv)
-    folder, cfg = open_run(args)
-    with ray_session():
-        run(folder, cfg)
+    stage_main("ppo", __doc__, run, argv)
 
 
 if __name__ == "__main__":

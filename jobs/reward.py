@@ -9,7 +9,7 @@ metrics.json, report.md and accuracy_by_family.png.
 
 from __future__ import annotations
 
-from jobs.common import open_run, ray_session, stage_parser
+from jobs.common import stage_main
 from pagellm.train.reward import run_reward_stage
 
 
@@ -18,10 +18,7 @@ def run(folder, cfg) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = stage_parser("reward", __doc__).parse_args(argv)
-    folder, cfg = open_run(args)
-    with ray_session():
-        run(folder, cfg)
+    stage_main("reward", __doc__, run, argv)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ Re-running resumes from the last Ray Train checkpoint of the run folder.
 
 from __future__ import annotations
 
-from jobs.common import open_run, ray_session, stage_parser
+from jobs.common import stage_main
 from pagellm.train.sft import run_sft_stage
 
 
@@ -16,10 +16,7 @@ def run(folder, cfg) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = stage_parser("sft", __doc__).parse_args(argv)
-    folder, cfg = open_run(args)
-    with ray_session():
-        run(folder, cfg)
+    stage_main("sft", __doc__, run, argv)
 
 
 if __name__ == "__main__":

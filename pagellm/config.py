@@ -163,7 +163,8 @@ class ServeConfig(Strict):
     num_replicas: int | Literal["auto"] = 1
     autoscaling: dict[str, Any] = Field(default_factory=dict)
     # The HTTP front end (pagellm/serve/ingress.py): Serve's Python proxy, or Serve's HAProxy
-    # ingress (replicas answer HTTP themselves behind HAProxy; ~2x lower latency here).
+    # ingress (replicas answer HTTP themselves behind HAProxy; on 2 cores the ingress itself
+    # costs 0.7 instead of ~7 ms per request, docs/BENCHMARKS.md).
     ingress: Literal["proxy", "haproxy"] = "proxy"
     access_log: bool = True  # one log line per request (replica logs; streamed to the driver)
 

@@ -12,7 +12,8 @@ already being sampled and scored with older weights: no batch is ever more than 
 versions behind when trained. The learner still checks each batch's version and drops
 (and counts) any that is: Ray keeps an actor's calls in order only until it retries one
 (a killed rollout actor is restarted and its queued calls re-sent), and a restarted
-rollout actor starts from whatever the broker holds. `max_staleness: 0` is synchronous PPO: generate, score and train strictly in turn.
+rollout actor starts from whatever the broker holds. `max_staleness: 0` is synchronous
+PPO: generate, score and train strictly in turn.
 
 The driver keeps up to s + 2 batches queued, so the next generation and training calls
 are already waiting when an update ends: the driver's own round trips are off the
@@ -162,23 +163,21 @@ class PPORun:
         target = ppo.steps if stop_after is None else min(ppo.steps, self.step + stop_after)
         version_ref, weights_ref = self.learner.publish.remote()
         self._send_weights(version_ref, weights_ref)
-        # after_train[i]: the (version, weights) refs the i-th queued train call will return.
-        # Generation of the k-th queued batch waits for after_train[k - s - 1].
+        # (version, weights) refs of the last s + 1 queued train calls: the oldest is what the
+        # next batch to queue is sampled with (the first s + 1 batches use the weights above).
         after_train: deque = deque()
         queued: deque = deque()  # (batch_id, stats ref), in training order
-        n_queued = 0
         last = time.perf_counter()
         while self.step < target:
             # Keep s + 2 batches queued, but never queue more than the steps still to train
             # (a batch dropped as stale is made up for on a later pass of this loop).
             while len(queued) < ppo.max_staleness + 2 and self.step + len(queued) < target:
-                if n_queued > ppo.max_staleness:
+                if len(after_train) > ppo.max_staleness:
                     self._send_weights(*after_train.popleft())
                 stats_ref, version_ref, weights_ref = self._submit(self.next_batch)
                 after_train.append((version_ref, weights_ref))
                 queued.append((self.next_batch, stats_ref))
                 self.next_batch += 1
-                n_queued += 1
             batch_id, stats_ref = queued.popleft()
             stats = self.ray.get(stats_ref, timeout=GET_TIMEOUT_S)
             if stats.pop("dropped"):

