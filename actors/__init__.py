@@ -1,1 +1,1 @@
-"""Ray actors of asynchronous PPO (DESIGN.md §4). They hold state and call library code."""
+"""Ray actors of asynchronous PPO (docs/ARCHITECTURE.md §6). They hold state and call library code."""

@@ -18,14 +18,16 @@ class RolloutActor:
     newest weights from the broker, so a retried batch is sampled from current weights and
     the learner's staleness check still holds."""
 
-    def __init__(self, policy_dir: str, cfg: dict, broker) -> None:
+    def __init__(self, policy_dir: str, cfg: dict, broker_name: str) -> None:
+        # The broker comes by name, not as a handle: an actor handle among the constructor
+        # arguments of a restartable actor makes Ray warn that a restart may lose them.
         torch.set_num_threads(1)  # one core per actor; the box has few
         self.cfg = Config.model_validate(cfg)
         self.model, _, self.layout = load_policy(policy_dir, self.cfg.model, trainable=False)
         self.device = "cuda" if self.cfg.ppo.use_gpu and torch.cuda.is_available() else "cpu"
         self.model.to(self.device).eval()
         self.version = 0
-        version, ref = ray.get(broker.latest.remote())
+        version, ref = ray.get(ray.get_actor(broker_name).latest.remote())
         if ref:
             self.set_weights(version, ray.get(ref[0]))
 

@@ -26,7 +26,7 @@ from pagellm.runfolder import resolve_run  # noqa: E402
 
 
 def measure(run_dir: Path, overrides: list[str], staleness: int, steps: int) -> dict:
-    from pagellm.rl.orchestrator import run_ppo_stage
+    from actors.orchestrator import run_ppo_stage
 
     work = run_dir.parent / f"{run_dir.name}_ppo_bench_s{staleness}"
     shutil.rmtree(work, ignore_errors=True)

@@ -75,7 +75,8 @@ def plain_pytorch(cfg: Config, data_dir: Path, steps: int, warmup: int) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.sft.lr, betas=(0.9, 0.95))
 
     def step(batch):
-        loss = model(**batch).loss
+        loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                     labels=batch["labels"]).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.sft.grad_clip)
@@ -89,7 +90,7 @@ def _ours_loop(config: dict) -> None:
     import torch.distributed as dist
 
     from pagellm.train.engine import build_engine, micro_batch_size, setup_distributed_for_deepspeed
-    from pagellm.train.sft import lm_step
+    from pagellm.train.sft import make_loss
 
     cfg = Config.model_validate(config["cfg"])
     setup_distributed_for_deepspeed()
@@ -100,9 +101,10 @@ def _ours_loop(config: dict) -> None:
     mbs = micro_batch_size(cfg.sft.batch_size, world)
     steps, warmup = config["steps"], config["warmup"]
     engine = build_engine(model, None, cfg.sft, steps + warmup, cfg.sft.use_gpu)
+    loss_fn = make_loss(cfg.sft, layout)
 
     def step(batch):
-        loss = lm_step(engine, batch)
+        loss = loss_fn(engine, {k: v.to(engine.device) for k, v in batch.items()})
         engine.backward(loss)
         engine.step()
 

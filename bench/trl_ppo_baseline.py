@@ -60,7 +60,7 @@ def load_prompts(run_dir: Path, prompts_file: str | None) -> list[list[int]]:
 
     from pagellm.vocab import PromptEncoder, load_tokenizer
 
-    # Same prompts as pagellm/rl/orchestrator.py::load_prompt_source.
+    # Same prompts as pagellm/rl/prompts.py::load_prompt_source.
     tokenizer, layout = load_tokenizer(run_dir / "sft")
     enc = PromptEncoder(tokenizer, layout)
     evals = pd.read_parquet(run_dir / "data" / "eval.parquet")

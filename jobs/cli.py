@@ -17,7 +17,7 @@ STAGES = {
 
 
 def usage() -> str:
-    lines = ["usage: pagellm <stage> --run RUN [--config FILE] [--set key=value ...]", "", "stages:"]
+    lines = ["usage: pagellm <stage> --run RUN [--config FILE] [--set key=value ...] [--verbose]", "", "stages:"]
     lines += [f"  {name:<7} {desc}" for name, (_, desc) in STAGES.items()]
     return "\n".join(lines)
 

@@ -18,6 +18,7 @@ import os
 import sys
 from pathlib import Path
 
+from jobs import console
 from pagellm.config import ConfigError, load_config
 from pagellm.runfolder import RunFolder, resolve_run
 
@@ -31,11 +32,15 @@ CHECKOUT_EXCLUDES = [".venv", ".git", "runs", "**/__pycache__", "*.egg-info", ".
 
 def stage_parser(stage: str, description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=f"pagellm {stage}", description=description)
-    p.add_argument("--run", "--out", dest="run", required=True,
-                   help="run folder (created if missing); a relative path goes under `storage` when set")
+    # Not required by argparse: a bad config is reported first (open_run), then a missing --run.
+    p.add_argument("--run", "--out", dest="run", default=None,
+                   help="run folder (created if missing; required); a relative path goes under `storage` when set")
     p.add_argument("--config", default=None, help="YAML config (default: the run's config.yaml, else configs/tiny.yaml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config field, e.g. --set ppo.lr=1e-5 (repeatable)")
+    p.add_argument("--verbose", action="store_true",
+                   help="also print Ray's, Ray Train's, DeepSpeed's and Hugging Face's own log lines and "
+                        "warnings (by default only the stages' progress and results; the rest is in Ray's logs)")
     return p
 
 
@@ -87,8 +92,13 @@ def _configured_storage(args: argparse.Namespace) -> str | None:
 
 
 def open_run(args: argparse.Namespace):
-    """Resolve the config before any work starts; a bad config exits with a clear message."""
+    """Resolve the config before any work starts; a bad config exits with a clear message.
+    Also sets what this job prints (jobs/console.py: quiet unless --verbose)."""
+    console.configure(getattr(args, "verbose", False))
     try:
+        if args.run is None:
+            load_config(args.config, args.overrides)  # a config error is worth saying first
+            raise ConfigError("--run (or --out) is required: the run folder to create or continue")
         run = place_run(args.run, _configured_storage(args), in_submitted_job())
         return resolve_run(run, args.config, args.overrides)
     except ConfigError as exc:
@@ -99,7 +109,7 @@ def open_run(args: argparse.Namespace):
 def checkout_runtime_env() -> dict:
     """Runtime env of a driver that joins a cluster by hand (RAY_ADDRESS, not a submitted
     job): ship this checkout to the workers unless the project is installed from a wheel."""
-    env: dict = {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}
+    env: dict = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", **console.worker_env()}}
     if (ROOT / "pyproject.toml").exists():
         env |= {"working_dir": str(ROOT), "excludes": CHECKOUT_EXCLUDES}
     return env
@@ -107,26 +117,37 @@ def checkout_runtime_env() -> dict:
 
 @contextlib.contextmanager
 def ray_session(num_cpus: int | None = None):
-    """Join RAY_ADDRESS if set (cluster / ray job submit), else start a local Ray."""
+    """Join RAY_ADDRESS if set (cluster / ray job submit), else start a local Ray.
+
+    Worker output reaches this console (log_to_driver), filtered to the stages' own lines
+    unless --verbose (jobs/console.py)."""
     import ray
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    console.configure(console.verbose())  # benches call this without open_run
     started = False
     if not ray.is_initialized():
         if os.environ.get("RAY_ADDRESS"):
             # A submitted job already carries its runtime env (working_dir, env_vars).
             extra = {} if in_submitted_job() else {"runtime_env": checkout_runtime_env()}
-            ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True, **extra)
+            ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True,
+                     logging_level=console.ray_logging_level(), **extra)
         else:
             # Local: workers must import this checkout even when it is not pip-installed.
             env = {"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-                                "TOKENIZERS_PARALLELISM": "false"}}
+                                "TOKENIZERS_PARALLELISM": "false", **console.worker_env()}}
             ray.init(num_cpus=num_cpus or max(4, os.cpu_count() or 2), include_dashboard=False,
-                     logging_level="WARNING", runtime_env=env)
+                     log_to_driver=True, logging_level=console.ray_logging_level(), runtime_env=env)
         started = True
+        console.after_ray_init()
     try:
         yield ray
+    except Exception:
+        logs = console.ray_logs_dir()
+        if logs and not console.verbose():
+            print(f"Ray's own logs of this session: {logs} (--verbose prints them here)", file=sys.stderr, flush=True)
+        raise
     finally:
         if started:
             ray.shutdown()

@@ -8,8 +8,8 @@ Re-running after an interruption resumes from the last learner checkpoint.
 
 from __future__ import annotations
 
+from actors.orchestrator import run_ppo_stage
 from jobs.common import stage_main
-from pagellm.rl.orchestrator import run_ppo_stage
 
 
 def run(folder, cfg) -> dict:

@@ -8,16 +8,38 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from collections.abc import Sequence
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from pagellm.eval.baselines.params import BASELINE_PARAMS, BASELINES
+from pagellm.names import ADVANTAGE_ESTIMATORS, POLICY_LOSSES, REWARD_HEADS
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
 
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def one_of(kind: str, names: Sequence[str]) -> AfterValidator:
+    """A string field that must name one of `names` (a registry's declared names)."""
+    def check(value: str) -> str:
+        if value not in names:
+            raise ValueError(f"unknown {kind} {value!r}; allowed: {', '.join(names)}")
+        return value
+
+    return AfterValidator(check)
 
 
 class SimulatorConfig(Strict):
@@ -48,6 +70,10 @@ class DataConfig(Strict):
     history_len: int = Field(20, ge=1)
     page_len: int = Field(10, ge=2)
     category_cap: float = Field(0.4, gt=0.0, le=1.0)
+    # Order of the golden page: "rating" (the paper: rating, then item mean rating) or
+    # "time" (the order the user went on to interact in; what next-item protocols such as
+    # leave-one-out reward on implicit feedback, where ratings are all alike).
+    page_order: Literal["rating", "time"] = "rating"
     # Which label of an item's category path feeds diversity: "leaf", "top" or an index.
     category_level: str = "leaf"
     ranking_swaps: int = Field(2, ge=1)
@@ -80,6 +106,13 @@ class ModelConfig(Strict):
     init: dict[str, Any] = Field(default_factory=dict)
     lora: LoraConfig = Field(default_factory=LoraConfig)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # Put the user's own token in the prompt. Off, the prompt is the history alone: on
+    # sparse (5-core) data most user tokens are seen in a handful of rows and learn noise.
+    # The token rows stay in the vocabulary either way (the loss never scores them).
+    user_tokens: bool = True
+    # Where position ids start (pagellm/models/positions.py): "prompt_end" anchors the end of
+    # the prompt at half the context, so a learned position means "how recent".
+    positions: Literal["start", "prompt_end"] = "start"
 
 
 class TrainCommon(Strict):
@@ -100,7 +133,20 @@ class SFTConfig(TrainCommon):
     lr: float = 2e-5
     meta_epochs: int = Field(0, ge=0)  # next-item pre-training on whole training histories
     meta_lr: float = 5e-5
+    meta_history: int = Field(50, ge=2)  # the last this-many training positives per meta row
     user_dropout: float = Field(0.1, ge=0.0, le=1.0)  # share of rows repeated without the user token
+    # Softmax over item tokens only at item positions (SASRec's cross-entropy over items),
+    # with the page's constraints (items already on the page or in the prompt masked) in the
+    # page phase; false = cross-entropy over the whole vocabulary, the plain LM loss.
+    item_loss: bool = True
+    # Page-phase target at each position: "sequence" = the golden page's next item (teacher
+    # forcing), "set" = any golden item not yet placed (log of their summed probability),
+    # so the order of the page is the model's own confidence.
+    page_loss: Literal["sequence", "set"] = "sequence"
+    # Each epoch writes pages for these many validation users (greedy, constrained, as eval
+    # does); their NDCG@10 picks the published checkpoint and stops training early.
+    val_users: int = Field(2000, ge=1)
+    patience: int = Field(3, ge=1)  # epochs without a better validation NDCG@10 before stopping
 
 
 class RewardConfig(TrainCommon):
@@ -130,7 +176,9 @@ class PPOConfig(Strict):
     entropy_coef: float = 0.0
     normalize_reward: bool = True
     temperature: float = 1.0
-    reward: Literal["sum", "coarse", "fine"] = "sum"
+    # What PPO optimises: R_c + R_f ("sum") or one head; the heads must exist in the reward
+    # model (`reward.heads`), which Config checks.
+    reward: Annotated[str, one_of("reward", tuple(REWARD_HEADS))] = "sum"
     max_staleness: int = Field(1, ge=0)
     rollout_actors: int = Field(1, ge=1)
     reward_actors: int = Field(1, ge=1)
@@ -139,18 +187,38 @@ class PPOConfig(Strict):
     zero_stage: int = Field(0, ge=0, le=3)  # the learner's DeepSpeed ZeRO stage
     use_gpu: bool = False
     seed_offset: int = 1000  # rollout sampling seeds start here (kept apart from training seeds)
-    advantage: str = "gae"
-    policy_loss: str = "clipped"
+    advantage: Annotated[str, one_of("advantage estimator", ADVANTAGE_ESTIMATORS)] = "gae"  # pagellm/rl/advantages.py
+    policy_loss: Annotated[str, one_of("policy loss", POLICY_LOSSES)] = "clipped"  # pagellm/rl/losses.py
 
 
 class EvalConfig(Strict):
+    """The page a model is judged on is `data.page_len` items long (the first items of its
+    `list_len`-item list); there is no separate evaluation page length."""
+
     list_len: int = Field(100, ge=10)
-    page_len: int = Field(10, ge=1)
     exclude_history: bool = True
     max_users: int | None = None
     batch_size: int = 64
-    baselines: list[str] = Field(default_factory=lambda: ["popularity", "sasrec"])
-    sasrec: dict[str, Any] = Field(default_factory=dict)
+    baselines: list[Annotated[str, one_of("baseline", BASELINES)]] = Field(
+        default_factory=lambda: ["popularity", "sasrec"])
+    sasrec: dict[str, Any] = Field(default_factory=dict)  # overrides of SASRec's defaults
+
+    @field_validator("baselines")
+    @classmethod
+    def _distinct(cls, names: list[str]) -> list[str]:
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"baselines listed more than once: {', '.join(twice)}")
+        return names
+
+    @field_validator("sasrec")
+    @classmethod
+    def _known_sasrec_params(cls, params: dict[str, Any]) -> dict[str, Any]:
+        unknown = sorted(set(params) - set(BASELINE_PARAMS["sasrec"]))
+        if unknown:
+            raise ValueError(f"unknown SASRec parameter(s) {', '.join(unknown)}; "
+                             f"allowed: {', '.join(BASELINE_PARAMS['sasrec'])}")
+        return params
 
 
 class ServeConfig(Strict):
@@ -182,6 +250,32 @@ class Config(Strict):
     ppo: PPOConfig = Field(default_factory=PPOConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _retired_keys(cls, tree: Any) -> Any:
+        """`eval.page_len` used to repeat `data.page_len`. A saved run config that still holds
+        it loads when the two agree; a different value fails, naming the field to set."""
+        if not isinstance(tree, dict) or not isinstance(tree.get("eval"), dict) or "page_len" not in tree["eval"]:
+            return tree
+        data = tree.get("data") if isinstance(tree.get("data"), dict) else {}
+        data_len = data.get("page_len", DataConfig.model_fields["page_len"].default)
+        if tree["eval"]["page_len"] != data_len:
+            raise ValueError(f"eval.page_len: removed; the page length is data.page_len "
+                             f"(got eval.page_len={tree['eval']['page_len']!r}, data.page_len={data_len!r})")
+        return {**tree, "eval": {k: v for k, v in tree["eval"].items() if k != "page_len"}}
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Config":
+        if self.ppo.enabled:
+            needs, has = REWARD_HEADS[self.ppo.reward], REWARD_HEADS[self.reward.heads]
+            if not set(needs) <= set(has):
+                fits = [name for name, heads in REWARD_HEADS.items() if set(heads) <= set(has)]
+                raise ValueError(
+                    f"ppo.reward: {self.ppo.reward!r} needs the reward model's {' and '.join(needs)} head(s), "
+                    f"but reward.heads={self.reward.heads!r} trains only {' and '.join(has)}; "
+                    f"allowed with it: {', '.join(fits)}")
+        return self
 
 
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
@@ -237,11 +331,19 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     try:
         return Config.model_validate(tree)
     except ValidationError as exc:
-        lines = [f"invalid config ({path}{' + overrides' if overrides else ''}):"]
-        for err in exc.errors():
-            where = ".".join(str(p) for p in err["loc"])
-            lines.append(f"  {where}: {err['msg']}")
-        raise ConfigError("\n".join(lines)) from None
+        source = f"{path}{' + overrides' if overrides else ''}"
+        problems = [_describe(err) for err in exc.errors()]
+        if len(problems) == 1:  # the usual case: one line, naming the field
+            raise ConfigError(f"invalid config ({source}): {problems[0]}") from None
+        raise ConfigError("\n".join([f"invalid config ({source}):", *(f"  {p}" for p in problems)])) from None
+
+
+def _describe(err: dict) -> str:
+    """`field.path: message` for one pydantic error (a Config-level check names its fields
+    in its message)."""
+    msg = err["msg"].removeprefix("Value error, ")
+    where = ".".join(str(p) for p in err["loc"])
+    return f"{where}: {msg}" if where else msg
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

@@ -1,4 +1,4 @@
-"""Where each stage reads and writes inside a run folder (DESIGN.md §7)."""
+"""Where each stage reads and writes inside a run folder (docs/ARCHITECTURE.md §2)."""
 
 from __future__ import annotations
 
@@ -15,29 +15,12 @@ from pagellm.config import Config, load_config, save_config
 class RunFolder:
     root: Path
 
-    @property
-    def config(self) -> Path:
-        return self.root / "config.yaml"
+    def _stage(name: str) -> property:  # noqa: N805 - a class-body helper, not a method
+        return property(lambda self: self.root / name, doc=f"<run>/{name}")
 
-    @property
-    def data(self) -> Path:
-        return self.root / "data"
-
-    @property
-    def sft(self) -> Path:
-        return self.root / "sft"
-
-    @property
-    def reward(self) -> Path:
-        return self.root / "reward"
-
-    @property
-    def ppo(self) -> Path:
-        return self.root / "ppo"
-
-    @property
-    def eval(self) -> Path:
-        return self.root / "eval"
+    config = property(lambda self: self.root / "config.yaml", doc="<run>/config.yaml")
+    data, sft, reward, ppo, eval = _stage("data"), _stage("sft"), _stage("reward"), _stage("ppo"), _stage("eval")
+    del _stage
 
     def require(self, stage_dir: Path, what: str, hint: str) -> Path:
         if not stage_dir.exists():

@@ -124,6 +124,9 @@ class TokenLayout:
     head_ids: list[int]  # "has interacted with :" between the user token and the history
     tail_ids: list[int]  # "The user will interact with :" after the history
     empty_ids: list[int]  # head + tail as tokenized when the history is empty
+    # False: prompts never carry the user token (model.user_tokens); the rows still exist,
+    # so one vocabulary serves both settings.
+    user_tokens: bool = True
 
     def item_token(self, index):
         """Token id(s) of item index(es); works on ints and tensors."""
@@ -305,11 +308,12 @@ class PromptEncoder:
         return out
 
     def encode_prompt(self, user_index: int | None, item_indices) -> list[int]:
-        """Prompt ids; user_index None drops the user token (cold start: history alone)."""
+        """Prompt ids; user_index None drops the user token (cold start: history alone), and
+        so does a layout whose policy was trained without user tokens."""
         lay = self.layout
         items = self._check(item_indices, lay.n_items, "item")
         head = list(lay.prefix_ids)
-        if user_index is not None:
+        if user_index is not None and lay.user_tokens:
             (user,) = self._check([user_index], lay.n_users, "user")
             head.append(lay.user_offset + user)
         if not items:

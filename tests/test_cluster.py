@@ -30,6 +30,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from waiting import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent  # the venv running the tests: its `ray` and `python`
@@ -41,7 +42,7 @@ NODE_START_TIMEOUT_S = 180
 PIPELINE_SETTINGS = [
     "data.simulator.users=80", "data.simulator.items=60", "data.simulator.categories=6",
     "data.simulator.interactions_per_user=20", "data.sft_windows=1",
-    "sft.epochs=1", "reward.epochs=1", "ppo.steps=2", "ppo.batch_size=16", "ppo.mini_batch_size=8",
+    "sft.meta_epochs=1", "sft.epochs=1", "reward.epochs=1", "ppo.steps=2", "ppo.batch_size=16", "ppo.mini_batch_size=8",
     "ppo.epochs=1", "ppo.checkpoint_every=1", "eval.list_len=20", "eval.max_users=40",
     "eval.baselines=[popularity]",
 ]
@@ -218,14 +219,12 @@ class LoopbackCluster:
         self._wait(lambda: self.alive_nodes() == 2, "two alive nodes")
 
     def _wait(self, ready, what: str) -> None:
-        deadline = time.monotonic() + NODE_START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if any(p.poll() is not None for p in self.nodes):
-                raise RuntimeError(f"`ray start` exited while waiting for {what}:\n{self.tail_logs()}")
-            if ready():
-                return
-            time.sleep(2)
-        raise TimeoutError(f"no {what} after {NODE_START_TIMEOUT_S}s:\n{self.tail_logs()}")
+        exited = lambda: any(p.poll() is not None for p in self.nodes)  # noqa: E731
+        problem = wait_until(ready, NODE_START_TIMEOUT_S, interval_s=2, gave_up=exited)
+        if problem and exited():
+            raise RuntimeError(f"`ray start` exited while waiting for {what} ({problem}):\n{self.tail_logs()}")
+        if problem:
+            raise TimeoutError(f"no {what} ({problem}):\n{self.tail_logs()}")
 
     def ray(self, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
         proc = subprocess.run([RAY, *args], env=self.env, capture_output=True, text=True, timeout=timeout)
@@ -301,7 +300,11 @@ def loopback_cluster(tmp_path_factory):
 
 def _job_status(cluster: LoopbackCluster, job_id: str) -> str:
     """SUCCEEDED / FAILED / STOPPED / PENDING / RUNNING / UNKNOWN from `ray job status`."""
-    proc = cluster.ray("job", "status", "--log-style", "record", "--address", cluster.address, job_id, check=False)
+    try:
+        proc = cluster.ray("job", "status", "--log-style", "record", "--address", cluster.address, job_id,
+                           check=False, timeout=60)
+    except subprocess.TimeoutExpired:  # a busy head answering slowly: not an answer yet
+        return "UNKNOWN"
     out = proc.stdout + proc.stderr
     # The CLI words terminal states as sentences and the others as "Status for job 'id': X".
     for phrase, status in (("succeeded", "SUCCEEDED"), ("failed", "FAILED"), ("was stopped", "STOPPED")):

@@ -12,7 +12,7 @@ from pagellm.config import load_config
 from pagellm.data.pipeline import run_data_stage
 from pagellm.models.policy import build_policy, save_policy
 from pagellm.models.reward import reward_model_from_policy, save_reward_model
-from pagellm.rl.orchestrator import PPORun, run_ppo_stage
+from actors.orchestrator import PPORun, run_ppo_stage
 from pagellm.vocab import Vocab
 
 SETTINGS = ["data.simulator.users=40", "data.simulator.items=40", "data.simulator.categories=4",

@@ -6,7 +6,7 @@ import torch
 from pagellm.config import ModelConfig, PPOConfig
 from pagellm.models.decoding import generate_pages
 from pagellm.models.policy import build_policy
-from pagellm.rl.orchestrator import PromptSource
+from pagellm.rl.prompts import PromptSource
 from pagellm.rl.ppo_update import PolicyWithValue, ScoredBatch, admit_batch, merge_shards, minibatches, prepare_batch
 from pagellm.rl.stats import RunningMoments
 from pagellm.rl.value_head import ValueHead

@@ -21,6 +21,7 @@ from pagellm.models.policy import build_policy, save_policy
 from pagellm.models.reward import reward_model_from_policy, save_reward_model
 from pagellm.serve.client import PageLLMError, get_page, score_page
 from pagellm.vocab import Vocab
+from waiting import RAY_NODE_START_TIMED_OUT, http_ok, wait_until
 
 pytestmark = pytest.mark.ray
 
@@ -286,23 +287,43 @@ def test_pagellm_serve_behind_haproxy_answers_pages(served, tmp_path):
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_SERVE_ENABLE_HA_PROXY")}
     env.update(RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S="0", PYTHONPATH=str(ROOT))
+    # HAProxy's stats and metrics ports default to 8404 and 9101 on every interface: any other
+    # HAProxy on the box (another run, or one a crashed Serve left behind) would make this
+    # one fail to start. Free ports of its own keep the test independent of that.
+    env.update(RAY_SERVE_HAPROXY_STATS_PORT=str(_free_port()), RAY_SERVE_HAPROXY_METRICS_PORT=str(_free_port()))
     log = tmp_path / "serve.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "jobs.serve", "--run", str(served["root"]),
-                                 "--set", "serve.ingress=haproxy", "--set", f"serve.port={port}"],
-                                cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 240
+
+    def start() -> tuple[subprocess.Popen, int]:
+        """The server process, and where its output starts in the log."""
+        offset = log.stat().st_size if log.exists() else 0
+        with log.open("a") as out:
+            return subprocess.Popen([sys.executable, "-m", "jobs.serve", "--run", str(served["root"]),
+                                     "--set", "serve.ingress=haproxy", "--set", f"serve.port={port}",
+                                     "--verbose"],  # the HAProxy line below is Ray's own log
+                                    cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                    start_new_session=True), offset
+
+    proc, offset = start()
     try:
-        deadline = time.time() + 240
-        while time.time() < deadline and proc.poll() is None:
+        # While HAProxy starts, /healthz may refuse, hold the connection past the read
+        # timeout or answer 503: all of that is "not ready yet" until the deadline. A server
+        # whose own Ray missed its start-up window is started again, within the same deadline.
+        while True:
+            problem = wait_until(lambda: http_ok(url + "/healthz"), max(1.0, deadline - time.monotonic()),
+                                 gave_up=lambda: proc.poll() is not None)
+            latest = log.read_bytes()[offset:].decode(errors="replace")
+            ray_missed_start = proc.poll() is not None and RAY_NODE_START_TIMED_OUT in latest
+            if not (problem and ray_missed_start and time.monotonic() < deadline - 30):
+                break
             try:
-                if requests.get(url + "/healthz", timeout=5).status_code == 200:
-                    break
-            except requests.ConnectionError:
+                os.killpg(proc.pid, signal.SIGKILL)  # whatever that Ray had started
+            except ProcessLookupError:
                 pass
-            time.sleep(1)
-        else:
-            raise AssertionError(f"server never became healthy:\n{log.read_text()[-3000:]}")
+            proc, offset = start()
+        if problem:
+            raise AssertionError(f"server never became healthy ({problem}):\n{log.read_text()[-3000:]}")
         user, history = user_history(served, 0)
         resp = requests.post(url + "/v1/page", json={"user_id": user, "history": history, "k": 5}, timeout=60)
         assert resp.status_code == 200, resp.text

@@ -25,13 +25,14 @@ POPULARITY = np.array([N_ITEMS - i for i in range(N_ITEMS)])
 POPULARITY[5] = POPULARITY[4]
 
 
-def make_run(root, n_positions: int = 256):
+def make_run(root, n_positions: int = 256, positions: str = "start"):
     """A run folder as the data and SFT stages leave it (random weights)."""
     vocab = Vocab.build([f"u{i}" for i in range(N_USERS)], [f"i{i:02d}" for i in range(N_ITEMS)])
     vocab.to_parquet(root / "data" / "vocab.parquet")
     items = pd.DataFrame({"index": np.arange(N_ITEMS), "item_id": vocab.item_ids, "popularity": POPULARITY})
     items.to_parquet(root / "data" / "items.parquet")
-    cfg = load_config(None, [f"model.init.n_positions={n_positions}"])
+    cfg = load_config(None, [f"model.init.n_positions={n_positions}", f"model.positions={positions}",
+                             "data.history_len=20"])
     model, tok, layout = build_policy(cfg.model, vocab, seed=0)
     save_policy(model, tok, layout, root / "sft")
     return cfg
@@ -146,6 +147,21 @@ def test_a_short_context_shrinks_the_window_and_a_too_short_one_fails(tmp_path):
     too_small.serve.max_k = 60
     with pytest.raises(ValueError, match="cannot hold a prompt plus a page of serve.max_k=60"):
         PageEngine.load(tmp_path, too_small, device="cpu")
+
+
+def test_prompt_end_positions_leave_half_the_context_to_the_prompt(tmp_path):
+    cfg = make_run(tmp_path, n_positions=128, positions="prompt_end")
+    cfg.data.history_len = 60
+    engine = PageEngine.load(tmp_path, cfg, device="cpu")
+    # Prompts end at position 64: 64 - 11 template tokens (incl. the user) = 53 items, and
+    # a max_k page (51 tokens) fits in the other half.
+    assert engine.history_window == 53
+    page = engine.page(req(user_id="u0", history=[f"i{i:02d}" for i in range(N_ITEMS - 5)], k=5))
+    assert len(page.item_ids) == 5
+    too_long = cfg.model_copy(deep=True)
+    too_long.serve.max_k = 64
+    with pytest.raises(ValueError, match="cannot hold a prompt plus a page of serve.max_k=64"):
+        PageEngine.load(tmp_path, too_long, device="cpu")
 
 
 def test_score_inputs_resolve_ids_and_refuse_unknown_page_items(run):

@@ -14,7 +14,7 @@ from pagellm.vocab import PromptEncoder, Vocab
 
 SMALL = ["data.simulator.users=40", "data.simulator.items=40", "data.simulator.categories=4",
          "data.simulator.interactions_per_user=20", "model.init.n_layer=1", "model.init.n_embd=32",
-         "sft.batch_size=16", "sft.epochs=1", "sft.workers=2", "sft.log_every=1000"]
+         "sft.batch_size=16", "sft.meta_epochs=0", "sft.epochs=2", "sft.workers=2", "sft.log_every=1000"]
 
 
 def encoder():
@@ -27,19 +27,64 @@ def test_page_rows_take_loss_on_the_page_only_and_add_user_free_copies():
     enc, layout = encoder()
     rows = page_rows(enc, [1, 2], [[0, 1], [2]], [[5, 6], [7]], user_dropout=1.0, seed=0)
     assert len(rows) == 4  # every row again without its user token
-    ids, labels = rows[0]
+    ids, labels, targets, blocked, prompt_len = rows[0]
     page = [layout.item_offset + 5, layout.item_offset + 6, layout.eos_id]
     assert ids[-3:] == page and labels[-3:] == page
     assert all(label == IGNORE for label in labels[:-3])
     assert layout.user_offset + 1 in rows[0][0] and layout.user_offset + 1 not in rows[1][0]
+    # Teacher forcing under the decoding constraints: item t, with the prompt and the
+    # page so far masked; <eos> has no item target.
+    assert targets == [[5], [6], []]
+    assert blocked == [[0, 1], [0, 1, 5], [0, 1, 5, 6]]
+    assert prompt_len == len(ids) - 3
 
 
-def test_history_rows_predict_every_item_but_the_first():
+def test_set_page_rows_accept_any_item_not_yet_placed():
+    enc, _ = encoder()
+    (row,) = page_rows(enc, [0], [[1]], [[5, 6, 7]], user_dropout=0.0, seed=0, page_loss="set")
+    assert row.targets == [[5, 6, 7], [6, 7], [7], []]
+
+
+def test_page_rows_without_user_tokens_have_no_user_token_and_no_copies():
     enc, layout = encoder()
-    (ids, labels), = history_rows(enc, [0], [[3, 4, 5]], max_items=50)
-    targets = [t for t in labels if t != IGNORE]
-    assert targets == [layout.item_offset + 4, layout.item_offset + 5]
+    layout.user_tokens = False
+    rows = page_rows(enc, [1], [[0, 1]], [[5, 6]], user_dropout=1.0, seed=0)
+    assert len(rows) == 1
+    assert not any(layout.user_offset <= t < layout.user_offset + layout.n_users for t in rows[0].ids)
+
+
+def test_history_rows_predict_every_item_but_the_first_and_the_last_after_the_prompt():
+    enc, layout = encoder()
+    (row,) = history_rows(enc, [0], [[3, 4, 5]], max_items=50)
+    assert [t for t in row.labels if t != IGNORE] == [layout.item_offset + 4, layout.item_offset + 5]
+    assert row.targets == [[4], [5]] and row.blocked == [[], []]
+    # The last item follows the prompt template's tail, where every generated page starts.
+    assert row.ids[:-1] == enc.encode_prompt(0, [3, 4]) and row.ids[-1] == layout.item_offset + 5
     assert history_rows(enc, [0], [[3]], max_items=50) == []  # nothing to predict
+
+
+def test_item_loss_terms_by_hand():
+    from pagellm.train.sft import item_loss_terms
+
+    logits = torch.tensor([[1.0, 2.0, 0.0], [0.5, 0.5, 3.0]])
+    # position 0: target item 1, item 2 blocked; position 1: target {0, 1} (set), nothing blocked.
+    targets = torch.tensor([[0, 1, 1], [1, 0, 1]])
+    blocked = torch.tensor([[0], [2]])
+    losses, positions = item_loss_terms(logits, targets, blocked)
+    p0 = torch.tensor([1.0, 2.0]).softmax(0)[1]
+    p1 = torch.tensor([0.5, 0.5, 3.0]).softmax(0)[:2].sum()
+    assert positions.tolist() == [0, 1]
+    assert torch.allclose(losses, -torch.log(torch.stack([p0, p1])), atol=1e-6)
+
+
+def test_stop_after_patience_and_best_epoch():
+    from pagellm.train.sft import best_epoch, stop_after_patience
+
+    history = [{"epoch": 1, "m": 0.1}, {"epoch": 2, "m": 0.3}, {"epoch": 3, "m": 0.2}, {"epoch": 4, "m": 0.3}]
+    assert not stop_after_patience(history, "m", 3)
+    assert stop_after_patience(history, "m", 2)  # the first 0.3 is the best; two epochs since
+    assert best_epoch(history, "m")["epoch"] == 2
+    assert best_epoch([{"epoch": 1}], "m") is None
 
 
 @pytest.fixture(scope="module")
@@ -69,8 +114,16 @@ def test_sft_on_two_workers(data_run, tmp_path, zero, meta):
     saved = json.loads((run_dir / "sft" / "metrics.json").read_text())
     assert saved["history"]["sft"][0]["epoch"] == 1 and "val_loss" in saved["history"]["sft"][0]
     assert ("meta" in saved["history"]) == bool(meta)
-    assert torch.isfinite(torch.tensor(metrics["final"]["train_loss"]))
-    assert (run_dir / "sft" / "model.safetensors").exists()
+    # Every epoch is judged by the pages the policy writes for validation users.
+    assert all(0.0 <= h["val_ndcg@10"] <= h["val_hr@10"] for phase in saved["history"].values() for h in phase)
+    # The published weights are the chosen checkpoint's, byte for byte.
+    from safetensors.torch import load_file
+
+    chosen = load_file(f"{saved['published']['checkpoint']}/model.safetensors")
+    published = load_file(run_dir / "sft" / "model.safetensors")
+    assert chosen.keys() == published.keys() and all(torch.equal(chosen[k], published[k]) for k in chosen)
+    best = max((h["val_ndcg@10"] for phase in saved["history"].values() for h in phase))
+    assert metrics["published"]["val_ndcg@10"] == best
     _check_policy(run_dir)
 
 
@@ -87,5 +140,69 @@ def test_target_token_loss_equals_the_models_own_loss(arch):
     model.eval()
     rows = page_rows(PromptEncoder(tok, layout), [0, 1], [[1, 2, 3], [4]], [[5, 6], [7, 8, 0]], 0.0, 0)
     batch = collate(rows, layout.pad_id)
-    expected = model(**batch).loss
+    expected = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
     assert torch.allclose(target_token_loss(model, batch), expected, atol=1e-5)
+
+
+def test_item_token_loss_is_the_constrained_page_likelihood():
+    """The page-phase item loss equals the mean negative log-probability that constrained
+    decoding (prompt items excluded) gives each golden item: training and decoding agree."""
+    from pagellm.models.decoding import constrained_logprobs
+    from pagellm.models.positions import prompt_anchor
+    from pagellm.train.sft import collate, item_token_loss
+
+    cfg = load_config(None, ["model.init.n_layer=1", "model.init.n_embd=32"]).model
+    vocab = Vocab.build(["u0", "u1"], [f"i{i}" for i in range(9)])
+    model, tok, layout = build_policy(cfg, vocab, seed=0)
+    model.eval()
+    enc = PromptEncoder(tok, layout)
+    prompts, pages = [[1, 2, 3], [4]], [[5, 6], [7, 8, 0]]
+    batch = collate(page_rows(enc, [0, 1], prompts, pages, 0.0, 0), layout.pad_id, anchor=prompt_anchor(model))
+    item_logps = torch.cat([
+        constrained_logprobs(model, layout, [enc.encode_prompt(u, p)], [enc.encode_page(page)], exclude=[p])[0][0, :-1]
+        for u, p, page in zip([0, 1], prompts, pages)
+    ])  # <eos> is the only choice once the page is full: logprob 0, no loss there
+    assert torch.allclose(item_token_loss(model, batch, layout), -item_logps.mean(), atol=1e-5)
+
+
+def test_the_published_policy_is_the_best_validation_checkpoint_not_the_last(tmp_path, monkeypatch):
+    """Selection across both phases: whichever epoch of meta or page training has the best
+    validation NDCG@10 is what lands in <run>/sft, and metrics.json says which."""
+    import pagellm.train.harness as harness
+    from pagellm.train.harness import FitResult
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "sft.parquet").write_text("")  # the stage checks the data exists
+    runs = {}
+    for name, scores in {"sft_meta": [0.10, 0.30, 0.20], "sft": [0.25, 0.28, 0.27]}.items():
+        history = []
+        for epoch, score in enumerate(scores, start=1):
+            ckpt = tmp_path / "ray_train" / name / f"checkpoint_epoch{epoch:03d}"
+            (ckpt / "hf").mkdir(parents=True)
+            (ckpt / "hf" / "which.txt").write_text(f"{name} epoch {epoch}")
+            history.append({"epoch": epoch, "val_ndcg@10": score, "val_loss": 1.0})
+        best = max(range(3), key=lambda i: scores[i]) + 1
+        runs[name] = FitResult(metrics=history[-1], history=history,
+                               checkpoint_path=str(tmp_path / "ray_train" / name / "checkpoint_epoch003"),
+                               best_checkpoint_path=str(tmp_path / "ray_train" / name / f"checkpoint_epoch{best:03d}"))
+    seen_init = {}
+
+    def fake_fit(loop_fn, loop_config, train_cfg, run_dir, name, checkpoint_score=None, **_):
+        assert checkpoint_score == ("val_ndcg@10", "max")
+        seen_init[name] = loop_config.get("init_dir")
+        return runs[name]
+
+    monkeypatch.setattr(harness, "fit", fake_fit)
+    cfg = load_config(None, ["sft.meta_epochs=3", "sft.epochs=3"])
+    metrics = run_sft_stage(cfg, tmp_path, log=lambda *_: None)
+    # The page phase starts from the best meta epoch, and the best of all (meta epoch 2,
+    # 0.30 > the page phase's best 0.28) is published, not the last checkpoint of either.
+    assert seen_init["sft"].endswith("sft_meta/checkpoint_epoch002/hf")
+    assert (tmp_path / "sft" / "which.txt").read_text() == "sft_meta epoch 2"
+    assert metrics["published"]["phase"] == "meta" and metrics["published"]["epoch"] == 2
+
+    runs["sft"].history[1]["val_ndcg@10"] = 0.35  # now page epoch 2 is the best of all
+    runs["sft"] = runs["sft"].__class__(**{**runs["sft"].__dict__,
+                                           "best_checkpoint_path": str(tmp_path / "ray_train" / "sft" / "checkpoint_epoch002")})
+    run_sft_stage(cfg, tmp_path, log=lambda *_: None)
+    assert (tmp_path / "sft" / "which.txt").read_text() == "sft epoch 2"

@@ -1,4 +1,4 @@
-"""Golden pages and the four families of worse pages (DESIGN.md §2). Plain numpy.
+"""Golden pages and the four families of worse pages (docs/ARCHITECTURE.md §3). Plain numpy.
 
 Items are dense indices. `item_cat[i]` is item i's diversity category as an int, or -1
 when the item has none (then every such item counts as its own category, so the cap
@@ -24,9 +24,11 @@ def golden_page(
     item_cat: np.ndarray,
     page_len: int,
     category_cap: float,
+    order_by: str = "rating",
 ) -> list[int]:
     """Rank unseen positives by rating, then item mean rating, then index; cap categories.
 
+    `order_by="time"` keeps the candidates' own (interaction) order instead.
     No category may hold more than `category_cap` of the page (at least one slot each).
     The cap trades a small score gap for coverage: a capped item waits until the page
     cannot be filled otherwise, so a page is only over the cap when the candidates
@@ -34,8 +36,13 @@ def golden_page(
     """
     if len(candidates) == 0:
         return []
-    # Duplicates in candidates (a re-rated item) keep their best rating.
-    order = np.lexsort((candidates, -item_score[candidates], -np.nan_to_num(ratings, nan=5.0)))
+    if order_by == "time":
+        order = np.arange(len(candidates))  # a re-interacted item keeps its first time
+    elif order_by == "rating":
+        # Duplicates in candidates (a re-rated item) keep their best rating.
+        order = np.lexsort((candidates, -item_score[candidates], -np.nan_to_num(ratings, nan=5.0)))
+    else:
+        raise ValueError(f"order_by must be 'rating' or 'time', got {order_by!r}")
     ranked, seen = [], set()
     for i in order:
         item = int(candidates[i])

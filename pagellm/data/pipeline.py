@@ -42,7 +42,7 @@ def read_dataset(cfg: Config, data_dir: Path) -> ReadResult:
 
 
 def pick_category(categories, level: str) -> str | None:
-    """The one label of an item's categories used for diversity (DESIGN.md §2)."""
+    """The one label of an item's categories used for diversity (docs/ARCHITECTURE.md §3)."""
     if categories is None or len(categories) == 0:
         return None
     labels = list(categories)
@@ -98,6 +98,7 @@ def item_context(items: pd.DataFrame, cfg: Config) -> ItemContext:
         page_len=cfg.data.page_len,
         history_len=cfg.data.history_len,
         category_cap=cfg.data.category_cap,
+        page_order=cfg.data.page_order,
         ranking_swaps=cfg.data.ranking_swaps,
         negative_threshold=cfg.data.negative_threshold,
         windows=cfg.data.sft_windows,

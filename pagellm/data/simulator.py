@@ -1,7 +1,7 @@
 """The embedded simulator: a synthetic world whose truth is known, so every run can
 measure the true utility of a page, not only proxies against held-out items.
 
-World (DESIGN.md §2):
+World (docs/ARCHITECTURE.md §3):
 - items: a category (Zipf-sized categories), a latent vector near the category's
   centroid, a quality and a Zipf popularity (quality leans towards popular items, as in
   real catalogues, which is what makes popularity a non-trivial baseline);

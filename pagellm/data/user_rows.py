@@ -34,6 +34,7 @@ class ItemContext:
     page_len: int
     history_len: int
     category_cap: float
+    page_order: str
     ranking_swaps: int
     negative_threshold: float
     windows: int
@@ -78,7 +79,8 @@ def build_user_rows(group: dict[str, np.ndarray], ctx: ItemContext) -> list[tupl
     for window, (start, end) in enumerate(sft_windows(len(pos_items), ctx.page_len, ctx.windows)):
         prompt = pos_items[max(0, start - ctx.history_len) : start].tolist()
         chosen = golden_page(
-            pos_items[start:end], pos_ratings[start:end], ctx.item_score, ctx.item_cat, ctx.page_len, ctx.category_cap
+            pos_items[start:end], pos_ratings[start:end], ctx.item_score, ctx.item_cat, ctx.page_len, ctx.category_cap,
+            order_by=ctx.page_order,
         )
         if len(chosen) < 2:
             continue

@@ -1,4 +1,4 @@
-"""Evaluation metrics, exactly as /METRICS.md defines them, as plain functions.
+"""Evaluation metrics, exactly as docs/ARCHITECTURE.md §7 defines them, as plain functions.
 
 Per-user functions return a float, or None where the metric is undefined for that user
 (empty test set, too few common items, ...); aggregators average over the users where a
@@ -101,11 +101,17 @@ def _common(page: Sequence[Item], ordered_test: Sequence[Item], k: int):
     return [(x, i, rg[x]) for x, i in rp.items() if x in rg]
 
 
-def dpa_at_k(page: Sequence[Item], ordered_test: Sequence[Item], k: int) -> float | None:
-    """(1/Z) Σ_{i≤K} w_i 1[p_i = g_i], Z = Σ_{i≤min(K,M)} w_i; None when G is empty."""
+def _order_norm(ordered_test: Sequence[Item], k: int) -> float | None:
+    """Z = Σ_{i≤min(K,M)} w_i, the normaliser of DPA and WAS; None when G is empty."""
     _check_k(k)
     m = len(ordered_test)
-    if m == 0:
+    return float(_w(k)[: min(k, m)].sum()) if m else None
+
+
+def dpa_at_k(page: Sequence[Item], ordered_test: Sequence[Item], k: int) -> float | None:
+    """(1/Z) Σ_{i≤K} w_i 1[p_i = g_i], Z = Σ_{i≤min(K,M)} w_i; None when G is empty."""
+    z = _order_norm(ordered_test, k)
+    if z is None:
         return None
     w = _w(k)
     seen: set[Item] = set()
@@ -114,18 +120,17 @@ def dpa_at_k(page: Sequence[Item], ordered_test: Sequence[Item], k: int) -> floa
         if p == g and p not in seen:
             num += w[i]
         seen.add(p)
-    return float(num / w[: min(k, m)].sum())
+    return float(num / z)
 
 
 def was_at_k(page: Sequence[Item], ordered_test: Sequence[Item], k: int) -> float | None:
     """(1/Z) Σ_{x∈C} w_{r_P(x)} max(0, 1 − |r_P(x) − r_G(x)| / K), Z as in DPA; None when G is empty."""
-    _check_k(k)
-    m = len(ordered_test)
-    if m == 0:
+    z = _order_norm(ordered_test, k)
+    if z is None:
         return None
     w = _w(k)
     num = sum(w[rp - 1] * max(0.0, 1.0 - abs(rp - rg) / k) for _, rp, rg in _common(page, ordered_test, k))
-    return float(num / w[: min(k, m)].sum())
+    return float(num / z)
 
 
 def wmrd_at_k(page: Sequence[Item], ordered_test: Sequence[Item], k: int) -> float | None:
@@ -179,7 +184,7 @@ def ild_at_k(page: Sequence[Item], cats_of: Mapping[Item, Collection[str]], k: i
     """Mean over item pairs of the first K of 1 − Jaccard(cats(p_i), cats(p_j)); None under 2 items.
 
     The mean uses the pairs actually present (2 / (n(n−1)) with n = len(page[:k])), which
-    equals METRICS.md's 2 / (K(K−1)) whenever the page is full. Items missing from cats_of
+    equals docs/ARCHITECTURE.md §7's 2 / (K(K−1)) whenever the page is full. Items missing from cats_of
     have no categories.
     """
     _check_k(k)
@@ -287,7 +292,7 @@ def evaluate_lists(
     prefix: str = "",
     tail_items: Collection[Item] | None = None,
 ) -> dict[str, Any]:
-    """Score generated lists (the page track; DESIGN.md §5/§7 keys).
+    """Score generated lists (the page track; docs/ARCHITECTURE.md §7 keys).
 
     lists[u] is user u's ranked list (the 100-item list; its first `page_len` items are the
     served page); test_sequences[u] the held-out test items in time order. Accuracy uses

@@ -1,4 +1,4 @@
-"""Evaluate every page-writer of a run on the same users and split (DESIGN.md §5).
+"""Evaluate every page-writer of a run on the same users and split (docs/ARCHITECTURE.md §7).
 
 Each model produces, per user, a 100-item ranked list (its first page_len items are the
 served page) and a full score vector over items. Baselines rank items by their scores;
@@ -74,6 +74,8 @@ class ModelOutput:
 def baseline_output(name: str, params: dict, es: EvalSet, list_len: int, seed: int) -> ModelOutput:
     t0 = time.perf_counter()
     torch.manual_seed(seed)
+    if name == "sasrec":  # SASRec seeds its own init and order: one run's seed for every model
+        params = {"seed": seed, **params}
     model = make_baseline(name, params if name != "popularity" else None)
     model.fit(es.train_sequences, es.n_items)
     lists = rank(model, es.histories, list_len, exclude=es.exclude)
@@ -110,7 +112,7 @@ def sim_utilities(sim, es: EvalSet, item_ids: list[str], user_ids: list[str], pa
 
 
 def score_model(out: ModelOutput, es: EvalSet, cfg: Config, tail: set, sim_ctx) -> dict:
-    k = cfg.eval.page_len
+    k = cfg.data.page_len
     metrics = evaluate_lists(out.lists, es.targets, es.cats_of, es.n_items, set(range(es.n_items)),
                              page_len=k, tail_items=tail)
     mask = history_mask([sorted(s) for s in es.exclude], es.n_items)
@@ -154,7 +156,7 @@ def run_eval_stage(cfg: Config, run_dir: Path, split: str = "test", log=print) -
         from pagellm.data.simulator import Simulator
 
         sim = Simulator.load(data_dir / "simulator")
-        oracle_pages = sim.oracle_page([user_ids[u] for u in es.user_index], cfg.eval.page_len,
+        oracle_pages = sim.oracle_page([user_ids[u] for u in es.user_index], cfg.data.page_len,
                                        [{item_ids[i] for i in s} for s in es.exclude])
         oracle = sim.page_utility([user_ids[u] for u in es.user_index], oracle_pages)
         sim_ctx = (sim, item_ids, user_ids, oracle)
@@ -179,7 +181,7 @@ def run_eval_stage(cfg: Config, run_dir: Path, split: str = "test", log=print) -
         "split_method": cfg.data.split,
         "users": len(es.prompts),
         "items": es.n_items,
-        "page_len": cfg.eval.page_len,
+        "page_len": cfg.data.page_len,
         "list_len": cfg.eval.list_len,
         "models": models,
     }

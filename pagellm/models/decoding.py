@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from pagellm.models.positions import check_context, position_ids, prompt_anchor
 from pagellm.vocab import TokenLayout
 
 MODES = ("greedy", "sample", "beam")
@@ -57,21 +58,11 @@ def _device(model) -> torch.device:
     return next(model.parameters()).device
 
 
-def check_context(model, needed: int) -> None:
-    """Fail with the fix in the message, not with an index error deep inside the model
-    (GPT-2's learned positions stop at n_positions)."""
-    config = getattr(model, "config", None)
-    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-    if limit is not None and needed > limit:
-        raise ValueError(
-            f"prompt + page need {needed} positions but the model has {limit}; raise the model's "
-            "n_positions/max_position_embeddings (model.init) or shorten the history or the page"
-        )
-
-
-def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def left_pad(prompts: list[list[int]], pad_id: int, device, anchor: int | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(input_ids, attention_mask, position_ids) with prompts right-aligned, so every row's
-    next token sits at the same column and one cached step serves the whole batch."""
+    next token sits at the same column and one cached step serves the whole batch.
+    Positions follow the model's scheme (`positions.prompt_anchor`)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     width = max(len(p) for p in prompts)
@@ -80,7 +71,7 @@ def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tenso
     for row, prompt in enumerate(prompts):
         ids[row, width - len(prompt) :] = torch.as_tensor(prompt, dtype=torch.long)
         mask[row, width - len(prompt) :] = 1
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    positions = position_ids(mask, [len(p) for p in prompts], anchor)
     return ids.to(device), mask.to(device), positions.to(device)
 
 
@@ -173,8 +164,8 @@ def generate_pages(
     if mode == "beam" and num_beams < 1:
         raise ValueError(f"num_beams must be >= 1, got {num_beams}")
     device = _device(model)
-    ids, mask, positions = left_pad(prompts, layout.pad_id, device)
-    check_context(model, max(len(p) for p in prompts) + k + 1)
+    check_context(model, max(len(p) for p in prompts), k + 1)
+    ids, mask, positions = left_pad(prompts, layout.pad_id, device, prompt_anchor(model))
     blocked = exclusion_mask(exclude, len(prompts), layout.n_items, device)
     with _EvalMode(model), torch.no_grad():
         start = (model, layout, ids, mask, positions, blocked, k, temperature)
@@ -334,11 +325,11 @@ def constrained_logprobs(
     if width > k + 1:
         raise ValueError(f"responses are {width} tokens wide, more than k + 1 = {k + 1}")
 
+    check_context(model, max(len(p) for p in prompts), width)
     ids, prompt_mask, _ = left_pad(prompts, layout.pad_id, device)
-    check_context(model, max(len(p) for p in prompts) + width)
     full_ids = torch.cat([ids, resp.masked_fill(~mask, layout.pad_id)], dim=1)
     full_mask = torch.cat([prompt_mask, mask.long()], dim=1)
-    positions = (full_mask.cumsum(-1) - 1).clamp(min=0)
+    positions = position_ids(full_mask, [len(p) for p in prompts], prompt_anchor(model))
     out = _forward(model, full_ids, full_mask, positions, keep=width + 1, cache=False, hidden=return_hidden)
     logits = out.logits[:, :width]  # position L-1+t predicts response token t
 
@@ -369,7 +360,8 @@ def first_item_scores(model, layout: TokenLayout, prompts: list[list[int]]) -> t
     item tokens (the constrained first step with nothing excluded); the full-ranking track
     masks training items itself."""
     device = _device(model)
-    ids, mask, positions = left_pad(prompts, layout.pad_id, device)
+    check_context(model, max(len(p) for p in prompts), 1)
+    ids, mask, positions = left_pad(prompts, layout.pad_id, device, prompt_anchor(model))
     with _EvalMode(model), torch.no_grad():
         logits = _forward(model, ids, mask, positions, cache=False).logits[:, -1]
     blocked = torch.zeros((len(prompts), layout.n_items), dtype=torch.bool, device=device)

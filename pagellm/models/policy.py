@@ -23,6 +23,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, LlamaC
 from transformers.pytorch_utils import Conv1D
 
 from pagellm.config import LoraConfig, ModelConfig
+from pagellm.models.positions import set_positions
 from pagellm.vocab import (
     LAYOUT_FILE,
     TokenLayout,
@@ -67,6 +68,8 @@ def build_policy(
         return model, tokenizer, layout
     else:
         model, tokenizer, layout = _from_pretrained(model_cfg.name, vocab, seed, dtype)
+    layout.user_tokens = model_cfg.user_tokens
+    set_positions(model, model_cfg.positions)
     if model_cfg.lora.enabled:
         model = apply_lora(model, model_cfg.lora, layout)
     return model, tokenizer, layout

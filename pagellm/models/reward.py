@@ -1,9 +1,10 @@
-"""The multi-grained reward model (DESIGN.md §3): the SFT policy's transformer + two heads.
+"""The multi-grained reward model (docs/ARCHITECTURE.md §4): the SFT policy's transformer + two heads.
 
 Input contract: one row per page, `[prompt || page]` where page = item tokens + eos, padded
 on either side (`pad_pages` pads on the right). Position ids come from the attention mask
-(`cumsum − 1`), so a row scores the same whatever its padding and whatever else is in the
-batch, and the same as the policy saw it in SFT (right-padded, positions 0..n−1).
+and the policy's position scheme (`positions.position_ids`, the prompt being what precedes
+the first page item), so a row scores the same whatever its padding and whatever else is
+in the batch, and at the positions the policy saw it at in SFT.
 
   coarse  R_c = w_c · h[last real token]        (the page's eos: it has seen the whole row)
   fine    r_k = w_slot(k) · h[k] + g_slot(k) · ℓ_k at each page item position k, where
@@ -50,11 +51,13 @@ from torch import nn
 
 from pagellm.config import ModelConfig
 from pagellm.models.policy import is_adapter_model, load_policy, save_policy
+from pagellm.models.positions import position_ids, prompt_anchor
+from pagellm.names import REWARD_HEADS
 from pagellm.vocab import TokenLayout
 
 HEADS_FILE = "reward_heads.safetensors"
 REWARD_FILE = "pagellm_reward.json"
-HEAD_CHOICES = {"sum": ("coarse", "fine"), "coarse": ("coarse",), "fine": ("fine",)}
+HEAD_CHOICES = REWARD_HEADS  # `reward.heads` value -> the heads built (pagellm/names.py)
 DEFAULT_SLOTS = 16
 
 
@@ -161,7 +164,10 @@ class RewardModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, item_mask: torch.Tensor) -> RewardScores:
         attention_mask = attention_mask.long()
-        positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        # The prompt is what precedes the first page item (every scored row has one).
+        first_item = (item_mask & attention_mask.bool()).long().argmax(-1, keepdim=True)
+        prompt_lens = attention_mask.cumsum(-1).gather(1, first_item).squeeze(1) - 1
+        positions = position_ids(attention_mask, prompt_lens, prompt_anchor(self.policy))
         out = inner_transformer(self.policy)(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=False
         )

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pagellm.models.decoding import check_context
+from pagellm.models.positions import check_context
 from pagellm.models.reward import RewardModel, load_reward_model, pad_pages
 from pagellm.vocab import PromptEncoder, TokenLayout
 
@@ -100,7 +100,7 @@ class RewardScorer:
         fine = np.zeros(len(rows), dtype=np.float32)
         if not rows:
             return coarse, fine
-        check_context(self.model.policy, max(len(p) + len(q) for p, q in rows))
+        check_context(self.model.policy, max(len(p) for p, _ in rows), max(len(q) for _, q in rows))
         order = np.argsort([len(p) + len(q) for p, q in rows], kind="stable")
         for start in range(0, len(rows), batch_size):
             chunk = order[start : start + batch_size]

@@ -136,14 +136,8 @@ def gae_advantages(
 
 
 @register_advantage("reinforce")
-def reinforce_advantages(
-    rewards: torch.Tensor,
-    values: torch.Tensor | None,
-    mask: torch.Tensor,
-    gamma: float = 1.0,
-    lam: float = 1.0,
-    group_ids: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def reinforce_advantages(rewards: torch.Tensor, values: torch.Tensor | None, mask: torch.Tensor, gamma: float = 1.0,
+        lam: float = 1.0, group_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """REINFORCE: the advantage is the reward-to-go itself, no critic.
 
     The baseline comes from whitening across the batch (the learner does that for
@@ -155,14 +149,8 @@ def reinforce_advantages(
 
 
 @register_advantage("rloo")
-def rloo_advantages(
-    rewards: torch.Tensor,
-    values: torch.Tensor | None,
-    mask: torch.Tensor,
-    gamma: float = 1.0,
-    lam: float = 1.0,
-    group_ids: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def rloo_advantages(rewards: torch.Tensor, values: torch.Tensor | None, mask: torch.Tensor, gamma: float = 1.0,
+        lam: float = 1.0, group_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """REINFORCE leave-one-out: pages sampled for the same prompt share `group_ids`;
     each page's return minus the mean return of the other pages of its group is its
     advantage, on every real token. Needs >= 2 pages per group; no critic.

@@ -1,4 +1,4 @@
-"""The Ray Serve application: POST /v1/page, POST /v1/score, GET /healthz (DESIGN.md §6).
+"""The Ray Serve application: POST /v1/page, POST /v1/score, GET /healthz (docs/ARCHITECTURE.md §8).
 
 Requests are parsed and resolved (cold start, exclusions) one by one in the replica's event
 loop; the model work is batched with `@serve.batch`, so concurrent requests share one

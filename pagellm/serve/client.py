@@ -1,4 +1,4 @@
-"""A small Python client for the PageLLM serving API (DESIGN.md §6).
+"""A small Python client for the PageLLM serving API (docs/ARCHITECTURE.md §8).
 
     from pagellm.serve.client import get_page, score_page
     page = get_page("http://127.0.0.1:8000", history=["B00A", "B00B"], k=10, user_id="A1")

@@ -1,6 +1,6 @@
 """What a serving replica does, without Ray: load a run's policy, vocabulary and popularity
-list; resolve raw ids with the cold-start rules of DESIGN.md §6; write pages by batched,
-constrained greedy decoding; prepare /v1/score inputs for the reward model.
+list; resolve raw ids with the cold-start rules of docs/ARCHITECTURE.md §8; write pages by
+batched, constrained greedy decoding; prepare /v1/score inputs for the reward model.
 
 Cold start, per request:
   - history ids not in the catalogue are skipped and listed in `warnings`;
@@ -26,6 +26,7 @@ import torch
 from pagellm.config import Config, ModelConfig
 from pagellm.models.decoding import generate_pages
 from pagellm.models.policy import is_adapter_model, load_policy
+from pagellm.models.positions import context_limit, prompt_room
 from pagellm.serve.schemas import PageRequest, RequestError, ScoreRequest
 from pagellm.vocab import LAYOUT_FILE, PromptEncoder, Vocab
 
@@ -165,14 +166,13 @@ class PageEngine:
     def _fit_window(self, history_len: int, max_k: int) -> int:
         """Prompt items kept: the training window (data.history_len), shrunk if the model's
         positions cannot hold it plus a max_k page and <eos>."""
-        config = getattr(self.model, "config", None)
-        limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-        if limit is None:
+        tokens = prompt_room(self.model, max_k + 1)
+        if tokens is None:
             return history_len
-        fixed = len(self.encoder.encode_prompt(0, [0])) - 1
-        room = limit - fixed - (max_k + 1)
+        room = tokens - (len(self.encoder.encode_prompt(0, [0])) - 1)
         if room < 1:
-            raise ValueError(f"the model's {limit} positions cannot hold a prompt plus a page of serve.max_k={max_k}")
+            raise ValueError(f"the model's {context_limit(self.model)} positions cannot hold a prompt plus a page "
+                             f"of serve.max_k={max_k}")
         return min(history_len, room)
 
     @classmethod

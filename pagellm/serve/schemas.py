@@ -1,4 +1,4 @@
-"""Request and response bodies of the serving API (DESIGN.md §6), checked with pydantic.
+"""Request and response bodies of the serving API (docs/ARCHITECTURE.md §8), checked with pydantic.
 
 Limits that come from the config (max_k, max_history) are passed as validation context,
 so one model class serves every run. `parse_request` turns any failure (malformed JSON,

@@ -144,7 +144,7 @@ def _train_loop(config: dict) -> None:
     """One Ray Train worker."""
     import torch.distributed as dist
 
-    from pagellm.models.decoding import check_context
+    from pagellm.models.positions import check_context
     from pagellm.train.engine import build_engine, micro_batch_size, setup_distributed_for_deepspeed
     from pagellm.train.harness import distributed_loader, run_epochs
 
@@ -159,7 +159,8 @@ def _train_loop(config: dict) -> None:
     pairs = pd.read_parquet(Path(config["data_dir"]) / "pairs.parquet")
     val = user_in_validation(pairs["user_index"], train_cfg.val_fraction, cfg.seed)
     train_rows, val_rows = pair_rows(encoder, pairs[~val]), pair_rows(encoder, pairs[val])
-    check_context(model.policy, max(len(p) + max(len(c), len(r)) for p, c, r in train_rows + val_rows))
+    rows = train_rows + val_rows
+    check_context(model.policy, max(len(p) for p, _, _ in rows), max(max(len(c), len(r)) for _, c, r in rows))
     mbs = micro_batch_size(train_cfg.batch_size, dist.get_world_size())
     collate = partial(collate_pairs, layout=layout)
     loader = distributed_loader(PairRows(train_rows, "training"), mbs, shuffle=True, seed=cfg.seed, collate_fn=collate)

@@ -1,19 +1,30 @@
 """Stage 1 of training: supervised fine-tuning on prompt → golden page (Ray Train + DeepSpeed).
 
-Two Ray Train runs, each resumable on its own:
-  meta  (optional, sft.meta_epochs > 0): next-item prediction over each user's whole
-        training history written as a prompt, so the new item tokens learn
-        co-occurrence before the page objective; the loss is on every history item
-        after the first.
-  sft   the page objective: loss on the target page tokens only (items + eos).
-Each worker builds the same model from the same seed; DeepSpeed shards it (ZeRO from
-config). The final weights land in <run>/sft/ as a save_policy checkpoint.
+Two Ray Train runs, each resumable and early-stopped on its own:
+  meta  (optional, sft.meta_epochs > 0): next-item prediction over each user's training
+        history written as a prompt (SASRec's task in the policy's format): every history
+        item after the first is a target, and the last is predicted right after the prompt
+        template, where every page starts.
+  sft   the page objective: prompt → golden page, loss on the page's items (`sequence`:
+        item t; `set`: any golden item not yet placed).
+With sft.item_loss the softmax at each target is over item tokens only, and on a page the
+prompt's items and the items already placed are masked: the loss is the negative
+log-likelihood constrained decoding gives the golden page.
+
+After every epoch the policy writes greedy, constrained pages for a fixed sample of
+validation users (`RankingProbe`); their NDCG@10 early-stops each run and picks what is
+published: the best-validation checkpoint of either run lands in <run>/sft/, and
+<run>/sft/metrics.json["published"] names it. Each worker builds the same model from the
+same seed; DeepSpeed shards it (ZeRO from config).
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -22,6 +33,7 @@ from torch.utils.data import Dataset
 
 from pagellm.config import Config, SFTConfig
 from pagellm.models.policy import build_policy, load_policy, save_policy
+from pagellm.models.positions import position_ids, prompt_anchor
 from pagellm.runfolder import publish_dir
 from pagellm.vocab import PromptEncoder, Vocab
 
@@ -29,9 +41,9 @@ IGNORE = -100
 
 
 class TokenRows(Dataset):
-    """(input_ids, labels) pairs; labels are IGNORE where no loss is taken."""
+    """Training rows (see `Row`); an empty list is a data problem, said so at once."""
 
-    def __init__(self, rows: list[tuple[list[int], list[int]]]):
+    def __init__(self, rows: list["Row"]):
         if not rows:
             raise ValueError("no training rows: the data stage produced none for this configuration")
         self.rows = rows
@@ -43,82 +55,233 @@ class TokenRows(Dataset):
         return self.rows[i]
 
 
-def page_rows(encoder: PromptEncoder, users, prompts, pages, user_dropout: float, seed: int):
+class Row(NamedTuple):
+    """One training sequence.
+
+    ids / labels: token ids, labels IGNORE where no loss is taken (label t is predicted
+    from position t - 1). targets / blocked: one list per labelled token, in order: the
+    item indices any of which is a right answer there (empty for <eos>), and the items
+    masked out of that position's softmax (the page's constraints). The full-vocabulary
+    loss reads `labels`; the item loss reads `targets` and `blocked`.
+    """
+
+    ids: list[int]
+    labels: list[int]
+    targets: list[list[int]]
+    blocked: list[list[int]]
+    prompt_len: int  # tokens before the page (a meta row's page is its last item)
+
+
+def page_rows(encoder: PromptEncoder, users, prompts, pages, user_dropout: float, seed: int,
+              page_loss: str = "sequence") -> list[Row]:
     """prompt → page rows; a seeded `user_dropout` share is added again without the user
-    token, so the policy can serve a user it has never seen from their history alone."""
+    token, so the policy can serve a user it has never seen from their history alone.
+
+    Position t of the page may not repeat the prompt or items 0..t-1 (what constrained
+    decoding allows); its target is item t (`sequence`) or any of items t.. (`set`)."""
+    if page_loss not in ("sequence", "set"):
+        raise ValueError(f"page_loss must be 'sequence' or 'set', got {page_loss!r}")
     rng = np.random.default_rng(seed)
+    with_users = encoder.layout.user_tokens
     rows = []
     for user, prompt, page in zip(users, prompts, pages):
+        page, prompt = [int(i) for i in page], [int(i) for i in prompt]
         page_ids = encoder.encode_page(page)
-        for u in [int(user)] + ([None] if rng.random() < user_dropout else []):
+        targets = [page[t:] if page_loss == "set" else [page[t]] for t in range(len(page))] + [[]]
+        blocked = [prompt + page[:t] for t in range(len(page) + 1)]
+        copies = [int(user)] + ([None] if with_users and rng.random() < user_dropout else [])
+        for u in copies:
             prompt_ids = encoder.encode_prompt(u, prompt)
-            rows.append((prompt_ids + page_ids, [IGNORE] * len(prompt_ids) + page_ids))
+            rows.append(Row(prompt_ids + page_ids, [IGNORE] * len(prompt_ids) + page_ids, targets, blocked,
+                            len(prompt_ids)))
     return rows
 
 
-def history_rows(encoder: PromptEncoder, users, histories, max_items: int):
-    """Meta pre-training rows: the whole history as a prompt, loss on items 2..n."""
+def history_rows(encoder: PromptEncoder, users, histories, max_items: int) -> list[Row]:
+    """Meta pre-training rows: SASRec's task on the policy's own prompt format.
+
+    The history but its last item is the prompt and the last item is a one-item page, so
+    every history item after the first predicts the next one and the prompt's end (where
+    every page starts) predicts the last; no item is masked, as in SASRec."""
     layout = encoder.layout
     rows = []
     for user, items in zip(users, histories):
-        items = list(items)[-max_items:]
+        items = [int(i) for i in list(items)[-max_items:]]
         if len(items) < 2:
             continue
-        ids = encoder.encode_prompt(int(user), items)
+        ids = encoder.encode_prompt(int(user), items[:-1]) + [layout.item_token(items[-1])]
         labels = [t if layout.is_item_token(t) else IGNORE for t in ids]
-        first = labels.index(layout.item_offset + items[0])
-        labels[first] = IGNORE  # the first item has no history to predict it from
-        rows.append((ids, labels))
+        labels[labels.index(layout.item_token(items[0]))] = IGNORE  # nothing before it to predict from
+        targets = [[layout.token_to_item(t)] for t in labels if t != IGNORE]
+        rows.append(Row(ids, labels, targets, [[] for _ in targets], len(ids) - 1))
     return rows
 
 
-def collate(batch, pad_id: int):
-    """Right-pad to the longest row of the batch."""
-    width = max(len(ids) for ids, _ in batch)
+def _coo(lists: list[list[int]], base: int) -> list[tuple[int, int]]:
+    return [(base + n, item) for n, items in enumerate(lists) for item in items]
+
+
+def collate(batch: list[Row], pad_id: int, anchor: int | None = None):
+    """Right-pad to the longest row; position ids follow the policy's scheme (`anchor`:
+    positions.prompt_anchor); targets and blocked become (position, item) index pairs over
+    the batch's labelled tokens in row-major order (the order of labels != IGNORE)."""
+    width = max(len(row.ids) for row in batch)
     input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
     attention = torch.zeros((len(batch), width), dtype=torch.long)
-    for r, (ids, lab) in enumerate(batch):
-        input_ids[r, : len(ids)] = torch.tensor(ids)
-        labels[r, : len(lab)] = torch.tensor(lab)
-        attention[r, : len(ids)] = 1
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention}
+    targets, blocked, base = [], [], 0
+    for r, row in enumerate(batch):
+        input_ids[r, : len(row.ids)] = torch.tensor(row.ids)
+        labels[r, : len(row.labels)] = torch.tensor(row.labels)
+        attention[r, : len(row.ids)] = 1
+        n_labels = sum(label != IGNORE for label in row.labels[1:])
+        if n_labels != len(row.targets) or n_labels != len(row.blocked):
+            raise ValueError(f"row {r}: {n_labels} labelled tokens but {len(row.targets)} target lists")
+        targets += _coo(row.targets, base)
+        blocked += _coo(row.blocked, base)
+        base += n_labels
+
+    def pairs(coo):
+        return torch.tensor(coo, dtype=torch.long).reshape(-1, 2).T.contiguous()
+
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention,
+            "position_ids": position_ids(attention, [row.prompt_len for row in batch], anchor),
+            "targets": pairs(targets), "blocked": pairs(blocked)}
 
 
-def target_token_loss(model, batch: dict, reduction: str = "mean") -> torch.Tensor:
-    """Causal-LM cross-entropy over the labelled tokens, with the output layer applied only
-    where a label is. Same value as the model's own `labels=` loss, but the vocabulary-wide
-    logits (most of the compute once every user and item is a token) are never built for
-    prompt positions. `model` is the DeepSpeed engine or the bare model: the forward and
-    the output layer go through module calls, so ZeRO-3 gathers their weights."""
+def _labelled_hidden(model, batch: dict):
+    """Last hidden state at every position that predicts a label, and those labels.
+    `model` is the DeepSpeed engine or the bare model: the forward and the output layer go
+    through module calls, so ZeRO-3 gathers their weights."""
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                output_hidden_states=True, logits_to_keep=1)
+                position_ids=batch["position_ids"], output_hidden_states=True, logits_to_keep=1)
     hidden = out.hidden_states[-1][:, :-1]  # position t predicts token t + 1
     targets = batch["labels"][:, 1:]
     keep = targets != IGNORE
+    return hidden[keep], targets[keep]
+
+
+def target_token_loss(model, batch: dict, reduction: str = "mean") -> torch.Tensor:
+    """Causal-LM cross-entropy over the whole vocabulary at the labelled tokens, with the
+    output layer applied only where a label is: the model's own `labels=` loss, but the
+    vocabulary-wide logits (most of the compute once every user and item is a token) are
+    never built for prompt positions."""
+    hidden, labels = _labelled_hidden(model, batch)
     module = getattr(model, "module", model)
-    logits = module.get_output_embeddings()(hidden[keep])
-    return torch.nn.functional.cross_entropy(logits.float(), targets[keep], reduction=reduction)
+    logits = module.get_output_embeddings()(hidden)
+    return torch.nn.functional.cross_entropy(logits.float(), labels, reduction=reduction)
 
 
-def lm_step(engine, batch):
-    batch = {k: v.to(engine.device) for k, v in batch.items()}
-    return target_token_loss(engine, batch)
+def item_logits(module, hidden: torch.Tensor, layout) -> torch.Tensor:
+    """[N, n_items] output logits of the item tokens alone. A plain output matrix is sliced
+    (user and template rows are never multiplied); anything else (a ZeRO-3 partitioned
+    weight, peft's trainable-token wrapper) is called whole and its output sliced."""
+    out = module.get_output_embeddings()
+    lo, hi = layout.item_offset, layout.item_offset + layout.n_items
+    if type(out) is torch.nn.Linear and not hasattr(out.weight, "ds_id"):
+        bias = None if out.bias is None else out.bias[lo:hi]
+        return torch.nn.functional.linear(hidden, out.weight[lo:hi], bias)
+    return out(hidden)[:, lo:hi]
 
 
-def _lm_eval(engine, loader) -> dict[str, float]:
+def item_loss_terms(logits: torch.Tensor, targets: torch.Tensor, blocked: torch.Tensor):
+    """Per-position loss -log Σ_{j ∈ targets(p)} softmax(logits_p, blocked masked)_j, for the
+    positions that have targets; returns (losses, positions). Plain math, unit-tested.
+
+    logits [P, n_items]; targets, blocked: [2, *] (position, item) index pairs."""
+    logits = logits.float()
+    if blocked.numel():
+        logits = logits.index_put((blocked[0], blocked[1]), torch.tensor(float("-inf"), device=logits.device))
+    logp = logits.log_softmax(dim=-1)
+    picked = logp[targets[0], targets[1]]
+    positions = torch.unique(targets[0])
+    # log-sum-exp per position, stable: shift by each position's largest target logprob.
+    top = torch.full((logp.shape[0],), float("-inf"), device=logp.device)
+    top = top.scatter_reduce(0, targets[0], picked, reduce="amax")
+    sums = torch.zeros(logp.shape[0], device=logp.device).index_add(0, targets[0], (picked - top[targets[0]]).exp())
+    return -(top[positions] + sums[positions].log()), positions
+
+
+def item_token_loss(model, batch: dict, layout, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy over item tokens at the labelled item positions (module doc)."""
+    hidden, _ = _labelled_hidden(model, batch)
+    module = getattr(model, "module", model)
+    losses, _ = item_loss_terms(item_logits(module, hidden, layout), batch["targets"], batch["blocked"])
+    return losses.mean() if reduction == "mean" else losses.sum()
+
+
+def count_loss_terms(batch: dict, item_loss: bool) -> int:
+    """How many terms `item_token_loss` / `target_token_loss` sum over (for a val mean)."""
+    if item_loss:
+        return int(torch.unique(batch["targets"][0]).numel())
+    return int((batch["labels"][:, 1:] != IGNORE).sum())
+
+
+def make_loss(train_cfg: SFTConfig, layout):
+    if train_cfg.item_loss:
+        return partial(item_token_loss, layout=layout)
+    return target_token_loss
+
+
+def _lm_eval(engine, loader, loss_fn, item_loss: bool) -> dict[str, float]:
     total, n = 0.0, 0
     for batch in loader:
         batch = {k: v.to(engine.device) for k, v in batch.items()}
-        total += float(target_token_loss(engine, batch, reduction="sum"))
-        n += int((batch["labels"][:, 1:] != IGNORE).sum())
+        total += float(loss_fn(engine, batch, reduction="sum"))
+        n += count_loss_terms(batch, item_loss)
     return {"loss": total / max(1, n)}
+
+
+@dataclass
+class RankingProbe:
+    """Validation users as the evaluation sees them: the pages the policy writes for them
+    (greedy, constrained, their training items excluded) scored against their validation
+    positives. One fixed, evenly spread sample so every epoch is judged on the same users."""
+
+    users: set[int]  # user indices of the sample
+    prompts: list[list[int]]
+    exclude: list[set[int]]
+    targets: list[list[int]]
+    page_len: int
+
+    @classmethod
+    def from_data(cls, data_dir: Path, encoder: PromptEncoder, page_len: int, users: int) -> "RankingProbe":
+        from pagellm.eval.runner import load_eval_set
+
+        es = load_eval_set(data_dir, "val", None)
+        if not len(es.prompts):
+            raise ValueError(f"{data_dir}: no user has validation positives; SFT cannot pick a checkpoint")
+        keep = np.unique(np.linspace(0, len(es.prompts) - 1, min(users, len(es.prompts))).round().astype(int))
+        return cls({int(es.user_index[i]) for i in keep},
+                   [encoder.encode_prompt(int(es.user_index[i]), es.prompts[i]) for i in keep],
+                   [es.exclude[i] for i in keep], [es.targets[i] for i in keep], page_len)
+
+    def __call__(self, model, layout, batch_size: int = 256) -> dict[str, float]:
+        from pagellm.eval.metrics import hr_at_k, ndcg_at_k
+        from pagellm.models.decoding import generate_pages
+
+        pages: list[list[int]] = []
+        for a in range(0, len(self.prompts), batch_size):
+            pages += generate_pages(model, layout, self.prompts[a : a + batch_size], k=self.page_len,
+                                    exclude=self.exclude[a : a + batch_size]).items
+        k = min(10, self.page_len)
+        return {f"ndcg@{k}": float(np.mean([ndcg_at_k(p, t, k) for p, t in zip(pages, self.targets)])),
+                f"hr@{k}": float(np.mean([hr_at_k(p, t, k) for p, t in zip(pages, self.targets)]))}
+
+
+def val_metric(page_len: int) -> str:
+    """The history key the SFT stage selects and stops on."""
+    return f"val_ndcg@{min(10, page_len)}"
+
+
+def stop_after_patience(history: list[dict], metric: str, patience: int) -> bool:
+    """True once `patience` epochs have passed without a new best `metric`."""
+    values = [h[metric] for h in history if metric in h]
+    return bool(values) and len(values) - 1 - int(np.argmax(values)) >= patience
 
 
 def _train_loop(config: dict) -> None:
     """One Ray Train worker: meta or SFT phase, selected by config["phase"]."""
-    from functools import partial
-
     from pagellm.train.engine import build_engine, micro_batch_size, setup_distributed_for_deepspeed
     from pagellm.train.harness import distributed_loader, run_epochs
 
@@ -138,30 +301,45 @@ def _train_loop(config: dict) -> None:
         model, tokenizer, layout = build_policy(cfg.model, vocab, seed=cfg.seed)
     encoder = PromptEncoder(tokenizer, layout)
     evals = pd.read_parquet(data_dir / "eval.parquet")
+    probe = RankingProbe.from_data(data_dir, encoder, cfg.data.page_len, train_cfg.val_users)
+    # The validation loss is taken on the probe's users too: one sample, and on large data
+    # a small share of an epoch's compute.
+    val = evals[evals["user_index"].isin(probe.users)]
     if phase == "meta":
-        rows = history_rows(encoder, evals["user_index"], evals["train_positives"], config["max_items"])
-        val_rows = history_rows(encoder, evals["user_index"],
-                                [list(a) + list(b) for a, b in zip(evals["train_positives"], evals["val_items"])],
-                                config["max_items"])
+        rows = history_rows(encoder, evals["user_index"], evals["train_positives"], train_cfg.meta_history)
+        val_rows = history_rows(encoder, val["user_index"],
+                                [list(a) + list(b) for a, b in zip(val["train_positives"], val["val_items"])],
+                                train_cfg.meta_history)
     else:
         sft = pd.read_parquet(data_dir / "sft.parquet")
-        rows = page_rows(encoder, sft["user_index"], sft["prompt"], sft["target"], train_cfg.user_dropout, cfg.seed)
-        has_val = evals["val_items"].map(len) > 0
-        val_rows = page_rows(encoder, evals.loc[has_val, "user_index"], evals.loc[has_val, "prompt_val"],
-                             [v[: cfg.data.page_len] for v in evals.loc[has_val, "val_items"]], 0.0, cfg.seed)
+        rows = page_rows(encoder, sft["user_index"], sft["prompt"], sft["target"], train_cfg.user_dropout, cfg.seed,
+                         train_cfg.page_loss)
+        val_rows = page_rows(encoder, val["user_index"], val["prompt_val"],
+                             [v[: cfg.data.page_len] for v in val["val_items"]], 0.0, cfg.seed, train_cfg.page_loss)
     world = dist.get_world_size()
     mbs = micro_batch_size(train_cfg.batch_size, world)
-    pad = partial(collate, pad_id=layout.pad_id)
+    pad = partial(collate, pad_id=layout.pad_id, anchor=prompt_anchor(model))
     loader = distributed_loader(TokenRows(rows), mbs, shuffle=True, seed=cfg.seed, collate_fn=pad)
     val_loader = distributed_loader(TokenRows(val_rows), mbs, shuffle=False, collate_fn=pad)
     epochs = train_cfg.meta_epochs if phase == "meta" else train_cfg.epochs
     engine = build_engine(model, None, train_cfg, len(loader) * epochs, train_cfg.use_gpu)
+    loss_fn = make_loss(train_cfg, layout)
+
+    def step(eng, batch):
+        return loss_fn(eng, {k: v.to(eng.device) for k, v in batch.items()})
+
+    def evaluate(eng) -> dict[str, float]:
+        # Every rank writes the same pages (ZeRO-3 gathers weights collectively), so the
+        # cross-rank mean run_epochs takes is the value itself.
+        return _lm_eval(eng, val_loader, loss_fn, train_cfg.item_loss) | probe(eng.module, layout)
 
     def save_fn(module, state_dict, out_dir):
         save_policy(module, tokenizer, layout, out_dir, state_dict=state_dict)
 
-    run_epochs(engine, loader, lm_step, epochs=epochs, name=f"sft:{phase}" if phase == "meta" else "sft",
-               save_fn=save_fn, eval_fn=lambda eng: _lm_eval(eng, val_loader), log_every=train_cfg.log_every)
+    metric = val_metric(cfg.data.page_len)
+    run_epochs(engine, loader, step, epochs=epochs, name=f"sft:{phase}" if phase == "meta" else "sft",
+               save_fn=save_fn, eval_fn=evaluate, log_every=train_cfg.log_every,
+               should_stop=lambda history: stop_after_patience(history, metric, train_cfg.patience))
 
 
 def _phase_config(cfg: Config, phase: str) -> SFTConfig:
@@ -170,30 +348,49 @@ def _phase_config(cfg: Config, phase: str) -> SFTConfig:
     return cfg.sft
 
 
+def best_epoch(history: list[dict], metric: str) -> dict | None:
+    """The epoch record with the highest `metric` (the first of equals), None if none has it."""
+    scored = [h for h in history if metric in h]
+    return max(scored, key=lambda h: h[metric]) if scored else None
+
+
 def run_sft_stage(cfg: Config, run_dir: Path, log=print) -> dict:
-    """Train (or resume) the policy; writes <run>/sft/ and <run>/sft/metrics.json."""
-    from pagellm.train.harness import fit
+    """Train (or resume) the policy; publishes the best-validation checkpoint of either phase
+    to <run>/sft/, with <run>/sft/metrics.json saying which one it is."""
+    from pagellm.train.harness import HF_SUBDIR, fit
 
     data_dir, out_dir = run_dir / "data", run_dir / "sft"
     if not (data_dir / "sft.parquet").exists():
         raise FileNotFoundError(f"{data_dir}/sft.parquet not found: run `pagellm data --run {run_dir}` first")
-    base = {"cfg": cfg.model_dump(mode="json"), "data_dir": str(data_dir.resolve()), "max_items": 50}
+    base = {"cfg": cfg.model_dump(mode="json"), "data_dir": str(data_dir.resolve())}
+    metric = val_metric(cfg.data.page_len)
+    score = (metric, "max")
     history: dict[str, list] = {}
+    candidates: list[tuple[str, dict, str]] = []  # (phase, best epoch record, its hf dir)
     init_dir = None
     if cfg.sft.meta_epochs > 0:
-        log(f"[sft] meta pre-training {cfg.sft.meta_epochs} epoch(s) on training histories")
-        meta = fit(_train_loop, {**base, "phase": "meta"}, _phase_config(cfg, "meta"), run_dir, name="sft_meta")
-        init_dir = meta.hf_path
+        log(f"[sft] meta pre-training up to {cfg.sft.meta_epochs} epoch(s) on training histories")
+        meta = fit(_train_loop, {**base, "phase": "meta"}, _phase_config(cfg, "meta"), run_dir, name="sft_meta",
+                   checkpoint_score=score)
+        init_dir = f"{meta.best_checkpoint_path}/{HF_SUBDIR}"
         history["meta"] = meta.history
-    log(f"[sft] fine-tuning on golden pages: {cfg.sft.epochs} epoch(s), {cfg.sft.workers} worker(s), "
-        f"ZeRO-{cfg.sft.zero_stage}")
-    result = fit(_train_loop, {**base, "phase": "sft", "init_dir": init_dir}, cfg.sft, run_dir, name="sft")
-    history["sft"] = result.history
-    if result.hf_path is None:
-        raise RuntimeError("SFT finished without a checkpoint")
-    publish_dir(Path(result.hf_path), out_dir)
-    metrics = {"final": result.metrics, "history": history, "checkpoint": result.checkpoint_path}
+        candidates.append(("meta", best_epoch(meta.history, metric), init_dir))
+    if cfg.sft.epochs > 0:
+        log(f"[sft] fine-tuning on golden pages: up to {cfg.sft.epochs} epoch(s), {cfg.sft.workers} worker(s), "
+            f"ZeRO-{cfg.sft.zero_stage}, {cfg.sft.page_loss} targets")
+        result = fit(_train_loop, {**base, "phase": "sft", "init_dir": init_dir}, cfg.sft, run_dir, name="sft",
+                     checkpoint_score=score)
+        history["sft"] = result.history
+        candidates.append(("sft", best_epoch(result.history, metric), f"{result.best_checkpoint_path}/{HF_SUBDIR}"))
+    candidates = [c for c in candidates if c[1] is not None]
+    if not candidates:
+        raise RuntimeError("SFT finished without a validated checkpoint (sft.epochs and sft.meta_epochs are 0?)")
+    # The later phase wins ties: it is the page objective the method asks for.
+    phase, record, hf_dir = max(reversed(candidates), key=lambda c: c[1][metric])
+    publish_dir(Path(hf_dir), out_dir)
+    metrics = {"published": {"phase": phase, "epoch": record["epoch"], metric: record[metric], "checkpoint": hf_dir},
+               "final": record, "history": history}
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
-    log(f"[sft] done: train_loss {result.metrics.get('train_loss', float('nan')):.4f} "
-        f"val_loss {result.metrics.get('val_loss', float('nan')):.4f} -> {out_dir}")
+    log(f"[sft] done: published {phase} epoch {record['epoch']} ({metric} {record[metric]:.4f}, "
+        f"val_loss {record.get('val_loss', float('nan')):.4f}) -> {out_dir}")
     return metrics

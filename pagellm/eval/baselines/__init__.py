@@ -68,19 +68,23 @@ def rank(
 
 
 def make_baseline(name: str, params: dict[str, Any] | None = None) -> Baseline:
-    """A baseline by its config name ("popularity", "sasrec") with its hyperparameters."""
+    """A baseline by its config name (pagellm/eval/baselines/params.py) with its hyperparameters."""
+    from pagellm.eval.baselines.params import BASELINE_PARAMS
+
     params = dict(params or {})
+    if name not in BASELINE_PARAMS:
+        raise ValueError(f"unknown baseline {name!r}; known: {', '.join(BASELINE_PARAMS)}")
+    unknown = sorted(set(params) - set(BASELINE_PARAMS[name]))
+    if unknown:
+        known = ", ".join(BASELINE_PARAMS[name]) or "none"
+        raise ValueError(f"unknown {name} parameters {unknown}; known: {known}")
     if name == "popularity":
         from pagellm.eval.baselines.popularity import PopularityBaseline
 
-        if params:
-            raise ValueError(f"popularity takes no parameters, got {sorted(params)}")
         return PopularityBaseline()
-    if name == "sasrec":
-        from pagellm.eval.baselines.sasrec import SASRec
+    from pagellm.eval.baselines.sasrec import SASRec
 
-        return SASRec(params)
-    raise ValueError(f"unknown baseline {name!r}; known: popularity, sasrec")
+    return SASRec(params)
 
 
 __all__ = ["Baseline", "check_sequences", "make_baseline", "rank"]

@@ -31,28 +31,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from pagellm.eval.baselines import check_sequences
+from pagellm.eval.baselines.params import BASELINE_PARAMS
 from pagellm.eval.metrics import evaluate_full_ranking, history_mask
 
-DEFAULTS: dict[str, Any] = {
-    "hidden": 64,
-    "blocks": 2,
-    "heads": 1,
-    "max_len": 50,
-    # The paper used 0.5 on Amazon with BCE; with full CE, 0.3 is the verified setting
-    # (Beauty 5-core, leave-one-out full ranking: test NDCG@10 0.0552, HR@10 0.0914 at 20 epochs).
-    "dropout": 0.3,
-    "lr": 1e-3,
-    "batch_size": 128,
-    "epochs": 20,
-    "seed": 0,
-    # Intra-op threads. A d=64 model's ops are too small to amortise thread hand-offs, and
-    # on a shared 2-core box 2 threads measured 10x slower per batch than 1 (spin-waits).
-    # None: every core this process may use.
-    "threads": 1,
-    "patience": 3,  # epochs without a better validation NDCG@10 before stopping
-    "score_batch": 1024,
-    "verbose": True,
-}
+DEFAULTS: dict[str, Any] = BASELINE_PARAMS["sasrec"]  # pagellm/eval/baselines/params.py
 
 
 class _Block(nn.Module):

@@ -1,5 +1,9 @@
 """The asynchronous PPO driver: rollout → reward → learner actors with bounded staleness.
 
+It lives with the actors it drives (the application side): the library under pagellm/
+never imports actors/ or jobs/ (docs/ARCHITECTURE.md §1). `jobs/ppo.py` calls
+`run_ppo_stage`.
+
 The driver only wires a dataflow; no batch or weight tensor passes through it. For batch b
 it queues, as ordered actor calls whose arguments are other calls' outputs:
 
@@ -26,46 +30,16 @@ from __future__ import annotations
 import json
 import shutil
 import time
+import uuid
 from collections import deque
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 from pagellm.config import Config
+from pagellm.rl.prompts import load_prompt_source
 
 GET_TIMEOUT_S = 900  # a batch that takes longer than this means a stuck actor, not a slow one
-
-
-@dataclass
-class PromptSource:
-    """Training prompts, visited in a seeded order that is a pure function of the batch id,
-    so a resumed run samples exactly the prompts the interrupted one would have."""
-
-    prompts: list[list[int]]
-    exclude: list[list[int]]
-    batch_size: int
-    seed: int
-
-    def batch(self, batch_id: int) -> list[int]:
-        n = len(self.prompts)
-        out: list[int] = []
-        start = batch_id * self.batch_size
-        while len(out) < self.batch_size:
-            epoch, offset = divmod(start + len(out), n)
-            perm = np.random.default_rng([self.seed, epoch]).permutation(n)
-            out.extend(perm[offset : offset + self.batch_size - len(out)].tolist())
-        return out
-
-
-def load_prompt_source(cfg: Config, run_dir: Path, encoder) -> PromptSource:
-    """Every user's recent training positives as the prompt; everything they trained on is
-    excluded from the page, as at evaluation time. No val/test item is ever used."""
-    evals = pd.read_parquet(run_dir / "data" / "eval.parquet")
-    prompts = [encoder.encode_prompt(int(u), list(p)) for u, p in zip(evals["user_index"], evals["prompt_val"])]
-    exclude = [sorted(set(t)) for t in evals["train_items"]]
-    return PromptSource(prompts, exclude, cfg.ppo.batch_size, cfg.seed)
 
 
 def latest_checkpoint(ckpt_root: Path) -> Path | None:
@@ -110,10 +84,11 @@ class PPORun:
         # On GPU the learner takes a whole device; rollout and reward actors share one.
         gpu = {"learner": 1.0 if ppo.use_gpu else 0.0, "worker": 0.5 if ppo.use_gpu else 0.0}
         learner_env = {"env_vars": {"DS_ACCELERATOR": "cuda" if ppo.use_gpu else "cpu"}}
-        self.broker = WeightsBroker.remote()
+        broker_name = f"pagellm-weights-{uuid.uuid4().hex[:12]}"  # rollout actors look it up by name
+        self.broker = WeightsBroker.options(name=broker_name).remote()
         self.learner = LearnerActor.options(num_gpus=gpu["learner"], runtime_env=learner_env).remote(
             str(self.sft_dir), cfg_dict, ppo.steps * ppo.epochs * n_mini, str(self.ckpt_root))
-        self.rollouts = [RolloutActor.options(num_gpus=gpu["worker"]).remote(str(self.sft_dir), cfg_dict, self.broker)
+        self.rollouts = [RolloutActor.options(num_gpus=gpu["worker"]).remote(str(self.sft_dir), cfg_dict, broker_name)
                          for _ in range(ppo.rollout_actors)]
         self.rewarders = [RewardActor.options(num_gpus=gpu["worker"]).remote(str(self.reward_dir), str(self.sft_dir),
                                                                              cfg_dict)

@@ -1,0 +1,21 @@
+"""The names a config field may select, in one module that imports nothing heavy.
+
+`pagellm.config` checks `ppo.advantage`, `ppo.policy_loss` and `ppo.reward` against these
+tables when a config loads (before Ray or torch start); the registries of
+`pagellm.rl.registry` and the reward model (`pagellm.models.reward`) are built from the
+same tables, so a name is selectable if and only if its code exists. A new advantage
+estimator or policy loss is its name here plus one decorated function.
+"""
+
+from __future__ import annotations
+
+# pagellm/rl/advantages.py registers one function per name (`@register_advantage`).
+ADVANTAGE_ESTIMATORS: tuple[str, ...] = ("gae", "reinforce", "rloo")
+# pagellm/rl/losses.py (`@register_policy_loss`).
+POLICY_LOSSES: tuple[str, ...] = ("clipped", "dual_clip")
+# pagellm/rl/advantages.py (`@register_kl`).
+KL_ESTIMATORS: tuple[str, ...] = ("k1", "k2", "k3")
+
+# A `reward.heads` / `ppo.reward` value -> the reward-model heads it is made of:
+# "sum" is R_c + R_f (the method), "coarse" and "fine" one head alone (ablations).
+REWARD_HEADS: dict[str, tuple[str, ...]] = {"sum": ("coarse", "fine"), "coarse": ("coarse",), "fine": ("fine",)}

@@ -1,0 +1,128 @@
+"""Config errors surface when the config loads, naming the field and what it allows."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pagellm import names
+from pagellm.config import ConfigError, load_config, save_config
+from pagellm.eval.baselines.params import BASELINE_PARAMS, BASELINES
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize(
+    "overrides, field, allowed",
+    [
+        (["ppo.advantage=nope"], "ppo.advantage", names.ADVANTAGE_ESTIMATORS),
+        (["ppo.policy_loss=ppo2"], "ppo.policy_loss", names.POLICY_LOSSES),
+        (["eval.baselines=[popularity, bpr]"], "eval.baselines.1", BASELINES),
+        (["ppo.reward=best"], "ppo.reward", tuple(names.REWARD_HEADS)),
+        (["eval.sasrec={hiden: 32}"], "eval.sasrec", tuple(BASELINE_PARAMS["sasrec"])),
+    ],
+)
+def test_unknown_names_fail_at_load_with_one_line_naming_field_and_choices(overrides, field, allowed):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    message = str(err.value)
+    assert "\n" not in message
+    assert f"{field}: unknown" in message
+    assert message.endswith("allowed: " + ", ".join(allowed))
+
+
+def test_every_declared_name_loads():
+    for name in names.ADVANTAGE_ESTIMATORS:
+        assert load_config(None, [f"ppo.advantage={name}"]).ppo.advantage == name
+    for name in names.POLICY_LOSSES:
+        assert load_config(None, [f"ppo.policy_loss={name}"]).ppo.policy_loss == name
+    assert load_config(None, ["eval.baselines=[sasrec]", "eval.sasrec={hidden: 16, epochs: 1}"]).eval.sasrec == {
+        "hidden": 16, "epochs": 1}
+
+
+def test_baselines_listed_twice_fail():
+    with pytest.raises(ConfigError, match="eval.baselines: baselines listed more than once: sasrec"):
+        load_config(None, ["eval.baselines=[sasrec, popularity, sasrec]"])
+
+
+@pytest.mark.parametrize(
+    "ppo_reward, reward_heads, ok",
+    [("sum", "sum", True), ("coarse", "sum", True), ("fine", "sum", True),
+     ("coarse", "coarse", True), ("fine", "fine", True),
+     ("fine", "coarse", False), ("coarse", "fine", False), ("sum", "coarse", False), ("sum", "fine", False)],
+)
+def test_ppo_reward_needs_heads_the_reward_model_trains(ppo_reward, reward_heads, ok):
+    overrides = [f"ppo.reward={ppo_reward}", f"reward.heads={reward_heads}"]
+    if ok:
+        assert load_config(None, overrides).ppo.reward == ppo_reward
+        return
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    message = str(err.value)
+    assert "\n" not in message and "ppo.reward:" in message and f"reward.heads={reward_heads!r}" in message
+    assert message.endswith(f"allowed with it: {reward_heads}")
+    # Without PPO nothing reads ppo.reward.
+    assert load_config(None, overrides + ["ppo.enabled=false"]).reward.heads == reward_heads
+
+
+def test_page_length_has_one_source(tmp_path):
+    cfg = load_config(None, ["data.page_len=7"])
+    assert "page_len" not in cfg.model_dump()["eval"]
+    assert not hasattr(cfg.eval, "page_len")
+    # A run config saved before eval.page_len was retired still loads when the two agree ...
+    old = tmp_path / "config.yaml"
+    save_config(cfg, old)
+    old.write_text(old.read_text().replace("eval:\n", "eval:\n  page_len: 7\n"))
+    assert load_config(old).data.page_len == 7
+    # ... and names the field to set when they do not.
+    with pytest.raises(ConfigError, match=r"eval.page_len: removed; the page length is data.page_len"):
+        load_config(None, ["eval.page_len=5"])
+
+
+def test_registries_are_built_from_the_declared_names():
+    from pagellm.rl.registry import ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, POLICY_LOSSES, register_policy_loss
+
+    assert tuple(sorted(ADVANTAGE_ESTIMATORS)) == tuple(sorted(names.ADVANTAGE_ESTIMATORS))
+    assert tuple(sorted(POLICY_LOSSES)) == tuple(sorted(names.POLICY_LOSSES))
+    assert tuple(sorted(KL_ESTIMATORS)) == tuple(sorted(names.KL_ESTIMATORS))
+    with pytest.raises(ValueError, match="not declared in pagellm/names.py"):
+        register_policy_loss("my_loss")
+    assert "my_loss" not in POLICY_LOSSES
+
+
+def test_baseline_table_is_what_the_baselines_use():
+    from pagellm.eval.baselines import make_baseline
+    from pagellm.eval.baselines.sasrec import DEFAULTS, SASRec
+    from pagellm.models.reward import HEAD_CHOICES
+
+    assert DEFAULTS is BASELINE_PARAMS["sasrec"] and HEAD_CHOICES is names.REWARD_HEADS
+    assert SASRec({"hidden": 8}).params == {**DEFAULTS, "hidden": 8}
+    for name in BASELINES:
+        assert make_baseline(name).name == name
+    with pytest.raises(ValueError, match=r"unknown popularity parameters \['hidden'\]; known: none"):
+        make_baseline("popularity", {"hidden": 8})
+
+
+def test_loading_a_config_imports_no_torch():
+    code = "import sys, pagellm.config; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
+
+
+@pytest.mark.parametrize(
+    "setting, field",
+    [("ppo.advantage=nope", "ppo.advantage"), ("ppo.policy_loss=nope", "ppo.policy_loss"),
+     ("eval.baselines=[nope]", "eval.baselines.0"), ("reward.heads=coarse", "ppo.reward")],
+)
+def test_pagellm_run_rejects_a_bad_config_at_once(setting, field):
+    """`pagellm run --set ...` (even without --out): exit 2 in well under 10 s, one line on stderr."""
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "jobs.cli", "run", "--set", setting], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and time.perf_counter() - t0 < 10
+    (line,) = proc.stderr.splitlines()
+    assert line.startswith("error: invalid config") and f"{field}: " in line and "allowed" in line
+    assert proc.stdout == ""
