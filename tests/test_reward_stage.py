@@ -10,7 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pagellm.train.reward import heldout_metrics, should_stop, user_in_validation
+from pagellm.train.harness import patience_exhausted
+from pagellm.train.reward import heldout_metrics, user_in_validation
 
 SMALL = ["data.simulator.users=60", "data.simulator.items=80", "data.simulator.categories=5",
          "data.simulator.interactions_per_user=30", "data.sft_windows=2",
@@ -32,10 +33,10 @@ def test_user_split_is_seeded_by_user_and_about_the_fraction():
 
 def test_should_stop_after_patience_epochs_without_a_better_loglik():
     hist = [{"val_loglik": v} for v in (-0.6, -0.5, -0.55)]
-    assert not should_stop(hist, patience=2)
-    assert should_stop(hist + [{"val_loglik": -0.51}], patience=2)
-    assert not should_stop(hist + [{"val_loglik": -0.4}], patience=2)
-    assert not should_stop([{"train_loss": 1.0}], patience=1)  # no validation: never stops
+    assert not patience_exhausted(hist, "val_loglik", patience=2)
+    assert patience_exhausted(hist + [{"val_loglik": -0.51}], "val_loglik", patience=2)
+    assert not patience_exhausted(hist + [{"val_loglik": -0.4}], "val_loglik", patience=2)
+    assert not patience_exhausted([{"train_loss": 1.0}], "val_loglik", patience=1)  # no validation: never stops
 
 
 def test_heldout_metrics_per_head_and_a_disabled_head():

@@ -78,11 +78,12 @@ def test_item_loss_terms_by_hand():
 
 
 def test_stop_after_patience_and_best_epoch():
-    from pagellm.train.sft import best_epoch, stop_after_patience
+    from pagellm.train.harness import patience_exhausted
+    from pagellm.train.sft import best_epoch
 
     history = [{"epoch": 1, "m": 0.1}, {"epoch": 2, "m": 0.3}, {"epoch": 3, "m": 0.2}, {"epoch": 4, "m": 0.3}]
-    assert not stop_after_patience(history, "m", 3)
-    assert stop_after_patience(history, "m", 2)  # the first 0.3 is the best; two epochs since
+    assert not patience_exhausted(history, "m", 3)
+    assert patience_exhausted(history, "m", 2)  # the first 0.3 is the best; two epochs since
     assert best_epoch(history, "m")["epoch"] == 2
     assert best_epoch([{"epoch": 1}], "m") is None
 

@@ -232,6 +232,16 @@ def restore_loop_state(engine) -> LoopState:
         return LoopState(**json.loads((Path(local) / STATE_FILE).read_text()))
 
 
+def patience_exhausted(history: list[dict[str, Any]], key: str, patience: int) -> bool:
+    """Early stopping for `run_epochs(should_stop=...)`: True once `patience` epochs have
+    passed since the best `key` (higher is better); never without a `key` value."""
+    values = [record[key] for record in history if key in record]
+    if not values:
+        return False
+    best = max(range(len(values)), key=values.__getitem__)  # the first of equals
+    return len(values) - 1 - best >= patience
+
+
 def _broadcast_flag(flag: bool) -> bool:
     """Rank 0's decision, on every rank (floating-point ties must not split the ranks)."""
     if not dist.is_initialized():

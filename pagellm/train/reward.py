@@ -100,15 +100,6 @@ def evaluate_pairs(engine, loader) -> dict[str, float]:
     return {k: v / max(1, n_total) for k, v in sums.items()}
 
 
-def should_stop(history: list[dict], patience: int, key: str = "val_loglik") -> bool:
-    """True once `patience` epochs have passed since the best `key` (higher is better)."""
-    values = [record[key] for record in history if key in record]
-    if not values:
-        return False
-    best = int(np.argmax(values))
-    return len(values) - 1 - best >= patience
-
-
 def param_groups(model, train_cfg: RewardConfig) -> list[dict]:
     """Backbone at `lr`, the fresh heads at `lr x head_lr_mult` (matrices decay, vectors do not).
 
@@ -146,7 +137,7 @@ def _train_loop(config: dict) -> None:
 
     from pagellm.models.positions import check_context
     from pagellm.train.engine import build_engine, micro_batch_size, setup_distributed_for_deepspeed
-    from pagellm.train.harness import distributed_loader, run_epochs
+    from pagellm.train.harness import distributed_loader, patience_exhausted, run_epochs
 
     cfg = Config.model_validate(config["cfg"])
     train_cfg = RewardConfig.model_validate(config["train_cfg"])
@@ -175,7 +166,8 @@ def _train_loop(config: dict) -> None:
     run_epochs(
         engine, loader, reward_step, epochs=train_cfg.epochs, name="reward", save_fn=save_fn,
         eval_fn=lambda eng: evaluate_pairs(eng, val_loader),
-        should_stop=lambda history: should_stop(history, train_cfg.patience), log_every=train_cfg.log_every,
+        should_stop=lambda history: patience_exhausted(history, "val_loglik", train_cfg.patience),
+        log_every=train_cfg.log_every,
     )
 
 

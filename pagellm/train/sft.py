@@ -274,16 +274,10 @@ def val_metric(page_len: int) -> str:
     return f"val_ndcg@{min(10, page_len)}"
 
 
-def stop_after_patience(history: list[dict], metric: str, patience: int) -> bool:
-    """True once `patience` epochs have passed without a new best `metric`."""
-    values = [h[metric] for h in history if metric in h]
-    return bool(values) and len(values) - 1 - int(np.argmax(values)) >= patience
-
-
 def _train_loop(config: dict) -> None:
     """One Ray Train worker: meta or SFT phase, selected by config["phase"]."""
     from pagellm.train.engine import build_engine, micro_batch_size, setup_distributed_for_deepspeed
-    from pagellm.train.harness import distributed_loader, run_epochs
+    from pagellm.train.harness import distributed_loader, patience_exhausted, run_epochs
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     cfg = Config.model_validate(config["cfg"])
@@ -339,7 +333,7 @@ def _train_loop(config: dict) -> None:
     metric = val_metric(cfg.data.page_len)
     run_epochs(engine, loader, step, epochs=epochs, name=f"sft:{phase}" if phase == "meta" else "sft",
                save_fn=save_fn, eval_fn=evaluate, log_every=train_cfg.log_every,
-               should_stop=lambda history: stop_after_patience(history, metric, train_cfg.patience))
+               should_stop=lambda history: patience_exhausted(history, metric, train_cfg.patience))
 
 
 def _phase_config(cfg: Config, phase: str) -> SFTConfig:
