@@ -1,5 +1,6 @@
 """Learner actor: PPO updates of policy + value head in a DeepSpeed engine, weight publishing
-and checkpoints. One process here; on a GPU cluster the same engine code runs per worker.
+and checkpoints. One process with a world-size-1 process group (one GPU at most); the engine
+comes from pagellm/train/engine.py, as for the SFT and reward workers.
 
 The learner is the source of truth for the run's position (step, policy version, batches
 trained and dropped): it judges staleness and writes checkpoints itself, between two

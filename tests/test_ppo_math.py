@@ -8,6 +8,8 @@ import math
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
 
 from pagellm.config import PPOConfig
 from pagellm.rl.advantages import (
@@ -351,7 +353,7 @@ def test_every_advantage_estimator_takes_the_shared_signature():
         assert torch.all(adv[MASK == 0] == 0), name
 
 
-def test_value_head_shapes_init_and_round_trip(tmp_path):
+def test_value_head_shapes_init_and_saved_file(tmp_path):
     torch.manual_seed(0)
     head = ValueHead(64, dropout=0.1)
     assert head.summary.weight.std().item() == pytest.approx(1 / math.sqrt(65), rel=0.3)
@@ -361,13 +363,14 @@ def test_value_head_shapes_init_and_round_trip(tmp_path):
     assert out.shape == (2, 5) and out.dtype == torch.float32
     path = head.save(tmp_path / "ckpt")
     assert path.name == VALUE_HEAD_FILE
-    loaded = ValueHead.load(tmp_path / "ckpt").eval()
-    assert loaded.hidden_size == 64 and loaded.dropout_p == pytest.approx(0.1)
-    torch.testing.assert_close(loaded(hidden), out)
+    saved = load_file(str(path))
+    assert saved.keys() == head.state_dict().keys()
+    for name, tensor in head.state_dict().items():
+        assert torch.equal(saved[name], tensor), name
+    with safe_open(str(path), framework="pt") as f:
+        assert f.metadata() == {"hidden_size": "64", "dropout": "0.1"}
     with pytest.raises(ValueError, match="hidden size"):
         head(torch.randn(1, 2, 8))
-    with pytest.raises(FileNotFoundError):
-        ValueHead.load(tmp_path / "nowhere")
 
 
 # ----------------------------------------------------------------------------- end to end

@@ -25,7 +25,7 @@ import torch
 from pagellm.models.positions import check_context, position_ids, prompt_anchor
 from pagellm.vocab import TokenLayout
 
-MODES = ("greedy", "sample", "beam")
+MODES = ("greedy", "sample")
 
 
 @dataclass
@@ -149,30 +149,23 @@ def generate_pages(
     mode: str = "greedy",
     exclude: list | None = None,
     temperature: float = 1.0,
-    num_beams: int = 4,
     generator: torch.Generator | None = None,
 ) -> PageBatch:
-    """Write one page of k items per prompt. Greedy = argmax, sample = multinomial (pass a
-    `generator` on the model's device for reproducibility), beam = the highest-scoring page
-    among `num_beams` beams (sum of constrained logprobs; every page has the same length)."""
+    """Write one page of k items per prompt. Greedy = argmax (evaluation, serving), sample =
+    multinomial (PPO rollouts; pass a `generator` on the model's device for reproducibility)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    if mode == "beam" and num_beams < 1:
-        raise ValueError(f"num_beams must be >= 1, got {num_beams}")
     device = _device(model)
     check_context(model, max(len(p) for p in prompts), k + 1)
     ids, mask, positions = left_pad(prompts, layout.pad_id, device, prompt_anchor(model))
     blocked = exclusion_mask(exclude, len(prompts), layout.n_items, device)
     with _EvalMode(model), torch.no_grad():
-        start = (model, layout, ids, mask, positions, blocked, k, temperature)
-        if mode == "beam":
-            tokens, logps, done_at = _beam_search(*start, num_beams)
-        else:
-            tokens, logps, done_at = _token_by_token(*start, mode, generator)
+        tokens, logps, done_at = _token_by_token(model, layout, ids, mask, positions, blocked, k,
+                                                 temperature, mode, generator)
     steps = torch.arange(k + 1, device=device)
     response_mask = steps[None, :] <= done_at[:, None]
     tokens = tokens.masked_fill(~response_mask, layout.pad_id)
@@ -224,56 +217,6 @@ def _token_by_token(model, layout, ids, mask, positions, blocked, k, temperature
         out = _forward(model, tokens[:, t : t + 1], mask, last_pos, past=past)
         past = out.past_key_values
     return tokens, logps, done_at
-
-
-def _beam_search(model, layout, ids, mask, positions, blocked, k, temperature, num_beams):
-    """Batched beam search over item tokens; beams of one row always end together, since
-    <eos> becomes allowed at the same step for all of them."""
-    batch, device, width = ids.shape[0], ids.device, num_beams
-    slots = layout.n_items + 1
-    flat = batch * width
-    out = _forward(model, ids, mask, positions)
-    past = out.past_key_values
-    past.batch_repeat_interleave(width)  # one prompt pass, then one cache row per beam
-    logits = out.logits[:, -1].repeat_interleave(width, dim=0)
-    mask = mask.repeat_interleave(width, dim=0)
-    last_pos = positions[:, -1:].repeat_interleave(width, dim=0)
-    blocked = blocked.repeat_interleave(width, dim=0)
-    scores = torch.full((batch, width), float("-inf"), device=device)
-    scores[:, 0] = 0.0  # identical beams at the start: keep one so pages are not duplicated
-    tokens = torch.full((flat, k + 1), layout.pad_id, dtype=torch.long, device=device)
-    logps = torch.zeros((flat, k + 1), device=device)
-    done_at = torch.full((batch,), k, dtype=torch.long, device=device)
-    done = torch.zeros(batch, dtype=torch.bool, device=device)
-    beam_ids = torch.arange(width, device=device).expand(batch, width)
-    for t in range(k + 1):
-        logp = _step_logprobs(logits, layout, blocked, t, k, temperature).view(batch, width, slots)
-        top, index = (scores[:, :, None] + logp).view(batch, width * slots).topk(width, dim=-1)
-        source, choice = index // slots, index % slots
-        # Finished rows stand still: same beams, same scores, padding tokens.
-        source = torch.where(done[:, None], beam_ids, source)
-        top = torch.where(done[:, None], scores, top)
-        chosen_logp = logp.gather(1, source[:, :, None].expand(-1, -1, slots)).gather(2, choice[:, :, None]).squeeze(2)
-        flat_source = (torch.arange(batch, device=device)[:, None] * width + source).view(-1)
-        tokens, logps, blocked = tokens[flat_source], logps[flat_source], blocked[flat_source]
-        past.reorder_cache(flat_source)
-        scores = top
-        active = (~done)[:, None].expand(batch, width).reshape(-1)
-        tokens[active, t] = _token_of(choice.view(-1), layout)[active]
-        logps[active, t] = chosen_logp.view(-1)[active]
-        is_eos = (choice[:, 0] == layout.n_items) & ~done  # judged on the best beam
-        done_at = torch.where(is_eos, torch.full_like(done_at, t), done_at)
-        done |= is_eos
-        picked = active & (choice.view(-1) < layout.n_items)
-        blocked[picked.nonzero().squeeze(-1), choice.view(-1)[picked]] = True
-        if bool(done.all()) or t == k:
-            break
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        last_pos = last_pos + 1
-        out = _forward(model, tokens[:, t : t + 1], mask, last_pos, past=past)
-        past, logits = out.past_key_values, out.logits[:, -1]
-    best = torch.arange(batch, device=device) * width  # beams stay sorted best-first
-    return tokens[best], logps[best], done_at
 
 
 def _response_tensor(responses, layout: TokenLayout, width: int | None, device) -> torch.Tensor:

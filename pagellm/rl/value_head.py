@@ -1,7 +1,9 @@
 """The critic of PPO: a linear head on the policy's final hidden states, one value per token.
 
-It is saved on its own (`value_head.safetensors` in a directory) beside the policy's
-Hugging Face checkpoint, so the policy directory stays loadable by `from_pretrained`.
+The learner writes it on its own (`value_head.safetensors`) beside the policy's Hugging Face
+checkpoint, so the policy directory stays loadable by `from_pretrained` and the critic can be
+inspected. A resumed run does not read that file: the learner's DeepSpeed state holds the
+value head with the policy (`actors/learner.py::restore`), so there is no loader here.
 """
 
 from __future__ import annotations
@@ -10,8 +12,7 @@ import math
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 VALUE_HEAD_FILE = "value_head.safetensors"
@@ -49,16 +50,3 @@ class ValueHead(nn.Module):
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
         save_file(tensors, str(path), metadata={"hidden_size": str(self.hidden_size), "dropout": str(self.dropout_p)})
         return path
-
-    @classmethod
-    def load(cls, directory: str | Path, device: str | torch.device = "cpu") -> "ValueHead":
-        path = Path(directory) / VALUE_HEAD_FILE
-        if not path.exists():
-            raise FileNotFoundError(f"no value head at {path}")
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        tensors = load_file(str(path), device=str(device))
-        hidden_size = int(meta.get("hidden_size", tensors["summary.weight"].shape[1]))
-        head = cls(hidden_size, dropout=float(meta.get("dropout", 0.0)))
-        head.load_state_dict(tensors)
-        return head.to(device=device, dtype=tensors["summary.weight"].dtype)

@@ -1,13 +1,10 @@
 """DeepSpeed configs as plain dicts, built by functions (after OpenRLHF's deepspeed_utils).
 
-Two builders:
-
-- `train_ds_config(...)`: a model that is trained (SFT policy, reward model, PPO learner).
-  ZeRO stage 0-3, AdamW with weight decay, linear warmup then linear decay
-  (`WarmupDecayLR`), gradient clipping, bf16 on GPU / fp32 on CPU, optional CPU offload.
-- `eval_ds_config(...)`: a frozen model that only runs forward passes (the PPO reference
-  policy, the reward model while scoring). ZeRO-3 shards its weights; stages 1-2 only
-  shard optimizer state and gradients, which a frozen model does not have, so they map to 0.
+One builder, `train_ds_config(...)`, for a model that is trained (SFT policy, reward model,
+PPO learner): ZeRO stage 0-3, AdamW with weight decay, linear warmup then linear decay
+(`WarmupDecayLR`), gradient clipping, bf16 on GPU / fp32 on CPU, optional CPU offload.
+Frozen models (the PPO reference, the reward model while scoring) are plain modules in
+the reward actor and the serve replicas, not DeepSpeed engines, so they need no config.
 
 Optimizer choice (why not DeepSpeed's default FusedAdam): FusedAdam and DeepSpeedCPUAdam
 are C++/CUDA ops that DeepSpeed compiles on first use, which needs a toolchain on every
@@ -95,23 +92,6 @@ def train_ds_config(
                 "warmup_type": "linear",
             },
         },
-        "steps_per_print": _NEVER,
-        "wall_clock_breakdown": False,
-    }
-
-
-def eval_ds_config(zero_stage: int, bf16: bool, offload: bool = False, micro_batch_size: int = 1) -> dict[str, Any]:
-    """DeepSpeed config for a frozen, forward-only model (reference policy, reward scoring)."""
-    stage = 3 if zero_stage == 3 else 0
-    zero = _zero_section(stage, False)
-    if offload and stage == 3:
-        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
-    return {
-        # Required by deepspeed.initialize even without an optimizer; never used for batching.
-        "train_micro_batch_size_per_gpu": micro_batch_size,
-        "gradient_accumulation_steps": 1,
-        "zero_optimization": zero,
-        "bf16": {"enabled": bool(bf16)},
         "steps_per_print": _NEVER,
         "wall_clock_breakdown": False,
     }

@@ -9,7 +9,6 @@ API (in call order):
     setup_distributed_for_deepspeed()          make DeepSpeed reuse the existing process group
     micro_batch_size(batch_size, world_size)   per-worker batch for a global batch size
     engine = build_engine(model, None, train_cfg, total_steps, use_gpu)
-    frozen = build_frozen_engine(model, zero_stage, use_gpu)     reference / reward inference
     save_hf_checkpoint(engine, out_dir, save_fn)   full weights -> HF directory (rank 0 writes)
     save_training_state(engine, dir) / load_training_state(engine, dir)   exact resume
     report_progress(...)                       "[sft] epoch 2/10 step 140/700 loss 2.314 ..."
@@ -49,7 +48,7 @@ from deepspeed.runtime.zero.config import ZeroStageEnum
 from deepspeed.utils.tensor_fragment import fragment_address
 
 from pagellm.config import TrainCommon
-from pagellm.train.deepspeed_config import eval_ds_config, train_ds_config
+from pagellm.train.deepspeed_config import train_ds_config
 
 # Plain data holders that DeepSpeed pickles into its ZeRO checkpoints (found with
 # torch.serialization.get_unsafe_globals_in_checkpoint on ZeRO 0-3 checkpoints).
@@ -159,14 +158,6 @@ def build_engine(
         params = weight_decay_groups(model, train_cfg.weight_decay)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=params, config=ds_config, dist_init_required=False)
     engine.checkpoint_engine = WeightsOnlyCheckpointEngine()
-    return engine
-
-
-def build_frozen_engine(model: torch.nn.Module, zero_stage: int, use_gpu: bool) -> deepspeed.DeepSpeedEngine:
-    """A forward-only engine (weights sharded under ZeRO-3), in eval mode, no gradients."""
-    model.requires_grad_(False)
-    engine, *_ = deepspeed.initialize(model=model, config=eval_ds_config(zero_stage, bf16=use_gpu), dist_init_required=False)
-    engine.eval()
     return engine
 
 
