@@ -3,6 +3,7 @@
     python bench/serve_latency.py [--out runs/bench_serve] [--models tiny gpt2-small]
                                   [--ingress proxy haproxy] [--duration 60] [--concurrency 16]
                                   [--requests 300]
+    python bench/serve_latency.py --routers hand fastapi [--ingress proxy] [--rounds 6]
 
 For each policy shape (random weights: timing does not depend on training) it builds a run
 folder on one simulator data build, deploys the app on 127.0.0.1, and measures
@@ -12,6 +13,11 @@ folder on one simulator data build, deploys the app on 127.0.0.1, and measures
     (non-200 answers and pages that are not K distinct known items outside the history).
 Each ingress (`serve.ingress`: Serve's Python proxy, or its HAProxy ingress) runs in its own
 Ray instance, since Serve reads that switch when Ray starts.
+`--routers hand fastapi` answers a different question: what FastAPI (`@serve.ingress`, the
+app's router) costs over the hand-written Starlette router it replaced. Both serve the same tiny run from one Serve
+instance (at /hand and /fastapi, behind the one `--ingress`), with the same engine code;
+`--rounds` alternating rounds of c=1 requests, then of c=16 load, go to each in turn so a
+neighbour's load on the box falls on both alike.
 Client, proxy and replica share the machine, so numbers include the client's CPU; the
 load average before and after each phase is recorded. Targets on a 2-core box: tiny p50
 <= 20 ms at concurrency 1; concurrency-16 pages/s >= 4x concurrency-1 pages/s.
@@ -34,6 +40,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from safetensors import safe_open
+from starlette.requests import Request
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -94,19 +101,20 @@ class Load:
     def __init__(self, url: str, pool: list[dict], known: set[str]):
         self.url, self.pool, self.known = url + "/v1/page", pool, known
 
-    def run(self, concurrency: int, seconds: float | None = None, requests_total: int | None = None) -> dict:
+    def run(self, concurrency: int, seconds: float | None = None, requests_total: int | None = None,
+            latencies: bool = False) -> dict:
         load_before = os.getloadavg()[0]
         start = time.perf_counter()
-        latencies, server, errors = asyncio.run(self._drive(concurrency, seconds, requests_total))
+        got, server, errors = asyncio.run(self._drive(concurrency, seconds, requests_total))
         wall = time.perf_counter() - start
-        lat = np.array(latencies) * 1000.0
-        return {
+        lat = np.array(got) * 1000.0
+        return {**({"latencies_ms": lat} if latencies else {}),
             "concurrency": concurrency,
             "seconds": round(wall, 2),
-            "pages": len(latencies),
+            "pages": len(got),
             "errors": sum(errors.values()),
             "error_kinds": errors,
-            "pages_per_s": round(len(latencies) / wall, 1),
+            "pages_per_s": round(len(got) / wall, 1),
             "p50_ms": round(float(np.percentile(lat, 50)), 1) if len(lat) else None,
             "p99_ms": round(float(np.percentile(lat, 99)), 1) if len(lat) else None,
             # Inside the replica: waiting for a batch slot, the batched decode, arrival to answer.
@@ -197,6 +205,94 @@ def table(results: list[dict], concurrency: int) -> str:
     return "\n".join(rows)
 
 
+def hand_service():
+    """The hand-written Starlette router the app had before FastAPI, in front of the same
+    handlers (pagellm.serve.app.PageHandlers): the baseline of `--routers`."""
+    from ray import serve
+    from starlette.responses import JSONResponse
+
+    from pagellm.serve.app import ROUTES, PageHandlers, _path
+    from pagellm.serve.schemas import RequestError
+
+    @serve.deployment(name="PageLLMHand", ray_actor_options={"num_cpus": 1})
+    class HandPageService(PageHandlers):
+        async def __call__(self, request: Request) -> JSONResponse:
+            arrived = time.perf_counter()
+            path = _path(request)
+            try:
+                if path not in ROUTES:
+                    raise RequestError(f"no route {request.method} {path}", 404)
+                if request.method != ROUTES[path]:
+                    raise RequestError(f"{path} takes {ROUTES[path]}, not {request.method}", 405)
+                if path == "/healthz":
+                    return JSONResponse(self.health().model_dump())
+                body = await request.body()
+                if path == "/v1/page":
+                    return JSONResponse((await self._page(body, arrived)).model_dump())
+                return JSONResponse((await self._score(body)).model_dump())
+            except RequestError as exc:
+                return JSONResponse(exc.body(), status_code=exc.status)
+
+    return HandPageService
+
+
+def compare_routers(out: Path, args) -> None:
+    """Hand router vs FastAPI on the tiny run, alternating rounds (see the module docstring)."""
+    from ray import serve
+
+    from pagellm.serve.app import build_app, deployment_options
+
+    run, cfg = build_run(out, "tiny", ["serve.access_log=false", *args.overrides, f"serve.ingress={args.ingress[0]}"])
+    pool = request_pool(run)
+    known = set(Vocab.from_parquet(run / "data" / "vocab.parquet").item_ids)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    hand = hand_service().options(**deployment_options(cfg.serve))
+    try:
+        serve.run_many([
+            serve.RunTarget(target=hand.bind(str(run.resolve()), cfg.model_dump(mode="json"), args.threads, None),
+                            name="hand", route_prefix="/hand"),
+            serve.RunTarget(target=build_app(run, cfg, threads=args.threads), name="fastapi", route_prefix="/fastapi"),
+        ])
+        loads = {name: Load(f"http://127.0.0.1:{port}/{name}", pool, known) for name in args.routers}
+        for name, load in loads.items():
+            warm = load.run(1, requests_total=30)  # warm-up
+            if warm["errors"]:
+                import requests
+
+                answer = requests.post(load.url, json=pool[0], timeout=30).text[:300]
+                raise RuntimeError(f"{name}: {warm['error_kinds']}: {answer}")
+        c1 = {name: [] for name in loads}
+        c16 = {name: [] for name in loads}
+        per_round = max(1, args.requests // args.rounds)
+        for _ in range(args.rounds):
+            for name, load in loads.items():
+                c1[name].append(load.run(1, requests_total=per_round, latencies=True))
+            for name, load in loads.items():
+                c16[name].append(load.run(args.concurrency, seconds=args.duration / args.rounds))
+    finally:
+        serve.shutdown()
+    rows = ["| router | p50 ms (c=1) | p99 ms (c=1) | pages/s c=1 | "
+            f"p50 ms (c={args.concurrency}) | pages/s c={args.concurrency} | errors |", "|---|---|---|---|---|---|---|"]
+    report = {"date": time.strftime("%Y-%m-%d %H:%M"), "ingress": args.ingress[0], "rounds": args.rounds, "routers": {}}
+    for name in loads:
+        lat = np.concatenate([r.pop("latencies_ms") for r in c1[name]])
+        pages_c1 = sum(r["pages"] for r in c1[name]) / sum(r["seconds"] for r in c1[name])
+        pages_cN = sum(r["pages"] for r in c16[name]) / sum(r["seconds"] for r in c16[name])
+        p50_cN = float(np.median([r["p50_ms"] for r in c16[name]]))
+        errors = sum(r["errors"] for r in c1[name] + c16[name])
+        row = {"p50_ms": round(float(np.percentile(lat, 50)), 2), "p99_ms": round(float(np.percentile(lat, 99)), 2),
+               "pages_per_s_c1": round(pages_c1, 1), "p50_ms_cN": round(p50_cN, 1),
+               "pages_per_s_cN": round(pages_cN, 1), "errors": errors, "requests_c1": int(len(lat))}
+        report["routers"][name] = row
+        rows.append(f"| {name} | {row['p50_ms']} | {row['p99_ms']} | {row['pages_per_s_c1']} | {row['p50_ms_cN']} | "
+                    f"{row['pages_per_s_cN']} | {errors} |")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"serve_routers_{args.ingress[0]}.json").write_text(json.dumps(report, indent=2))
+    print("\n".join(rows))
+    print(json.dumps(report, indent=2))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="runs/bench_serve")
@@ -210,8 +306,18 @@ def main() -> None:
                     help="config override for the served runs, e.g. --set serve.batch_wait_timeout_s=0.02")
     ap.add_argument("--ingress", nargs="+", default=["proxy", "haproxy"], choices=["proxy", "haproxy"],
                     help="serve.ingress modes to measure, each in a fresh Ray")
+    ap.add_argument("--routers", nargs="+", choices=["hand", "fastapi"], default=None,
+                    help="compare request routers on the tiny run instead (one --ingress)")
+    ap.add_argument("--rounds", type=int, default=6, help="alternating rounds per router with --routers")
     args = ap.parse_args()
     out = Path(args.out)
+    if args.routers:
+        os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "0")
+        prepare_ingress(args.ingress[-1])
+        args.ingress = args.ingress[-1:]
+        with ray_session():
+            compare_routers(out, args)
+        return
     if len(args.ingress) > 1:
         results = []
         for mode in args.ingress:  # one process per ingress: Serve reads the switch at Ray start

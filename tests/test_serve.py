@@ -195,6 +195,17 @@ def test_wrong_method_and_path(served):
     assert resp.json()["error"] == "/v1/page takes POST, not GET"
     resp = requests.post(served["url"] + "/v2/page", data="{}", timeout=30)
     assert resp.status_code == 404 and "routes: GET /healthz, POST /v1/page, POST /v1/score" in resp.json()["error"]
+    resp = requests.get(served["url"] + "/bare/v1/nowhere", timeout=30)  # under a route prefix too
+    assert resp.status_code == 404 and resp.json()["error"].startswith("no route GET /v1/nowhere;")
+
+
+def test_openapi_schema_describes_the_routes_and_bodies(served):
+    schema = requests.get(served["url"] + "/openapi.json", timeout=30).json()
+    assert {"/healthz", "/v1/page", "/v1/score"} <= set(schema["paths"])
+    body = schema["paths"]["/v1/page"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert {"user_id", "history", "k", "exclude"} == set(body["properties"]) and body["additionalProperties"] is False
+    assert "PageResponse" in schema["components"]["schemas"]
+    assert requests.get(served["url"] + "/docs", timeout=30).status_code == 200
 
 
 def test_score_agrees_with_the_offline_reward_scorer(served):

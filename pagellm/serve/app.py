@@ -10,21 +10,28 @@ every `batch_wait_timeout_s` while one decodes; those small batches then queue b
 (measured on the tiny policy at concurrency 16: ~1.5 requests per batch and twice the
 server time per request).
 
-Request handling is plain Starlette (no FastAPI): every failure becomes a JSON body
-`{"error": "...", "errors": [{"loc", "msg"}]}` with a readable message, the way
-`schemas.parse_request` writes it.
+Routing and the API's description are FastAPI's (`@serve.ingress`): `/docs` and
+`/openapi.json` come with it. Bodies are still parsed by `schemas.parse_request`, not by
+FastAPI's own body binding, because k and history limits come from the run's config (a
+validation context FastAPI cannot pass) and every failure must read the same way:
+`{"error": "...", "errors": [{"loc", "msg"}]}`, unknown routes and wrong methods included
+(the exception handlers below). The cost, measured against the hand-written Starlette
+router it replaced (`bench/serve_latency.py --routers`, docs/BENCHMARKS.md): +0.3-0.4 ms
+p50 at concurrency 1, 4-12 % fewer pages/s at concurrency 16 on a 2-core box.
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations`: FastAPI reads the endpoints' annotations
+# (`Request`) as objects.
 
 import logging
 import os
 import time
 from pathlib import Path
 
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
 from ray import serve
-from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.exceptions import HTTPException
 
 from pagellm.config import Config, ServeConfig
 from pagellm.serve.engine import PageEngine, PageScorer, Prepared, ScoreInputs
@@ -55,8 +62,10 @@ def _ms(seconds: float) -> float:
     return round(seconds * 1000.0, 3)
 
 
-@serve.deployment(name=DEPLOYMENT, ray_actor_options={"num_cpus": 1})
-class PageService:
+class PageHandlers:
+    """What a replica does for each route, routing aside (bench/serve_latency.py puts the
+    old hand-written router in front of it to measure FastAPI's cost)."""
+
     def __init__(self, run_dir: str, config: dict, threads: int | None = None, device: str | None = None):
         import torch
 
@@ -85,39 +94,8 @@ class PageService:
     async def score_batch(self, rows: list[ScoreInputs]) -> list[tuple[float, float]]:
         return self.scorer.score(rows)
 
-    async def __call__(self, request: Request) -> JSONResponse:
-        arrived = time.perf_counter()
-        path = self._route_path(request)
-        try:
-            if path not in ROUTES:
-                routes = ", ".join(f"{m} {p}" for p, m in ROUTES.items())
-                raise RequestError(f"no route {request.method} {path}; routes: {routes}", 404)
-            if request.method != ROUTES[path]:
-                raise RequestError(f"{path} takes {ROUTES[path]}, not {request.method}", 405)
-            if path == "/healthz":
-                health = Health(
-                    model_version=self.engine.version, reward_model_version=self.scorer.version if self.scorer else None
-                )
-                return JSONResponse(health.model_dump())
-            body = await request.body()
-            if path == "/v1/page":
-                return JSONResponse((await self._page(body, arrived)).model_dump())
-            return JSONResponse((await self._score(body)).model_dump())
-        except RequestError as exc:
-            headers = {"Allow": ROUTES[path]} if exc.status == 405 else None
-            return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
-        except Exception as exc:  # a bug must answer 500 with its reason, not drop the connection
-            log.exception("PageLLM request failed")
-            body = {"error": f"internal error: {type(exc).__name__}: {exc}", "errors": []}
-            return JSONResponse(body, status_code=500)
-
-    @staticmethod
-    def _route_path(request: Request) -> str:
-        """The path under the application's route prefix, without a trailing slash."""
-        path, root = request.url.path, request.scope.get("root_path", "")
-        if root and path.startswith(root):
-            path = path[len(root) :]
-        return "/" + path.strip("/")
+    def health(self) -> Health:
+        return Health(model_version=self.engine.version, reward_model_version=self.scorer.version if self.scorer else None)
 
     async def _batched(self, kind: str, batched, row):
         """Call a @serve.batch method; a request alone in the replica does not wait for
@@ -152,6 +130,68 @@ class PageService:
         inputs = self.engine.score_inputs(req)
         r_c, r_f = await self._batched("score", self.score_batch, inputs)
         return ScoreResponse(r_c=r_c, r_f=r_f, r=r_c + r_f, model_version=self.scorer.version, warnings=inputs.warnings)
+
+
+api = FastAPI(title="PageLLM", summary="Recommendation pages written by a language-model policy",
+              description="See docs/ARCHITECTURE.md §8 for the contract.")
+
+
+def _body_schema(model) -> dict:
+    """The request body as OpenAPI shows it; the endpoint reads the raw body itself."""
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": model.model_json_schema()}}}}
+
+
+def _path(request: Request) -> str:
+    """The path under the application's route prefix, without a trailing slash."""
+    path, root = request.url.path, request.scope.get("root_path", "")
+    if root and path.startswith(root):
+        path = path[len(root) :]
+    return "/" + path.strip("/")
+
+
+@api.exception_handler(RequestError)
+async def _request_error(_: Request, exc: RequestError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status)
+
+
+@api.exception_handler(HTTPException)
+async def _routing_error(request: Request, exc: HTTPException) -> JSONResponse:
+    """FastAPI's 404 and 405, worded like every other error of the API."""
+    path = _path(request)
+    if exc.status_code == 404:
+        routes = ", ".join(f"{m} {p}" for p, m in ROUTES.items())
+        message = f"no route {request.method} {path}; routes: {routes} (API docs: GET /docs)"
+    elif exc.status_code == 405 and path in ROUTES:
+        message = f"{path} takes {ROUTES[path]}, not {request.method}"
+    else:
+        message = str(exc.detail)
+    return JSONResponse({"error": message, "errors": []}, status_code=exc.status_code, headers=exc.headers)
+
+
+@api.exception_handler(Exception)
+async def _internal_error(_: Request, exc: Exception) -> JSONResponse:
+    """A bug answers 500 with its reason instead of a bare 'Internal Server Error'."""
+    log.exception("PageLLM request failed", exc_info=exc)
+    return JSONResponse({"error": f"internal error: {type(exc).__name__}: {exc}", "errors": []}, status_code=500)
+
+
+@serve.deployment(name=DEPLOYMENT, ray_actor_options={"num_cpus": 1})
+@serve.ingress(api)
+class PageService(PageHandlers):
+    """The handlers behind FastAPI's routes."""
+
+    @api.get("/healthz", response_model=Health)
+    async def healthz(self) -> Health:
+        return self.health()
+
+    @api.post("/v1/page", response_model=PageResponse, openapi_extra=_body_schema(PageRequest))
+    async def page(self, request: Request) -> PageResponse:
+        arrived = time.perf_counter()
+        return await self._page(await request.body(), arrived)
+
+    @api.post("/v1/score", response_model=ScoreResponse, openapi_extra=_body_schema(ScoreRequest))
+    async def score(self, request: Request) -> ScoreResponse:
+        return await self._score(await request.body())
 
 
 def deployment_options(serve_cfg: ServeConfig) -> dict:
