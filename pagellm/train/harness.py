@@ -178,6 +178,15 @@ def distributed_loader(
 
     Every rank gets the same number of batches (the sampler pads by repeating rows), which
     DeepSpeed needs: a rank with an extra batch would wait forever in its all-reduce.
+
+    Why not `ray.train.torch.prepare_data_loader` (Ray 2.60), which also adds a
+    DistributedSampler: it builds that sampler with its default seed 0, so `seed` would not
+    change the data order; with one worker it adds no sampler at all and keeps the
+    loader's RandomSampler, whose order follows the global torch RNG, so resuming
+    mid-epoch (`run_epochs` skips the batches already trained on) would not be exact; and
+    it needs a Ray Train session, where this needs only a process group (tests make one by
+    hand). Moving batches to the device, its other job, is one `.to(engine.device)` in
+    each step function.
     """
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last)
