@@ -19,6 +19,7 @@ import ray
 import torch
 
 from pagellm.config import Config, TrainCommon
+from pagellm.eval.probe import RankingProbe, best_record, val_metric
 from pagellm.models.policy import load_policy, save_policy
 from pagellm.rl.ppo_update import (
     PolicyWithValue,
@@ -28,8 +29,10 @@ from pagellm.rl.ppo_update import (
     minibatches,
     prepare_batch,
 )
+from pagellm.rl.kl_control import adaptive_kl_beta
 from pagellm.rl.stats import RunningMoments
 from pagellm.rl.value_head import ValueHead
+from pagellm.vocab import PromptEncoder
 
 
 def _init_process_group() -> None:
@@ -47,7 +50,7 @@ def _init_process_group() -> None:
 
 @ray.remote(num_cpus=1, max_restarts=0)
 class LearnerActor:
-    def __init__(self, policy_dir: str, cfg: dict, total_updates: int, checkpoint_root: str) -> None:
+    def __init__(self, policy_dir: str, cfg: dict, total_updates: int, checkpoint_root: str, data_dir: str) -> None:
         from pagellm.train.engine import build_engine, setup_distributed_for_deepspeed
 
         torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
@@ -63,7 +66,8 @@ class LearnerActor:
         train_cfg = TrainCommon(epochs=1, lr=ppo.lr, batch_size=ppo.mini_batch_size, grad_clip=ppo.grad_clip,
                                 warmup_ratio=0.0, zero_stage=ppo.zero_stage, use_gpu=ppo.use_gpu)
         self.engine = build_engine(self.module, None, train_cfg, max(1, total_updates), ppo.use_gpu)
-        self.moments = RunningMoments()
+        self.moments: dict[str, RunningMoments] = {}  # per reward part (ppo_update.combine_parts)
+        self.kl_beta = ppo.kl_beta  # moves toward ppo.kl_target when one is set
         self.generator = torch.Generator().manual_seed(self.cfg.seed)
         self.checkpoint_root = Path(checkpoint_root)
         self.step = 0  # PPO steps (batches) trained
@@ -71,7 +75,22 @@ class LearnerActor:
         self.next_batch = 0  # the first batch id not yet consumed (trained or dropped)
         self.stale_dropped = 0
         self.trained_ids: list[int] = []
+        # Validation picks what is published (ppo.publish=best_val): the SFT policy's own
+        # score is the bar (step 0), so stage 3 never publishes a policy worse on validation.
+        self.probe = RankingProbe.from_data(Path(data_dir), PromptEncoder(self.tokenizer, self.layout),
+                                            self.cfg.data.page_len, self.cfg.sft.val_users)
+        self.val_history: list[dict] = [{"step": 0, **self._validate()}]
         self.idle_since = time.perf_counter()
+
+    def _validate(self) -> dict[str, float]:
+        """Validation NDCG/HR of the current policy's greedy pages (pagellm/eval/probe.py)."""
+        policy = self.module.policy
+        with torch.inference_mode():
+            scores = self.probe(policy, self.layout)
+        return {f"val_{k}": v for k, v in scores.items()}
+
+    def best_val(self) -> dict:
+        return best_record(self.val_history, val_metric(self.cfg.data.page_len))
 
     def trainable_weights(self) -> dict[str, torch.Tensor]:
         """What rollout actors need: every trainable policy tensor (only adapters and the new
@@ -109,9 +128,12 @@ class LearnerActor:
             self.trained_ids.append(batch_id)
             stats["learner_seconds"] = time.perf_counter() - t0
             if self.step % self.cfg.ppo.checkpoint_every == 0 or self.step == self.cfg.ppo.steps:
+                stats.update(self._checkpoint_validation())
                 self.save(str(self.checkpoint_root / f"step_{self.step:06d}"))
-                for old in sorted(self.checkpoint_root.glob("step_*"))[:-2]:  # keep the last two
-                    shutil.rmtree(old, ignore_errors=True)
+                keep = f"step_{self.best_val()['step']:06d}"  # what ppo.publish=best_val publishes
+                for old in sorted(self.checkpoint_root.glob("step_*"))[:-2]:  # and the last two
+                    if old.name != keep:
+                        shutil.rmtree(old, ignore_errors=True)
         weights = self.trainable_weights()
         self.idle_since = time.perf_counter()
         return stats, self.version, weights
@@ -121,7 +143,7 @@ class LearnerActor:
         device = self.engine.device  # rollouts arrive as CPU tensors
         for name in ("response_ids", "logprobs", "ref_logprobs", "reward"):
             setattr(batch, name, getattr(batch, name).to(device))
-        prepared = prepare_batch(self.module, batch, self.moments, ppo)
+        prepared = prepare_batch(self.module, batch, self.moments, ppo, self.kl_beta)
         sums: dict[str, float] = {}
         updates = 0
         for _ in range(ppo.epochs):
@@ -135,29 +157,45 @@ class LearnerActor:
         self.step += 1
         self.version += 1
         out = {k: v / updates for k, v in sums.items()}
+        out["kl_beta"] = self.kl_beta  # the beta this batch's rewards were penalised with
+        if ppo.kl_target is not None:
+            self.kl_beta = adaptive_kl_beta(self.kl_beta, prepared["kl"], ppo.kl_target, len(batch), ppo.kl_horizon)
         out.update(kl=prepared["kl"], reward_mean=float(batch.reward.mean()), reward_std=float(batch.reward.std()),
                    policy_version=self.version, step=self.step, **batch.reward_parts)
         return out
 
-    def save(self, directory: str) -> str:
-        """Model, optimizer (DeepSpeed state), value head, RNG and the run's position."""
-        from pagellm.train.engine import save_hf_checkpoint, save_training_state  # also saves RNG
+    def _checkpoint_validation(self) -> dict:
+        """Score the policy on validation at a checkpoint; the history goes into the
+        checkpoint, and the best step's checkpoint is kept until a better one appears."""
+        row = {"step": self.step, **self._validate()}
+        self.val_history.append(row)
+        key, best = val_metric(self.cfg.data.page_len), self.best_val()
+        return {key: row[key], "best_step": best["step"], f"best_{key}": best[key]}
 
-        out = Path(directory)
-        tmp = out.with_name(out.name + ".tmp")
-        policy_dir = tmp / "policy"
+    def _save_policy(self, directory: Path) -> None:
+        from pagellm.train.engine import save_hf_checkpoint
 
         def save_fn(module, state_dict, path):
             prefix = "policy."
             weights = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
             save_policy(module.policy, self.tokenizer, self.layout, path, state_dict=weights)
 
-        save_hf_checkpoint(self.engine, policy_dir, save_fn)
+        save_hf_checkpoint(self.engine, directory, save_fn)
+
+    def save(self, directory: str) -> str:
+        """Model, optimizer (DeepSpeed state), value head, RNG and the run's position."""
+        from pagellm.train.engine import save_training_state  # also saves RNG
+
+        out = Path(directory)
+        tmp = out.with_name(out.name + ".tmp")
+        self._save_policy(tmp / "policy")
         self.module.value_head.save(tmp)
         save_training_state(self.engine, tmp / "deepspeed")
         state = {"step": self.step, "version": self.version, "next_batch": self.next_batch,
                  "stale_dropped": self.stale_dropped, "trained_ids": self.trained_ids,
-                 "moments": self.moments.state_dict(), "generator": self.generator.get_state().tolist()}
+                 "moments": {k: m.state_dict() for k, m in self.moments.items()}, "kl_beta": self.kl_beta,
+                 "val_history": self.val_history,
+                 "generator": self.generator.get_state().tolist()}
         (tmp / "learner_state.json").write_text(json.dumps(state))
         if out.exists():
             shutil.rmtree(out)
@@ -173,6 +211,11 @@ class LearnerActor:
         state = json.loads((path / "learner_state.json").read_text())
         self.step, self.version, self.next_batch = state["step"], state["version"], state["next_batch"]
         self.stale_dropped, self.trained_ids = state["stale_dropped"], state["trained_ids"]
-        self.moments.load_state_dict(state["moments"])
+        self.moments = {}
+        for name, saved in state["moments"].items():
+            self.moments[name] = RunningMoments()
+            self.moments[name].load_state_dict(saved)
+        self.kl_beta = state["kl_beta"]
+        self.val_history = state["val_history"]
         self.generator.set_state(torch.tensor(state["generator"], dtype=torch.uint8))
         return {k: state[k] for k in ("step", "version", "next_batch", "stale_dropped")}

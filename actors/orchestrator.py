@@ -69,7 +69,9 @@ class PPORun:
 
         self.ray, self.cfg, self.log = ray, cfg, log
         self.sft_dir, self.reward_dir = run_dir / "sft", run_dir / "reward"
-        for d, stage in ((self.sft_dir, "sft"), (self.reward_dir, "reward")):
+        uses_reward_dir = cfg.ppo.model_reward_weight > 0 or cfg.ppo.prior_reward_weight > 0
+        needed = [(self.sft_dir, "sft")] + ([(self.reward_dir, "reward")] if uses_reward_dir else [])
+        for d, stage in needed:
             if not d.exists():
                 raise FileNotFoundError(f"{d} not found: run `pagellm {stage} --run {run_dir}` first")
         self.out = run_dir / "ppo"
@@ -87,11 +89,11 @@ class PPORun:
         broker_name = f"pagellm-weights-{uuid.uuid4().hex[:12]}"  # rollout actors look it up by name
         self.broker = WeightsBroker.options(name=broker_name).remote()
         self.learner = LearnerActor.options(num_gpus=gpu["learner"], runtime_env=learner_env).remote(
-            str(self.sft_dir), cfg_dict, ppo.steps * ppo.epochs * n_mini, str(self.ckpt_root))
+            str(self.sft_dir), cfg_dict, ppo.steps * ppo.epochs * n_mini, str(self.ckpt_root), str(run_dir / "data"))
         self.rollouts = [RolloutActor.options(num_gpus=gpu["worker"]).remote(str(self.sft_dir), cfg_dict, broker_name)
                          for _ in range(ppo.rollout_actors)]
         self.rewarders = [RewardActor.options(num_gpus=gpu["worker"]).remote(str(self.reward_dir), str(self.sft_dir),
-                                                                             cfg_dict)
+                                                                             cfg_dict, str(run_dir / "data"))
                           for _ in range(ppo.reward_actors)]
         self.step, self.stale_dropped, self.next_batch, self.version = 0, 0, 0, 0
 
@@ -106,16 +108,22 @@ class PPORun:
     def _submit(self, batch_id: int):
         """Queue generate → score → train for one batch; returns the ref of the learner's
         (stats, version, weights) outputs."""
-        rows = self.source.batch(batch_id)
-        shards = np.array_split(np.array(rows), len(self.rollouts))
+        rows = np.array(self.source.batch(batch_id))
+        groups = np.arange(len(rows)) // self.cfg.ppo.samples_per_prompt  # batch-local prompt group
+        # Shards are cut between groups: rloo/grpo compare the pages of one prompt, so a
+        # group's pages must be scored into the same shard.
+        shards = np.array_split(np.arange(groups[-1] + 1), len(self.rollouts))
         scored = []
-        for j, shard in enumerate(shards):
-            if len(shard) == 0:
+        for j, shard_groups in enumerate(shards):
+            if len(shard_groups) == 0:
                 continue
-            prompts = [self.source.prompts[i] for i in shard]
-            exclude = [self.source.exclude[i] for i in shard]
+            shard = np.flatnonzero(np.isin(groups, shard_groups))
+            prompts = [self.source.prompts[i] for i in rows[shard]]
+            exclude = [self.source.exclude[i] for i in rows[shard]]
+            targets = [self.source.targets[i] for i in rows[shard]]
             seed = self.cfg.ppo.seed_offset + 7919 * batch_id + j
-            rollout = self.rollouts[j].generate.remote(batch_id, prompts, exclude, seed)
+            rollout = self.rollouts[j].generate.remote(batch_id, prompts, exclude, targets, groups[shard].tolist(),
+                                                       seed)
             scored.append(self.rewarders[j % len(self.rewarders)].score.remote(rollout))
         return self.learner.train.remote(batch_id, *scored)
 
@@ -167,22 +175,39 @@ class PPORun:
             with self.metrics_path.open("a") as f:
                 f.write(json.dumps(row) + "\n")
             self.log(f"[ppo] step {self.step}/{ppo.steps} reward {row['reward_mean']:+.4f} kl {row['kl']:.4f} "
+                     f"beta {row['kl_beta']:.3f} "
                      f"policy_loss {row['policy_loss']:+.4f} value_loss {row['value_loss']:.4f} "
                      f"pages/s {row['pages_per_s']:.1f} staleness {row['staleness']} dropped {self.stale_dropped} "
                      f"learner idle {row['learner_idle_s']:.2f}s")
         return {"step": self.step, "stale_dropped": self.stale_dropped, "policy_version": self.version}
 
-    def finish(self) -> Path:
-        """Publish the last checkpoint's policy as <run>/ppo (a save_policy directory)."""
+    def finish(self) -> dict:
+        """Publish the chosen policy as <run>/ppo (a save_policy directory): with
+        ppo.publish=best_val the checkpoint with the best validation NDCG@10, which is the
+        SFT policy itself (step 0) when no stage-3 checkpoint beat it; else the last one.
+        Returns what was chosen, with the validation history."""
+        from pagellm.eval.probe import best_record, val_metric
+
         latest = latest_checkpoint(self.ckpt_root)
         if latest is None:
             raise RuntimeError("PPO ended without a checkpoint")
-        for item in (latest / "policy").iterdir():
+        history = json.loads((latest / "learner_state.json").read_text())["val_history"]
+        key = val_metric(self.cfg.data.page_len)
+        last_step = int(latest.name.removeprefix("step_"))
+        chosen = best_record(history, key)["step"] if self.cfg.ppo.publish == "best_val" else last_step
+        source = self.sft_dir if chosen == 0 else (self.ckpt_root / f"step_{chosen:06d}" / "policy")
+        for item in source.iterdir():
+            if item.name in ("metrics.json", "DONE"):  # the SFT stage's own records stay in sft/
+                continue
             dest = self.out / item.name
             if dest.is_dir():
                 shutil.rmtree(dest)
             (shutil.copytree if item.is_dir() else shutil.copy2)(item, dest)
-        return self.out
+        selection = {"publish": self.cfg.ppo.publish, "published_step": chosen, "metric": key,
+                     "published_" + key: next(r[key] for r in history if r["step"] == chosen),
+                     "sft_" + key: history[0][key], "history": history}
+        (self.out / "selection.json").write_text(json.dumps(selection, indent=1) + "\n")
+        return selection
 
     def shutdown(self) -> None:
         for actor in [self.learner, self.broker, *self.rollouts, *self.rewarders]:
@@ -199,11 +224,16 @@ def run_ppo_stage(cfg: Config, run_dir: Path, log=print, stop_after: int | None 
     try:
         summary = run.train(stop_after)
         if summary["step"] >= cfg.ppo.steps:
-            run.finish()
+            chosen = run.finish()
             summary["seconds"] = round(time.perf_counter() - t0, 1)
+            summary["published_step"] = chosen["published_step"]
             (run.out / "DONE").write_text(json.dumps(summary) + "\n")
-            log(f"[ppo] done: {summary['step']} steps, {summary['stale_dropped']} stale batches dropped, "
-                f"policy -> {run.out}")
+            key = chosen["metric"]
+            what = ("the SFT policy: no stage-3 checkpoint beat it on validation" if chosen["published_step"] == 0
+                    else f"step {chosen['published_step']}")
+            log(f"[ppo] done: {summary['step']} steps, {summary['stale_dropped']} stale batches dropped; "
+                f"published {what} ({key} {chosen['published_' + key]:.4f}, SFT {chosen['sft_' + key]:.4f}) "
+                f"-> {run.out}")
         return summary
     finally:
         run.shutdown()

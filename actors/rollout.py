@@ -39,7 +39,10 @@ class RolloutActor:
         self.version = version
         return version
 
-    def generate(self, batch_id: int, prompts: list[list[int]], exclude: list[list[int]], seed: int) -> dict:
+    def generate(self, batch_id: int, prompts: list[list[int]], exclude: list[list[int]], targets: list[list[int]],
+                 group_ids: list[int], seed: int) -> dict:
+        """Sample one page per prompt row (a prompt repeated n times gets n independent
+        pages); targets and group ids ride along for the reward actor."""
         t0 = time.perf_counter()
         generator = torch.Generator().manual_seed(seed)
         with torch.inference_mode():
@@ -47,5 +50,6 @@ class RolloutActor:
                                    exclude=[set(e) for e in exclude], temperature=self.cfg.ppo.temperature,
                                    generator=generator)
         return {"batch_id": batch_id, "policy_version": self.version, "prompts": prompts, "exclude": exclude,
+                "targets": targets, "group_ids": group_ids,
                 "response_ids": pages.response_ids.cpu(), "logprobs": pages.logprobs.cpu(),
                 "generate_s": time.perf_counter() - t0}

@@ -12,6 +12,18 @@ every random choice of the run: the simulator's world, model init, data order an
 SASRec's own init. A seed whose evaluation exists is read, not rerun, so an interrupted
 sweep continues where it stopped (pass --fresh to redo).
 
+Stage-3 variants compare on the same seeds from the same SFT policy:
+
+    python bench/quality.py --config configs/tiny.yaml --out runs/quality/tiny \
+        --variant "grpo=ppo.advantage=grpo ppo.samples_per_prompt=8" --variant "coarse=ppo.reward=coarse"
+
+A variant copies each finished seed's data and SFT policy (and its reward model, unless the
+variant sets `reward.*`, which retrains it) into OUT/seed<s>/variants/<name> and reruns
+the later stages there with its overrides; its stage-3 policy is the row `<name>`. Stage-3
+rows also report the mean KL per page over the last five PPO steps and the published step
+(0 = the SFT policy, when no stage-3 checkpoint beat it on validation). Simulator runs add a
+reward-fidelity table (pagellm/eval/fidelity.py) per run.
+
 Writes OUT/quality.md (mean ± sample std per model and metric, n seeds) and
 OUT/quality.json (every seed's numbers and the aggregate).
 """
@@ -27,7 +39,60 @@ import sys
 import time
 from pathlib import Path
 
-DEFAULT_METRICS = ["hr@10", "ndcg@10", "ndcg@100", "full/hr@10", "full/ndcg@100", "coverage@10", "sim_utility"]
+DEFAULT_METRICS = ["hr@10", "ndcg@10", "ndcg@100", "full/hr@10", "full/ndcg@100", "coverage@10", "sim_utility",
+                   "kl", "published_step"]
+FIDELITY = ["spearman/R", "spearman/R_c", "spearman/R_f", "oracle_above_greedy/R", "best_of_S/R",
+            "spearman/prior", "oracle_above_greedy/prior", "best_of_S/prior", "best_of_S/truth", "greedy_utility"]
+GAIN_METRICS = ["sim_utility", "ndcg@100", "ndcg@10", "hr@10"]
+NOT_RANKED = {"kl", "published_step"}  # facts, not scores: no "best" is bolded
+KL_STEPS = 5  # the stage-3 KL reported: mean over the last this-many PPO steps
+
+
+def stage3_facts(run_dir: Path) -> dict:
+    """KL per page at the end of PPO and the published step, when the run trained one."""
+    facts: dict = {}
+    metrics = run_dir / "ppo" / "metrics.jsonl"
+    if metrics.exists():
+        rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+        if rows:
+            facts["kl"] = sum(r["kl"] for r in rows[-KL_STEPS:]) / len(rows[-KL_STEPS:])
+    selection = run_dir / "ppo" / "selection.json"
+    if selection.exists():
+        facts["published_step"] = json.loads(selection.read_text())["published_step"]
+    return facts
+
+
+def run_variant(seed_dir: Path, name: str, overrides: list[str], fresh: bool) -> dict:
+    """A stage-3 variant of a finished seed: same data and SFT policy, later stages redone."""
+    run_dir = seed_dir / "variants" / name
+    metrics_file = run_dir / "eval" / "metrics.json"
+    if fresh and run_dir.exists():
+        shutil.rmtree(run_dir)
+    keys = [o.split("=", 1)[0] for o in overrides]
+    if any(not k.startswith(("ppo.", "reward.", "eval.")) for k in keys):
+        raise SystemExit(f"variant {name}: only ppo.*, reward.* and eval.* may change (same data and SFT policy)")
+    start = "reward" if any(k.startswith("reward.") for k in keys) else "ppo"
+    if not metrics_file.exists():
+        shutil.rmtree(run_dir, ignore_errors=True)
+        run_dir.mkdir(parents=True)
+        shutil.copy2(seed_dir / "config.yaml", run_dir / "config.yaml")
+        for part in ["data", "sft"] + (["reward"] if start == "ppo" and (seed_dir / "reward").exists() else []):
+            shutil.copytree(seed_dir / part, run_dir / part)
+        cmd = [sys.executable, "-m", "jobs.pipeline", "--run", str(run_dir), "--from", start]
+        for item in overrides:
+            cmd += ["--set", item]
+        print(f"[quality] {seed_dir.name} variant {name}: {' '.join(cmd[2:])}", flush=True)
+        subprocess.run(cmd, check=True)
+    result = json.loads(metrics_file.read_text())
+    return {"stage3": result["models"].get("ppo", {}) | stage3_facts(run_dir),
+            "fidelity": result.get("reward_fidelity")}
+
+
+def parse_variant(text: str) -> tuple[str, list[str]]:
+    name, sep, rest = text.partition("=")
+    if not sep or not name.strip() or "=" not in rest:
+        raise SystemExit(f"--variant expects NAME=KEY=VALUE [KEY=VALUE ...], got {text!r}")
+    return name.strip(), rest.split()
 
 
 def run_seed(config: str, out: Path, seed: int, overrides: list[str], fresh: bool) -> dict:
@@ -49,6 +114,8 @@ def run_seed(config: str, out: Path, seed: int, overrides: list[str], fresh: boo
     else:
         print(f"[quality] seed {seed}: {metrics_file} exists, reading it", flush=True)
     result = json.loads(metrics_file.read_text())
+    if "ppo" in result["models"]:
+        result["models"]["ppo"].update(stage3_facts(run_dir))
     if timing_file.exists():
         result["wall_s"] = json.loads(timing_file.read_text())["wall_s"]
     return result
@@ -80,11 +147,32 @@ def aggregate(per_seed: dict[int, dict], metrics: list[str]) -> dict[str, dict[s
     return table
 
 
+def paired_gains(per_seed: dict[int, dict], base: str = "sft") -> dict[int, dict]:
+    """Per seed, each stage-3 model's relative change over `base` on GAIN_METRICS: the
+    seeds' worlds differ far more than two models on one world do, so a stage-3 gain is
+    judged on these paired differences (their mean and std over seeds)."""
+    out: dict[int, dict] = {}
+    for seed, result in per_seed.items():
+        models = result["models"]
+        if base not in models:
+            continue
+        rows = {}
+        for name, m in models.items():
+            if name in (base, "popularity", "sasrec") or not m:
+                continue
+            rows[name] = {k: (m[k] - models[base][k]) / abs(models[base][k])
+                          for k in GAIN_METRICS if m.get(k) is not None and models[base].get(k)}
+        out[seed] = {"models": rows}
+    return out
+
+
 def markdown(table: dict, metrics: list[str], title: str, seeds: list[int]) -> str:
     shown = [m for m in metrics if any(m in row for row in table.values())]
-    lines = [f"### {title}", "", f"mean ± sample std over seeds {seeds}; best mean per column in bold.", "",
+    lines = [f"### {title}", "", f"mean ± sample std over seeds {seeds}; best mean per column in bold"
+             f"{' (kl: nats per page, last 5 PPO steps; published_step 0 = the SFT policy)' if 'kl' in shown else ''}.", "",
              "| model | " + " | ".join(shown) + " |", "|---" * (len(shown) + 1) + "|"]
-    best = {m: max((row[m]["mean"] for row in table.values() if m in row), default=None) for m in shown}
+    best = {m: max((row[m]["mean"] for row in table.values() if m in row), default=None) for m in shown
+            if m not in NOT_RANKED}
     for model, row in table.items():
         cells = []
         for m in shown:
@@ -92,7 +180,7 @@ def markdown(table: dict, metrics: list[str], title: str, seeds: list[int]) -> s
                 cells.append("–")
                 continue
             text = f"{row[m]['mean']:.4f} ± {row[m]['std']:.4f}"
-            cells.append(f"**{text}**" if row[m]["mean"] == best[m] else text)
+            cells.append(f"**{text}**" if m in best and row[m]["mean"] == best[m] else text)
         lines.append(f"| {model} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -104,6 +192,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="config override for every seed (repeatable)")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME=KEY=VALUE ...",
+                        help="a stage-3 variant from each seed's SFT policy (repeatable)")
     parser.add_argument("--metrics", nargs="+", default=DEFAULT_METRICS)
     parser.add_argument("--title", default=None)
     parser.add_argument("--fresh", action="store_true", help="rerun seeds that already have results")
@@ -111,19 +201,40 @@ def main(argv: list[str] | None = None) -> None:
 
     from pagellm.config import load_config
 
+    variants = [parse_variant(v) for v in args.variant]
     load_config(args.config, args.overrides)  # a config mistake fails here, before any seed runs
+    for name, overrides in variants:
+        load_config(args.config, args.overrides + overrides)
     args.out.mkdir(parents=True, exist_ok=True)
     per_seed = {seed: run_seed(args.config, args.out, seed, args.overrides, args.fresh) for seed in args.seeds}
+    fidelity: dict[int, dict] = {}
+    for seed, result in per_seed.items():
+        fidelity[seed] = {"models": {}}
+        if result.get("reward_fidelity"):
+            fidelity[seed]["models"]["base"] = result["reward_fidelity"]
+        for name, overrides in variants:
+            out = run_variant(args.out / f"seed{seed}", name, args.overrides + overrides, args.fresh)
+            result["models"][name] = out["stage3"]
+            if out["fidelity"]:
+                fidelity[seed]["models"][name] = out["fidelity"]
     table = aggregate(per_seed, args.metrics)
     first = next(iter(per_seed.values()))
     title = args.title or f"{args.config} ({first['dataset']}, {first['split_method']} split, {first['users']:,} test users)"
     text = markdown(table, args.metrics, title, args.seeds)
+    gains = aggregate(paired_gains(per_seed), GAIN_METRICS)
+    if gains:
+        text += "\n" + markdown(gains, GAIN_METRICS, "Relative change over the SFT policy, paired by seed "
+                                 "(0.05 = +5 %)", args.seeds)
+    if any(f["models"] for f in fidelity.values()):
+        text += "\n" + markdown(aggregate(fidelity, FIDELITY), FIDELITY, "Reward fidelity (simulator truth as judge)",
+                                args.seeds)
     walls = [r["wall_s"] for r in per_seed.values() if "wall_s" in r]
     if walls:
         text += f"\nwall time per seed (whole pipeline): {', '.join(f'{w:.0f} s' for w in walls)}\n"
     (args.out / "quality.md").write_text(text)
     (args.out / "quality.json").write_text(json.dumps(
-        {"config": args.config, "overrides": args.overrides, "seeds": args.seeds, "aggregate": table,
+        {"config": args.config, "overrides": args.overrides, "variants": dict(variants), "seeds": args.seeds,
+         "aggregate": table, "fidelity": aggregate(fidelity, FIDELITY), "gains_over_sft": gains,
          "per_seed": {str(s): r for s, r in per_seed.items()}}, indent=1))
     print(text, flush=True)
     print(f"[quality] wrote {args.out / 'quality.md'} and quality.json", flush=True)

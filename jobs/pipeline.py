@@ -45,8 +45,8 @@ def clear(folder, stage: str) -> None:
 def wanted(cfg, stage: str) -> bool:
     if stage == "ppo":
         return cfg.ppo.enabled
-    if stage == "reward":
-        return cfg.ppo.enabled  # the reward model exists to drive PPO
+    if stage == "reward":  # the reward model exists to drive PPO; a hits-only reward needs none
+        return cfg.ppo.enabled and (cfg.ppo.model_reward_weight > 0 or cfg.ppo.prior_reward_weight > 0)
     return True
 
 

@@ -23,7 +23,7 @@ from pydantic import (
 )
 
 from pagellm.eval.baselines.params import BASELINE_PARAMS, BASELINES
-from pagellm.names import ADVANTAGE_ESTIMATORS, POLICY_LOSSES, REWARD_HEADS
+from pagellm.names import ADVANTAGE_ESTIMATORS, GROUP_ESTIMATORS, KL_ESTIMATORS, POLICY_LOSSES, REWARD_HEADS
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
 
@@ -77,6 +77,11 @@ class DataConfig(Strict):
     # Which label of an item's category path feeds diversity: "leaf", "top" or an index.
     category_level: str = "leaf"
     ranking_swaps: int = Field(2, ge=1)
+    # Rating-graded reward pairs (family "rating", pagellm/data/pages.py::rating_pair): the
+    # higher- vs lower-rated half of a window of the user's own positives, when their mean
+    # ratings differ by at least rating_gap. Needs explicit ratings.
+    rating_pairs: bool = False
+    rating_gap: float = Field(1.0, gt=0.0)
     sft_windows: int = Field(1, ge=1)  # SFT rows per user (earlier cut points of the history)
     max_users: int | None = None
     simulator: SimulatorConfig = Field(default_factory=SimulatorConfig)
@@ -158,6 +163,12 @@ class RewardConfig(TrainCommon):
     patience: int = Field(2, ge=1)
     # The heads start from scratch on a trained backbone: they learn at lr x this.
     head_lr_mult: float = Field(10.0, gt=0.0)
+    # The fine head's r_k adds the backbone's own logit for item k (pagellm/models/reward.py);
+    # false leaves it out, so R cannot reward "what the SFT policy would write" as such.
+    logit_term: bool = True
+    # Also fit the page prior (pagellm/models/page_prior.py: SFT preference, item quality and
+    # a category discount, three parameters, Bradley-Terry on the same pairs); cheap.
+    page_prior: bool = True
 
 
 class PPOConfig(Strict):
@@ -169,7 +180,12 @@ class PPOConfig(Strict):
     lr: float = 1e-5
     clip: float = 0.2
     value_clip: float = 0.2
-    kl_beta: float = 0.1
+    kl_beta: float = Field(0.1, ge=0.0)  # the initial beta when kl_target is set
+    kl_estimator: Annotated[str, one_of("KL estimator", KL_ESTIMATORS)] = "k1"  # pagellm/rl/advantages.py
+    # Adaptive KL control (Ziegler et al. 2019): beta moves so the mean KL per page tends to
+    # this many nats; None keeps beta fixed. kl_horizon (pages) sets how fast it moves.
+    kl_target: float | None = Field(None, gt=0.0)
+    kl_horizon: int = Field(10_000, ge=1)
     gamma: float = 1.0
     lam: float = 0.95
     vf_coef: float = 0.5
@@ -179,16 +195,50 @@ class PPOConfig(Strict):
     # What PPO optimises: R_c + R_f ("sum") or one head; the heads must exist in the reward
     # model (`reward.heads`), which Config checks.
     reward: Annotated[str, one_of("reward", tuple(REWARD_HEADS))] = "sum"
+    # The page reward is model_reward_weight x (the learned reward above) + hits_reward_weight
+    # x (the verifiable reward: NDCG of the page against the user's later *training*
+    # positives, pagellm/rl/verifiable.py); each part is normalised by its own running
+    # statistics first when normalize_reward is on, so the weights are relative importance.
+    model_reward_weight: float = Field(1.0, ge=0.0)
+    hits_reward_weight: float = Field(0.0, ge=0.0)
+    # ... + prior_reward_weight x the page prior fitted in the reward stage (reward.page_prior).
+    prior_reward_weight: float = Field(0.0, ge=0.0)
+    # Training prompts: "latest" = each user's most recent training positives (the prompt
+    # evaluation uses, with nothing later to verify against); "cuts" = the SFT rows' earlier
+    # cut points, whose later training positives the verifiable reward checks.
+    prompts: Literal["latest", "cuts"] = "latest"
+    # Pages sampled per prompt in a batch (batch_size counts pages): rloo and grpo compare
+    # the pages of one prompt, so they need >= 2.
+    samples_per_prompt: int = Field(1, ge=1)
     max_staleness: int = Field(1, ge=0)
     rollout_actors: int = Field(1, ge=1)
     reward_actors: int = Field(1, ge=1)
-    checkpoint_every: int = Field(10, ge=1)
+    checkpoint_every: int = Field(10, ge=1)  # also how often validation scores the policy
+    # What <run>/ppo holds at the end: the checkpoint with the best validation NDCG@10
+    # (the SFT policy itself when none beat it, reported as such) or the last one.
+    publish: Literal["best_val", "last"] = "best_val"
     grad_clip: float = 1.0
     zero_stage: int = Field(0, ge=0, le=3)  # the learner's DeepSpeed ZeRO stage
     use_gpu: bool = False
     seed_offset: int = 1000  # rollout sampling seeds start here (kept apart from training seeds)
     advantage: Annotated[str, one_of("advantage estimator", ADVANTAGE_ESTIMATORS)] = "gae"  # pagellm/rl/advantages.py
     policy_loss: Annotated[str, one_of("policy loss", POLICY_LOSSES)] = "clipped"  # pagellm/rl/losses.py
+
+    @model_validator(mode="after")
+    def _check(self) -> "PPOConfig":
+        if self.model_reward_weight == 0 and self.hits_reward_weight == 0 and self.prior_reward_weight == 0:
+            raise ValueError("ppo.model_reward_weight, ppo.hits_reward_weight and ppo.prior_reward_weight are all 0: "
+                             "nothing to optimise")
+        if self.hits_reward_weight > 0 and self.prompts != "cuts":
+            raise ValueError("ppo.hits_reward_weight > 0 needs ppo.prompts=cuts: the latest prompts have no later "
+                             "training positives to check a page against")
+        if self.advantage in GROUP_ESTIMATORS and self.samples_per_prompt < 2:
+            raise ValueError(f"ppo.advantage={self.advantage!r} compares pages of one prompt: "
+                             f"set ppo.samples_per_prompt >= 2 (got {self.samples_per_prompt})")
+        if self.batch_size % self.samples_per_prompt:
+            raise ValueError(f"ppo.batch_size ({self.batch_size}) must be a multiple of ppo.samples_per_prompt "
+                             f"({self.samples_per_prompt}): a batch holds whole groups")
+        return self
 
 
 class EvalConfig(Strict):
@@ -202,6 +252,16 @@ class EvalConfig(Strict):
     baselines: list[Annotated[str, one_of("baseline", BASELINES)]] = Field(
         default_factory=lambda: ["popularity", "sasrec"])
     sasrec: dict[str, Any] = Field(default_factory=dict)  # overrides of SASRec's defaults
+    # On the simulator: pages sampled per user from the SFT policy to measure how well the
+    # reward tracks true utility (the `reward_fidelity` block, pagellm/eval/fidelity.py); 0 = off.
+    fidelity_samples: int = Field(8, ge=0)
+
+    @field_validator("fidelity_samples")
+    @classmethod
+    def _two_or_none(cls, n: int) -> int:
+        if n == 1:
+            raise ValueError("a within-user correlation needs at least 2 samples per user; use 0 to turn it off")
+        return n
 
     @field_validator("baselines")
     @classmethod
@@ -267,7 +327,7 @@ class Config(Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> "Config":
-        if self.ppo.enabled:
+        if self.ppo.enabled and self.ppo.model_reward_weight > 0:
             needs, has = REWARD_HEADS[self.ppo.reward], REWARD_HEADS[self.reward.heads]
             if not set(needs) <= set(has):
                 fits = [name for name, heads in REWARD_HEADS.items() if set(heads) <= set(has)]
@@ -275,6 +335,8 @@ class Config(Strict):
                     f"ppo.reward: {self.ppo.reward!r} needs the reward model's {' and '.join(needs)} head(s), "
                     f"but reward.heads={self.reward.heads!r} trains only {' and '.join(has)}; "
                     f"allowed with it: {', '.join(fits)}")
+        if self.ppo.enabled and self.ppo.prior_reward_weight > 0 and not self.reward.page_prior:
+            raise ValueError("ppo.prior_reward_weight > 0 needs the page prior: set reward.page_prior=true")
         return self
 
 

@@ -10,7 +10,9 @@ estimator or policy loss is its name here plus one decorated function.
 from __future__ import annotations
 
 # pagellm/rl/advantages.py registers one function per name (`@register_advantage`).
-ADVANTAGE_ESTIMATORS: tuple[str, ...] = ("gae", "reinforce", "rloo")
+ADVANTAGE_ESTIMATORS: tuple[str, ...] = ("gae", "reinforce", "rloo", "grpo")
+# Estimators that compare the pages of one prompt: they need `ppo.samples_per_prompt` >= 2.
+GROUP_ESTIMATORS: tuple[str, ...] = ("rloo", "grpo")
 # pagellm/rl/losses.py (`@register_policy_loss`).
 POLICY_LOSSES: tuple[str, ...] = ("clipped", "dual_clip")
 # pagellm/rl/advantages.py (`@register_kl`).

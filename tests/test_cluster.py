@@ -43,7 +43,7 @@ PIPELINE_SETTINGS = [
     "data.simulator.users=80", "data.simulator.items=60", "data.simulator.categories=6",
     "data.simulator.interactions_per_user=20", "data.sft_windows=1",
     "sft.meta_epochs=1", "sft.epochs=1", "reward.epochs=1", "ppo.steps=2", "ppo.batch_size=16", "ppo.mini_batch_size=8",
-    "ppo.epochs=1", "ppo.checkpoint_every=1", "eval.list_len=20", "eval.max_users=40",
+    "ppo.epochs=1", "ppo.checkpoint_every=1", "ppo.publish=last", "eval.list_len=20", "eval.max_users=40",
     "eval.baselines=[popularity]",
 ]
 
@@ -350,6 +350,7 @@ def test_tiny_pipeline_submitted_to_a_two_node_cluster(loopback_cluster, tmp_pat
     assert {"popularity", "sft", "ppo"} <= set(metrics["models"])
     assert (run / "eval" / "report.md").exists()
     _check_eval_scored_the_published_policies(run, metrics)
+    _check_reward_fidelity_judged_the_pages_eval_scored(metrics)
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["run_dir"] == str(run) and saved["ppo"]["steps"] == 2
 
@@ -381,3 +382,16 @@ def _check_eval_scored_the_published_policies(run: Path, metrics: dict) -> None:
     sft, ppo = (load_file(str(run / name / "model.safetensors")) for name in ("sft", "ppo"))
     assert sft.keys() == ppo.keys()
     assert any(not torch.equal(sft[key], ppo[key]) for key in sft), "PPO published the SFT weights unchanged"
+
+
+def _check_reward_fidelity_judged_the_pages_eval_scored(metrics: dict) -> None:
+    """The fidelity block's greedy page is the SFT page eval scored (same utility to the last
+    digit: pages, users and truth line up), the oracle beats it for nearly every user, and
+    the truth's own best of S is at least the sampled mean."""
+    block = metrics["reward_fidelity"]
+    assert block["users"] == metrics["users"] and block["samples_per_user"] == 8
+    assert block["greedy_utility"] == pytest.approx(metrics["models"]["sft"]["sim_utility"], abs=1e-12)
+    assert block["oracle_utility"] == pytest.approx(metrics["sim_oracle_utility"], abs=1e-12)
+    assert block["oracle_above_greedy/truth"] >= 0.9
+    assert block["best_of_S/truth"] >= block["sampled_mean"]
+    assert all(-1.0 <= block[f"spearman/{s}"] <= 1.0 for s in ("R", "R_c", "R_f", "policy_logprob", "popularity"))

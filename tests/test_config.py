@@ -37,11 +37,42 @@ def test_unknown_names_fail_at_load_with_one_line_naming_field_and_choices(overr
 
 def test_every_declared_name_loads():
     for name in names.ADVANTAGE_ESTIMATORS:
-        assert load_config(None, [f"ppo.advantage={name}"]).ppo.advantage == name
+        group = ["ppo.samples_per_prompt=4"] if name in names.GROUP_ESTIMATORS else []
+        assert load_config(None, [f"ppo.advantage={name}", *group]).ppo.advantage == name
+    for name in names.KL_ESTIMATORS:
+        assert load_config(None, [f"ppo.kl_estimator={name}"]).ppo.kl_estimator == name
     for name in names.POLICY_LOSSES:
         assert load_config(None, [f"ppo.policy_loss={name}"]).ppo.policy_loss == name
     assert load_config(None, ["eval.baselines=[sasrec]", "eval.sasrec={hidden: 16, epochs: 1}"]).eval.sasrec == {
         "hidden": 16, "epochs": 1}
+
+
+@pytest.mark.parametrize(
+    "overrides, says",
+    [
+        (["ppo.advantage=grpo"], "set ppo.samples_per_prompt >= 2"),
+        (["ppo.advantage=rloo", "ppo.samples_per_prompt=1"], "set ppo.samples_per_prompt >= 2"),
+        (["ppo.samples_per_prompt=3"], "must be a multiple of ppo.samples_per_prompt"),  # batch 64
+        (["ppo.hits_reward_weight=1.0"], "needs ppo.prompts=cuts"),
+        (["ppo.model_reward_weight=0"], "all 0: nothing to optimise"),
+        (["ppo.prior_reward_weight=1", "reward.page_prior=false"], "needs the page prior"),
+        (["ppo.kl_estimator=k4"], "allowed: k1, k2, k3"),
+        (["eval.fidelity_samples=1"], "at least 2 samples per user"),
+    ],
+)
+def test_stage3_settings_that_cannot_work_fail_at_load(overrides, says):
+    with pytest.raises(ConfigError, match=says) as err:
+        load_config(None, overrides)
+    assert "\n" not in str(err.value)
+
+
+def test_a_hits_only_reward_trains_no_reward_model():
+    from jobs.pipeline import wanted
+
+    cfg = load_config(None, ["ppo.model_reward_weight=0", "ppo.hits_reward_weight=1", "ppo.prompts=cuts",
+                             "ppo.reward=sum"])
+    assert not wanted(cfg, "reward") and wanted(cfg, "ppo")
+    assert wanted(load_config(None), "reward")
 
 
 def test_baselines_listed_twice_fail():

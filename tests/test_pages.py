@@ -75,3 +75,18 @@ def test_sft_windows_cut_points():
     # end=40: span min(20, 20); end=30: span min(20, 15); end=20: span min(20, 10).
     assert sft_windows(40, 10, 3) == [(20, 40), (15, 30), (10, 20)]
     assert sft_windows(3, 10, 2) == []  # too short for a page of at least 2 items
+
+
+def test_rating_pair_splits_a_window_of_positives_by_rating():
+    from pagellm.data.pages import rating_pair
+
+    items = np.array([5, 6, 7, 8, 9, 6])  # 6 again later: first occurrence kept
+    ratings = np.array([4.0, 5.0, 4.0, 3.5, 5.0, 1.0])
+    score = np.zeros(10)
+    score[7] = 1.0  # breaks the 4.0 tie between 5 and 7
+    high, low = rating_pair(items, ratings, score, page_len=10, min_gap=1.0)
+    # n = min(10, 5 // 2) = 2: ranked 6 (5.0), 9 (5.0), 7 (4.0, better item), 5, 8
+    assert high == [6, 9] and low == [5, 8]
+    assert rating_pair(items, ratings, score, page_len=10, min_gap=1.5) is None  # gap 5.0 - 3.75 = 1.25
+    assert rating_pair(items, np.full(6, np.nan), score, page_len=10, min_gap=0.5) is None  # implicit
+    assert rating_pair(items[:3], ratings[:3], score, page_len=10, min_gap=0.5) is None  # n = 1

@@ -101,3 +101,33 @@ def test_interrupted_run_resumes_from_its_checkpoint(run_template, tmp_path):
     assert second["step"] == 4 and [r["step"] for r in rows] == [1, 2, 3, 4]
     assert all(math.isfinite(r["reward_mean"]) for r in rows)
     assert (run_dir / "ppo" / "DONE").exists()
+
+
+def test_group_sampled_run_on_verifiable_and_prior_rewards_publishes_its_best_validation_checkpoint(
+        run_template, tmp_path):
+    """GRPO over 4 pages per prompt, rewarded by the verifiable hits and the page prior only
+    (the learned heads are not loaded: their weights are gone), beta adapting toward a KL
+    target, and the published policy being the best validation checkpoint, byte for byte."""
+    import pandas as pd
+
+    from pagellm.models.page_prior import PagePrior
+
+    run_dir = fresh_copy(run_template, tmp_path)
+    (run_dir / "reward" / "reward_heads.safetensors").unlink()  # would fail to load if anything tried
+    n_items = len(pd.read_parquet(run_dir / "data" / "items.parquet"))
+    PagePrior(1.0, 0.5, 0.5, [0.0] * n_items).save(run_dir / "reward")
+    cfg = load_config(None, SETTINGS + ["ppo.advantage=grpo", "ppo.samples_per_prompt=4", "ppo.model_reward_weight=0",
+                                        "ppo.hits_reward_weight=1", "ppo.prior_reward_weight=1", "ppo.prompts=cuts",
+                                        "ppo.kl_target=0.01", "ppo.kl_horizon=16", "ppo.max_staleness=0"])
+    run_ppo_stage(cfg, run_dir, log=lambda *_: None)
+    rows = metric_rows(run_dir)
+    assert all(0.0 <= r["hits"] <= 1.0 and math.isfinite(r["prior"]) for r in rows) and "r_c" not in rows[0]
+    assert rows[0]["kl_beta"] == cfg.ppo.kl_beta and len({r["kl_beta"] for r in rows}) > 1  # beta moved
+    selection = json.loads((run_dir / "ppo" / "selection.json").read_text())
+    assert [h["step"] for h in selection["history"]] == [0, 2, 4]
+    key = selection["metric"]
+    best = max(selection["history"], key=lambda h: (h[key], -h["step"]))
+    assert selection["published_step"] == best["step"]
+    source = (run_dir / "sft" if best["step"] == 0
+              else run_dir / "ppo" / "checkpoints" / f"step_{best['step']:06d}" / "policy")
+    assert (source / "model.safetensors").read_bytes() == (run_dir / "ppo" / "model.safetensors").read_bytes()

@@ -18,9 +18,12 @@ from pagellm.rl.advantages import (
     kl_penalty,
     last_token_index,
     reinforce_advantages,
+    grpo_advantages,
     rloo_advantages,
     token_rewards,
 )
+from pagellm.rl.kl_control import adaptive_kl_beta
+from pagellm.rl.verifiable import hit_ndcg
 from pagellm.rl.losses import (
     clipped_policy_loss,
     clipped_value_loss,
@@ -229,6 +232,60 @@ def test_reinforce_and_rloo_estimators():
         rloo_advantages(rewards, None, torch.ones(5, 1))
 
 
+def test_grpo_standardises_each_page_within_its_group():
+    # Groups {1,2,3}: mean 2, sample std 1 -> -1, 0, 1. {5,7}: mean 6, std sqrt(2) -> -/+0.7071.
+    rewards = t([[1.0], [2.0], [3.0], [5.0], [7.0]])
+    adv, ret = grpo_advantages(rewards, None, torch.ones(5, 1), group_ids=torch.tensor([4, 4, 4, 9, 9]))
+    torch.testing.assert_close(adv[:, 0], t([-1.0, 0.0, 1.0, -1 / math.sqrt(2), 1 / math.sqrt(2)]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(ret, rewards)
+    # Multi-token pages: the whole page return (0.9 vs 2.0, std 0.7778) on every real token, 0 on padding.
+    adv, _ = grpo_advantages(REWARDS, None, MASK, group_ids=torch.tensor([0, 0]))
+    z = 1.1 / 2 / (1.1 / math.sqrt(2))
+    torch.testing.assert_close(adv, t([[-z, -z, -z, 0], [z, z, 0, 0]]), atol=1e-5, rtol=0)
+    # A group whose pages tie gets no push either way.
+    adv, _ = grpo_advantages(t([[2.0], [2.0]]), None, torch.ones(2, 1), group_ids=torch.tensor([0, 0]))
+    assert adv.abs().max() == 0
+    with pytest.raises(ValueError, match="single page"):
+        grpo_advantages(rewards, None, torch.ones(5, 1), group_ids=torch.tensor([0, 0, 1, 1, 2]))
+
+
+@pytest.mark.parametrize("estimator", [grpo_advantages, rloo_advantages])
+def test_group_estimators_compare_rewards_and_add_the_kl_penalty_unscaled(estimator):
+    # Two pages of one prompt tie on reward (1.0) but pay different KL penalties: 2 tokens,
+    # -0.1 and -0.3 on the first token of page 0; -0.2 on the first of page 1. The reward
+    # comparison is 0 for both; each token's advantage is only its own KL penalty to go.
+    seq = t([1.0, 1.0])
+    rewards = t([[-0.1, -0.3 + 1.0], [-0.2, 1.0]])
+    adv, _ = estimator(rewards, None, torch.ones(2, 2), group_ids=torch.tensor([0, 0]), seq_reward=seq)
+    torch.testing.assert_close(adv, t([[-0.4, -0.3], [-0.2, 0.0]]), atol=1e-6, rtol=0)
+    # Different rewards (0 and 2), no KL: grpo gives -/+ 1/sqrt(2), rloo -/+ 2.
+    adv, _ = estimator(t([[0.0, 0.0], [0.0, 2.0]]), None, torch.ones(2, 2), group_ids=torch.tensor([0, 0]),
+                       seq_reward=t([0.0, 2.0]))
+    want = 1 / math.sqrt(2) if estimator is grpo_advantages else 2.0
+    torch.testing.assert_close(adv, t([[-want, -want], [want, want]]), atol=1e-5, rtol=0)
+
+
+def test_hit_ndcg_by_hand():
+    d = [1.0, 1 / math.log2(3), 0.5]  # discounts of positions 1..3
+    # Page [5, 1, 2] against {1, 9}: hit at position 2; ideal fills 2 positions.
+    # Page [3, 4, 7] against {3, 4, 7, 8}: all hit; ideal 3 positions -> 1.
+    # A repeat counts once; an empty target set scores 0.
+    got = hit_ndcg([[5, 1, 2], [3, 4, 7], [1, 1, 2], [1, 2, 3]], [[1, 9], [3, 4, 7, 8], [1], []], k=3)
+    np.testing.assert_allclose(got, [d[1] / (d[0] + d[1]), 1.0, 1.0, 0.0], rtol=1e-6)
+    assert hit_ndcg([[1, 2, 3, 4]], [[4]], k=3)[0] == 0  # past k does not count
+    with pytest.raises(ValueError, match="2 pages but 1"):
+        hit_ndcg([[1], [2]], [[1]], k=3)
+
+
+def test_adaptive_kl_beta_moves_toward_the_target_and_clips_the_error():
+    # kl 2x the target: error clipped to +0.2; 64 of 10,000 pages -> beta x (1 + 0.2 * 0.0064)
+    assert adaptive_kl_beta(0.1, 2.0, 1.0, 64, 10_000) == pytest.approx(0.1 * (1 + 0.2 * 0.0064))
+    assert adaptive_kl_beta(0.1, 0.9, 1.0, 100, 100) == pytest.approx(0.1 * 0.9)  # error -0.1, full horizon
+    assert adaptive_kl_beta(0.1, 1.0, 1.0, 64, 100) == pytest.approx(0.1)  # on target: unchanged
+    with pytest.raises(ValueError):
+        adaptive_kl_beta(0.1, 1.0, 0.0, 64, 100)
+
+
 # ----------------------------------------------------------------------------- losses
 
 
@@ -338,7 +395,7 @@ def test_registries_resolve_config_defaults_and_name_unknowns():
     assert get_kl_estimator("k3") is KL_ESTIMATORS["k3"]
     assert {"gae", "reinforce", "rloo"} <= set(ADVANTAGE_ESTIMATORS)
     assert {"clipped", "dual_clip"} <= set(POLICY_LOSSES)
-    with pytest.raises(KeyError, match=r"unknown advantage estimator 'grpoo'; known: gae, reinforce, rloo"):
+    with pytest.raises(KeyError, match=r"unknown advantage estimator 'grpoo'; known: gae, grpo, reinforce, rloo"):
         get_advantage("grpoo")
     with pytest.raises(KeyError, match="known: clipped, dual_clip"):
         get_policy_loss("ppo2")

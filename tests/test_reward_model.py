@@ -134,6 +134,32 @@ def test_fine_logit_term_is_the_policys_logit_for_each_page_item():
     assert torch.allclose(per_item, want, atol=1e-5)
 
 
+def test_without_the_logit_term_the_fine_head_reads_only_hidden_states(tmp_path):
+    """reward.logit_term=false: the gain is a fixed 0, not a parameter, and survives a save;
+    R_f is then exactly the per-slot readout of h[k], whatever the output layer says."""
+    policy, tokenizer, layout = tiny_policy("llama")  # untied output layer: changing it leaves h alone
+    torch.manual_seed(0)
+    model = RewardModel(policy, ("fine",), slots=10, logit_term=False).eval()
+    assert "fine.logit_gain" not in dict(model.named_parameters()) and "fine.logit_gain" in model.state_dict()
+    batch = pad_pages(rows(layout, [[5, 6, 7], [1, 2, 3, 4, 8]]), layout)
+    with torch.no_grad():
+        before = model(**batch).fine
+        policy.get_output_embeddings().weight.mul_(3.0)
+        assert torch.equal(model(**batch).fine, before)
+    save_reward_model(model, tokenizer, layout, tmp_path / "reward")
+    again = RewardScorer.load(tmp_path / "reward").model
+    assert again.fine.logit_term is False and torch.equal(again.fine.logit_gain, torch.zeros(10))
+    with torch.no_grad():
+        torch.testing.assert_close(again(**batch).fine, before)
+    # With the term (the default) the same change to the output layer moves R_f.
+    torch.manual_seed(0)
+    with_term = RewardModel(tiny_policy("llama")[0], ("fine",), slots=10).eval()
+    with torch.no_grad():
+        first = with_term(**batch).fine
+        with_term.policy.get_output_embeddings().weight.mul_(3.0)
+        assert not torch.allclose(with_term(**batch).fine, first)
+
+
 def test_fine_head_gives_a_gradient_for_one_misplaced_item():
     model, _, layout = reward_model(heads=("fine",))
     model.train()

@@ -104,6 +104,17 @@ def test_reward_stage_writes_checkpoint_and_metrics(reward_run):
     assert metrics["best_epoch"] == best["epoch"]
     assert metrics["val_loglik"] == pytest.approx(best["val_loglik"], abs=1e-4)
 
+    # The page prior was fitted on the same training users and judged on the held-out ones:
+    # the pages that corrupt the golden one by disliked items or one category score lower.
+    from pagellm.models.page_prior import PagePrior
+
+    prior = PagePrior.load(out)
+    fit = metrics["page_prior"]
+    assert prior is not None and 0 < prior.satiation < 1 and len(prior.quality) == len(pd.read_parquet(
+        folder.data / "items.parquet"))
+    assert fit["train_pairs"] == metrics["pairs"]["train"] and fit["heldout_pairs"] == metrics["pairs"]["val"]
+    assert fit["heldout_accuracy"]["preference"] > 0.8 and fit["heldout_accuracy"]["diversity"] > 0.8
+
 
 def test_heads_keep_their_own_peak_lr_under_deepspeeds_schedule():
     """train_ds_config gives WarmupDecayLR one peak lr; the heads must still get lr x head_lr_mult."""

@@ -77,15 +77,15 @@ def test_item_loss_terms_by_hand():
     assert torch.allclose(losses, -torch.log(torch.stack([p0, p1])), atol=1e-6)
 
 
-def test_stop_after_patience_and_best_epoch():
+def test_stop_after_patience_and_best_record():
     from pagellm.train.harness import patience_exhausted
-    from pagellm.train.sft import best_epoch
+    from pagellm.eval.probe import best_record
 
     history = [{"epoch": 1, "m": 0.1}, {"epoch": 2, "m": 0.3}, {"epoch": 3, "m": 0.2}, {"epoch": 4, "m": 0.3}]
     assert not patience_exhausted(history, "m", 3)
     assert patience_exhausted(history, "m", 2)  # the first 0.3 is the best; two epochs since
-    assert best_epoch(history, "m")["epoch"] == 2
-    assert best_epoch([{"epoch": 1}], "m") is None
+    assert best_record(history, "m")["epoch"] == 2
+    assert best_record([{"epoch": 1}], "m") is None
 
 
 @pytest.fixture(scope="module")

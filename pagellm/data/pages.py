@@ -1,4 +1,5 @@
-"""Golden pages and the four families of worse pages (docs/ARCHITECTURE.md §3). Plain numpy.
+"""Golden pages, the four families of worse pages and rating-graded pairs
+(docs/ARCHITECTURE.md §3). Plain numpy.
 
 Items are dense indices. `item_cat[i]` is item i's diversity category as an int, or -1
 when the item has none (then every such item counts as its own category, so the cap
@@ -141,3 +142,34 @@ def preference_negative(
     picks = rng.choice(len(window), size=min(need, len(window)), replace=False) if window else []
     filled = [window[int(j)] for j in sorted(picks)]
     return page + filled, len(filled)
+
+
+def rating_pair(
+    candidates: np.ndarray,
+    ratings: np.ndarray,
+    item_score: np.ndarray,
+    page_len: int,
+    min_gap: float,
+) -> tuple[list[int], list[int]] | None:
+    """(higher-rated page, lower-rated page) from one window of the user's own positives.
+
+    The other families corrupt the golden page, so a reward trained on them learns "looks
+    like the golden page". Here both pages hold items the user liked and went on to take;
+    only how much they liked them differs, which is what the page's value depends on once
+    a policy writes plausible pages. The positives are ranked by rating (then item mean
+    rating); the top n form the higher page and the bottom n the lower, n = min(page_len,
+    half the window), each in that ranked order so order is not the difference. None when
+    ratings are missing (implicit feedback), n < 2, or the two pages' mean ratings differ
+    by less than `min_gap`.
+    """
+    _, first = np.unique(candidates, return_index=True)
+    keep = np.sort(first)
+    items, rated = candidates[keep].astype(np.int64), ratings[keep].astype(np.float64)
+    n = min(page_len, len(items) // 2)
+    if n < 2 or np.isnan(rated).any():
+        return None
+    order = np.lexsort((items, -item_score[items], -rated))
+    high, low = order[:n], order[len(order) - n :]
+    if rated[high].mean() - rated[low].mean() < min_gap:
+        return None
+    return [int(i) for i in items[high]], [int(i) for i in items[low]]

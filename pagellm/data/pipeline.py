@@ -103,6 +103,8 @@ def item_context(items: pd.DataFrame, cfg: Config) -> ItemContext:
         negative_threshold=cfg.data.negative_threshold,
         windows=cfg.data.sft_windows,
         seed=cfg.seed,
+        rating_pairs=cfg.data.rating_pairs,
+        rating_gap=cfg.data.rating_gap,
     )
 
 

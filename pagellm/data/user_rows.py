@@ -16,10 +16,11 @@ from pagellm.data.pages import (
     golden_page,
     preference_negative,
     ranking_negative,
+    rating_pair,
     redundancy_negative,
 )
 
-FAMILIES = ("preference", "ranking", "diversity", "redundancy")
+FAMILIES = ("preference", "ranking", "diversity", "redundancy", "rating")
 ROW_COLUMNS = ["user_index", "window", "kind", "prompt", "chosen", "rejected", "filled"]
 
 
@@ -39,6 +40,8 @@ class ItemContext:
     negative_threshold: float
     windows: int
     seed: int
+    rating_pairs: bool = False  # also build rating-graded pairs (pages.rating_pair)
+    rating_gap: float = 1.0
 
 
 def sft_windows(n_pos: int, page_len: int, windows: int) -> list[tuple[int, int]]:
@@ -92,8 +95,12 @@ def build_user_rows(group: dict[str, np.ndarray], ctx: ItemContext) -> list[tupl
             "diversity": diversity_negative(chosen, ctx.item_cat, ctx.cat_pool, forbidden),
             "redundancy": redundancy_negative(chosen, ctx.item_cat),
         }
-        for family in FAMILIES:
+        for family in FAMILIES[:4]:
             rejected = negatives[family]
             if rejected is not None:
                 rows.append((user, window, family, prompt, chosen, rejected, filled if family == "preference" else 0))
+        graded = rating_pair(pos_items[start:end], pos_ratings[start:end], ctx.item_score, ctx.page_len,
+                             ctx.rating_gap) if ctx.rating_pairs else None
+        if graded is not None:
+            rows.append((user, window, "rating", prompt, graded[0], graded[1], 0))
     return rows

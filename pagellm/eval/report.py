@@ -80,6 +80,24 @@ def ppo_plot(rows: list[dict], path: Path) -> bool:
     return True
 
 
+def fidelity_section(block: dict) -> list[str]:
+    """How well each page score tracks the simulator's truth (pagellm/eval/fidelity.py)."""
+    signals = [k.split("/", 1)[1] for k in block if k.startswith("spearman/")]
+    lines = ["## Reward fidelity (simulator truth as the judge)", "",
+             f"{block['users']:,} users x {block['samples_per_user']} pages sampled from the SFT policy. "
+             "Spearman: within-user rank correlation with the true utility; oracle > greedy: share of users "
+             "whose oracle page the signal scores above the SFT greedy page; best of S: true utility of the "
+             "sampled page the signal ranks first.", "",
+             "| signal | spearman | oracle > greedy | best of S |", "|---|---|---|---|"]
+    for name in signals:
+        lines.append(f"| {name} | {_fmt(block[f'spearman/{name}'])} | {_fmt(block.get(f'oracle_above_greedy/{name}'))} "
+                     f"| {_fmt(block[f'best_of_S/{name}'])} |")
+    lines += ["", f"True utility: sampled pages {block['sampled_mean']:.4f}, best of S by truth "
+              f"{block['best_of_S/truth']:.4f}, SFT greedy page {block['greedy_utility']:.4f}, oracle page "
+              f"{block['oracle_utility']:.4f}.", ""]
+    return lines
+
+
 def _read_json(path: Path):
     return json.loads(path.read_text()) if path.exists() else None
 
@@ -111,6 +129,8 @@ def write_report(result: dict, run_dir: Path, out_dir: Path) -> Path:
     if "sft" in models and "ppo" in models:
         parts += ["## PPO vs SFT", "", gain_table(models, "sft", "ppo", ["sim_utility", "ndcg@100", "ndcg@10",
                                                                           "hr@10", "ild@10", "full/ndcg@100"]), ""]
+    if result.get("reward_fidelity"):
+        parts += fidelity_section(result["reward_fidelity"])
     reward = _read_json(run_dir / "reward" / "metrics.json")
     if reward and "pair_accuracy" in reward:
         acc = reward["pair_accuracy"]
@@ -124,8 +144,14 @@ def write_report(result: dict, run_dir: Path, out_dir: Path) -> Path:
         if rows and ppo_plot(rows, out_dir / "ppo_curves.png"):
             last = rows[-1]
             parts += ["## PPO training", "", f"{len(rows)} steps; last step reward_mean {_fmt(last.get('reward_mean'))}, "
-                      f"kl {_fmt(last.get('kl'))}, stale batches dropped {last.get('stale_dropped', 0)}.", "",
-                      "![PPO curves](ppo_curves.png)", ""]
+                      f"kl {_fmt(last.get('kl'))}, stale batches dropped {last.get('stale_dropped', 0)}.", ""]
+            selection = _read_json(run_dir / "ppo" / "selection.json")
+            if selection:
+                key, step = selection["metric"], selection["published_step"]
+                what = "the SFT policy (no stage-3 checkpoint beat it)" if step == 0 else f"step {step}"
+                parts += [f"Published: {what}, validation {key} {_fmt(selection['published_' + key])} "
+                          f"(SFT {_fmt(selection['sft_' + key])}).", ""]
+            parts += ["![PPO curves](ppo_curves.png)", ""]
     plots = [("accuracy.png", ACCURACY, "Accuracy"), ("consistency.png", CONSISTENCY, "Ranking consistency"),
              ("diversity.png", DIVERSITY, "Diversity"), ("full_ranking.png", FULL, "Full ranking"),
              ("utility.png", SIM, "Simulator utility")]

@@ -106,8 +106,11 @@ def policy_output(policy_dir: Path, es: EvalSet, list_len: int, batch_size: int,
     return ModelOutput(lists, scores, time.perf_counter() - t0)
 
 
-def sim_utilities(sim, es: EvalSet, item_ids: list[str], user_ids: list[str], pages: list[list[int]]) -> np.ndarray:
-    users = [user_ids[u] for u in es.user_index]
+def sim_utilities(sim, es: EvalSet, item_ids: list[str], user_ids: list[str], pages: list[list[int]],
+                  rows: list[int] | None = None) -> np.ndarray:
+    """True utility of pages[j] for user rows[j] of the eval set (default: page j for user j)."""
+    rows = range(len(es.user_index)) if rows is None else rows
+    users = [user_ids[es.user_index[r]] for r in rows]
     return sim.page_utility(users, [[item_ids[i] for i in p] for p in pages])
 
 
@@ -118,12 +121,92 @@ def score_model(out: ModelOutput, es: EvalSet, cfg: Config, tail: set, sim_ctx) 
     mask = history_mask([sorted(s) for s in es.exclude], es.n_items)
     metrics |= evaluate_full_ranking(out.scores, mask, es.targets, n_items=es.n_items, hr_ks=(10,))
     if sim_ctx is not None:
-        sim, item_ids, user_ids, oracle = sim_ctx
+        sim, item_ids, user_ids, oracle, _ = sim_ctx
         util = sim_utilities(sim, es, item_ids, user_ids, [lst[:k] for lst in out.lists])
         metrics["sim_utility"] = float(util.mean())
         metrics["sim_utility_ratio"] = float(util.mean() / oracle.mean()) if oracle.mean() > 0 else None
     metrics["seconds"] = round(out.seconds, 2)
     return metrics
+
+
+def reward_fidelity(policy_dir: Path, reward_dir: Path, es: EvalSet, greedy_lists: list[list[int]], sim_ctx,
+                    k: int, samples: int, batch_size: int, seed: int) -> dict:
+    """The `reward_fidelity` block (pagellm/eval/fidelity.py) for the policy stage 3 starts
+    from: `samples` sampled pages per user (constrained, temperature 1, history excluded, as
+    PPO's rollouts), its greedy page and the oracle page, each scored by R_c, R_f, their sum,
+    the page prior when the reward stage fitted one, the policy's own log-likelihood and
+    summed item popularity, and by the truth."""
+    from pagellm.eval.fidelity import fidelity_block
+    from pagellm.models.decoding import constrained_logprobs, first_item_scores, generate_pages
+    from pagellm.models.page_prior import PagePrior
+    from pagellm.models.policy import load_policy
+    from pagellm.models.reward_scorer import RewardScorer
+    from pagellm.vocab import PromptEncoder
+
+    sim, item_ids, user_ids, oracle_truth, oracle_pages = sim_ctx
+    model, tokenizer, layout = load_policy(policy_dir, trainable=False)
+    model.eval()
+    scorer = RewardScorer.load(reward_dir)
+    encoder = PromptEncoder(tokenizer, layout)
+    prompts = [encoder.encode_prompt(int(u), p) for u, p in zip(es.user_index, es.prompts)]
+    users = len(prompts)
+    generator = torch.Generator().manual_seed(seed)
+    prior = PagePrior.load(reward_dir)
+    if prior is not None:
+        item_cat = pd.read_parquet(reward_dir.parent / "data" / "items.parquet").sort_values("index")["cat_index"].to_numpy()
+
+    def signals(rows: list[int], pages: list[list[int]]) -> dict[str, np.ndarray]:
+        """Every signal for page j of user rows[j]."""
+        out: dict[str, list] = {"R": [], "R_c": [], "R_f": [], "policy_logprob": []}
+        for a in range(0, len(rows), batch_size):
+            r, pg = rows[a : a + batch_size], pages[a : a + batch_size]
+            p = [prompts[i] for i in r]
+            responses = [encoder.encode_page(x) for x in pg]
+            r_c, r_f = scorer.score_tokens(p, responses)
+            with torch.inference_mode():
+                logp, _, _ = constrained_logprobs(model, layout, p, responses, exclude=[es.exclude[i] for i in r], k=k)
+            out["R"].append(r_c + r_f)
+            out["R_c"].append(r_c)
+            out["R_f"].append(r_f)  # a head the model lacks scores 0: dropped below
+            out["policy_logprob"].append(logp.sum(dim=1).float().numpy())
+            if prior is not None:
+                with torch.inference_mode():
+                    pref = first_item_scores(model, layout, p).double().numpy()
+                out.setdefault("prior", []).append(prior.score(pref, pg, item_cat))
+        result = {name: np.concatenate(parts) for name, parts in out.items()
+                  if name not in ("R_c", "R_f") or {"R_c": "coarse", "R_f": "fine"}[name] in scorer.heads}
+        result["popularity"] = np.array([es.popularity[x].sum() for x in pages], dtype=np.float64)
+        return result
+
+    rows = [u for u in range(users) for _ in range(samples)]
+    sampled: list[list[int]] = []
+    with torch.inference_mode():
+        for a in range(0, len(rows), batch_size):
+            r = rows[a : a + batch_size]
+            batch = generate_pages(model, layout, [prompts[i] for i in r], k=k, mode="sample",
+                                   exclude=[es.exclude[i] for i in r], generator=generator)
+            sampled.extend(batch.items)
+    sampled_signals = {n: v.reshape(users, samples) for n, v in signals(rows, sampled).items()}
+    sampled_truth = sim_utilities(sim, es, item_ids, user_ids, [sampled[j] for j in range(len(rows))], rows)
+    greedy = [lst[:k] for lst in greedy_lists]
+    oracle = [[int(i) for i in page] for page in oracle_pages]
+    everyone = list(range(users))
+    return fidelity_block(sampled_signals, sampled_truth.reshape(users, samples),
+                          signals(everyone, greedy), signals(everyone, oracle),
+                          sim_utilities(sim, es, item_ids, user_ids, greedy), oracle_truth)
+
+
+def fidelity_line(block: dict) -> str:
+    """One console line: each signal's within-user Spearman, oracle > greedy and best of S."""
+    def fmt(value) -> str:
+        return "–" if value is None else f"{value:.3f}"
+
+    signals = [k.split("/", 1)[1] for k in block if k.startswith("spearman/") and k.split("/", 1)[1] in
+               ("R", "R_c", "R_f", "prior")]
+    parts = [f"{name} {fmt(block[f'spearman/{name}'])}/{fmt(block.get(f'oracle_above_greedy/{name}'))}/"
+             f"{fmt(block[f'best_of_S/{name}'])}" for name in signals]
+    return (f"[eval] reward fidelity (spearman / oracle > greedy / best of {block['samples_per_user']}): "
+            + ", ".join(parts) + f"; best of {block['samples_per_user']} by truth {block['best_of_S/truth']:.3f}")
 
 
 def policy_dirs(run_dir: Path) -> dict[str, Path]:
@@ -159,9 +242,11 @@ def run_eval_stage(cfg: Config, run_dir: Path, split: str = "test", log=print) -
         oracle_pages = sim.oracle_page([user_ids[u] for u in es.user_index], cfg.data.page_len,
                                        [{item_ids[i] for i in s} for s in es.exclude])
         oracle = sim.page_utility([user_ids[u] for u in es.user_index], oracle_pages)
-        sim_ctx = (sim, item_ids, user_ids, oracle)
+        position = {raw: n for n, raw in enumerate(item_ids)}
+        sim_ctx = (sim, item_ids, user_ids, oracle, [[position[i] for i in page] for page in oracle_pages])
 
     models: dict[str, dict] = {}
+    policy_lists: dict[str, list[list[int]]] = {}
     for name in cfg.eval.baselines:
         log(f"[eval] baseline {name}")
         out = baseline_output(name, cfg.eval.sasrec if name == "sasrec" else {}, es, cfg.eval.list_len, cfg.seed)
@@ -170,6 +255,7 @@ def run_eval_stage(cfg: Config, run_dir: Path, split: str = "test", log=print) -
         log(f"[eval] policy {name} ({path})")
         out = policy_output(path, es, cfg.eval.list_len, cfg.eval.batch_size, cfg.eval.exclude_history)
         models[name] = score_model(out, es, cfg, tail, sim_ctx)
+        policy_lists[name] = out.lists
     for name, m in models.items():
         util = f" sim_utility {m['sim_utility']:.4f}" if "sim_utility" in m else ""
         log(f"[eval] {name:<10} ndcg@100 {m['ndcg@100']:.4f} ndcg@10 {m['ndcg@10']:.4f} hr@10 {m['hr@10']:.4f} "
@@ -187,6 +273,12 @@ def run_eval_stage(cfg: Config, run_dir: Path, split: str = "test", log=print) -
     }
     if sim_ctx is not None:
         result["sim_oracle_utility"] = float(sim_ctx[3].mean())
+        if cfg.eval.fidelity_samples and "sft" in policy_lists and (run_dir / "reward" / "metrics.json").exists():
+            log(f"[eval] reward fidelity: {cfg.eval.fidelity_samples} sampled pages per user")
+            result["reward_fidelity"] = reward_fidelity(
+                run_dir / "sft", run_dir / "reward", es, policy_lists["sft"], sim_ctx, cfg.data.page_len,
+                cfg.eval.fidelity_samples, cfg.eval.batch_size, cfg.seed)
+            log(fidelity_line(result["reward_fidelity"]))
     write_json(out_dir / "metrics.json", result)
     write_report(result, run_dir, out_dir)
     log(f"[eval] wrote {out_dir}/metrics.json, report.md and plots")

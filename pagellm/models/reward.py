@@ -34,7 +34,10 @@ positions go through the output layer (one [items, vocab] product for ℓ, never
 [rows, length, vocab] logits). An untied output layer is frozen (it only supplies ℓ).
 
 A reward directory = a `save_policy` checkpoint (tokenizer + layout + backbone weights) plus
-`reward_heads.safetensors` and `pagellm_reward.json` (heads, hidden size, slots).
+`reward_heads.safetensors` and `pagellm_reward.json` (heads, hidden size, slots, logit term).
+`reward.logit_term: false` builds the fine head without ℓ_k: a reward that cannot score a
+page by how likely the policy it judges was to write it (docs/BENCHMARKS.md has the
+measured effect on reward fidelity).
 """
 
 from __future__ import annotations
@@ -86,14 +89,20 @@ class FineHead(nn.Module):
     """Per-item scores from the hidden state at each item and the backbone's own logit for
     placing that item there; (R_f [N], r [N, T] with 0 off the items)."""
 
-    def __init__(self, hidden_size: int, slots: int = DEFAULT_SLOTS, logit_gain: float = 1.0):
+    def __init__(self, hidden_size: int, slots: int = DEFAULT_SLOTS, logit_term: bool = True):
         super().__init__()
         if slots < 1:
             raise ValueError(f"the fine head needs at least one slot, got {slots}")
         # No bias: a constant per item cancels in every Bradley–Terry difference.
         first = torch.randn(hidden_size) / math.sqrt(hidden_size + 1)
         self.slot_weight = nn.Parameter(first.repeat(slots, 1))
-        self.logit_gain = nn.Parameter(torch.full((slots,), float(logit_gain)))
+        # Without the logit term the gain is a fixed 0 (a buffer, not trained): the head reads
+        # only h[k], so it cannot score a page by how likely the policy was to write it.
+        self.logit_term = logit_term
+        if logit_term:
+            self.logit_gain = nn.Parameter(torch.ones(slots))
+        else:
+            self.register_buffer("logit_gain", torch.zeros(slots))
 
     def forward(
         self, hidden: torch.Tensor, item_mask: torch.Tensor, item_logit: torch.Tensor
@@ -141,7 +150,7 @@ def _freeze_untied_output(policy) -> None:
 
 
 class RewardModel(nn.Module):
-    def __init__(self, policy, heads: Sequence[str], slots: int = DEFAULT_SLOTS):
+    def __init__(self, policy, heads: Sequence[str], slots: int = DEFAULT_SLOTS, logit_term: bool = True):
         super().__init__()
         heads = tuple(heads)
         unknown = set(heads) - {"coarse", "fine"}
@@ -151,7 +160,7 @@ class RewardModel(nn.Module):
         self.hidden_size = int(policy.config.hidden_size)
         self.slots = slots
         self.coarse = CoarseHead(self.hidden_size) if "coarse" in heads else None
-        self.fine = FineHead(self.hidden_size, slots) if "fine" in heads else None
+        self.fine = FineHead(self.hidden_size, slots, logit_term) if "fine" in heads else None
         _freeze_untied_output(policy)
 
     @property
@@ -180,7 +189,9 @@ class RewardModel(nn.Module):
             coarse = self.coarse(hidden[torch.arange(hidden.shape[0], device=hidden.device), last])
         if self.fine is not None:
             items = item_mask & attention_mask.bool()
-            fine, per_item = self.fine(hidden, items, self._item_logits(hidden, input_ids, items))
+            logit = (self._item_logits(hidden, input_ids, items) if self.fine.logit_term
+                     else torch.zeros(items.shape, dtype=hidden.dtype, device=hidden.device))
+            fine, per_item = self.fine(hidden, items, logit)
         return RewardScores(coarse, fine, per_item)
 
     def _item_logits(self, hidden: torch.Tensor, input_ids: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
@@ -219,12 +230,12 @@ def pad_pages(rows: Sequence[tuple[Sequence[int], Sequence[int]]], layout: Token
 
 def reward_model_from_policy(
     policy_dir: str | Path, heads: Sequence[str], model_cfg: ModelConfig | None = None,
-    slots: int = DEFAULT_SLOTS, device: str | torch.device | None = None,
+    slots: int = DEFAULT_SLOTS, device: str | torch.device | None = None, logit_term: bool = True,
 ):
     """(RewardModel, tokenizer, layout): a trainable backbone from a save_policy directory
     (the SFT output) with freshly initialised heads (seed them with torch.manual_seed)."""
     policy, tokenizer, layout = load_policy(policy_dir, model_cfg, trainable=True, device=device)
-    return RewardModel(policy, heads, slots), tokenizer, layout
+    return RewardModel(policy, heads, slots, logit_term), tokenizer, layout
 
 
 def save_reward_model(
@@ -243,7 +254,8 @@ def save_reward_model(
         raise ValueError(f"state_dict holds no weights for head(s) {missing}")
     save_policy(model.policy, tokenizer, layout, directory, state_dict=backbone)
     save_file(head_weights, str(directory / HEADS_FILE))
-    meta = {"heads": list(model.heads), "hidden_size": model.hidden_size, "slots": model.slots}
+    meta = {"heads": list(model.heads), "hidden_size": model.hidden_size, "slots": model.slots,
+            "logit_term": model.fine.logit_term if model.fine is not None else None}
     (directory / REWARD_FILE).write_text(json.dumps(meta, indent=1))
     return directory
 
@@ -260,7 +272,7 @@ def load_reward_model(
         raise FileNotFoundError(f"{meta_path} missing: not a reward model directory (run `pagellm reward`)")
     meta = json.loads(meta_path.read_text())
     policy, tokenizer, layout = load_policy(directory, model_cfg, trainable=trainable, device=device)
-    model = RewardModel(policy, meta["heads"], meta.get("slots", DEFAULT_SLOTS))
+    model = RewardModel(policy, meta["heads"], meta.get("slots", DEFAULT_SLOTS), meta.get("logit_term") is not False)
     if model.hidden_size != meta["hidden_size"]:
         raise ValueError(
             f"{directory}: backbone hidden size {model.hidden_size} != {meta['hidden_size']} in {REWARD_FILE}"

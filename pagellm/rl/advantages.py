@@ -106,13 +106,14 @@ def gae_advantages(
     gamma: float = 1.0,
     lam: float = 0.95,
     group_ids: torch.Tensor | None = None,
+    seq_reward: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalised advantage estimation over the real tokens of each row.
 
     delta_t = r_t + gamma V_{t'} - V_t with t' the next real token (V = 0 after the
     last one: the page has ended, nothing to bootstrap); A_t = delta_t + gamma lam A_{t'}.
     Returns (advantages, returns = advantages + values), 0 on padding.
-    `group_ids` is accepted for a uniform signature and unused.
+    `group_ids` and `seq_reward` are accepted for a uniform signature and unused.
     """
     check_shapes(mask, rewards=rewards, values=values)
     m = bool_mask(mask)
@@ -137,7 +138,8 @@ def gae_advantages(
 
 @register_advantage("reinforce")
 def reinforce_advantages(rewards: torch.Tensor, values: torch.Tensor | None, mask: torch.Tensor, gamma: float = 1.0,
-        lam: float = 1.0, group_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        lam: float = 1.0, group_ids: torch.Tensor | None = None,
+        seq_reward: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """REINFORCE: the advantage is the reward-to-go itself, no critic.
 
     The baseline comes from whitening across the batch (the learner does that for
@@ -148,31 +150,79 @@ def reinforce_advantages(rewards: torch.Tensor, values: torch.Tensor | None, mas
     return returns.clone(), returns
 
 
+def _group_index(group_ids, batch: int, device, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's group index and the group sizes; every group must hold >= 2 pages (a lone
+    page has nothing to be compared with)."""
+    if group_ids is None:
+        raise ValueError(f"{name} needs group_ids: [B] prompt ids, several sampled pages per prompt")
+    group_ids = torch.as_tensor(group_ids, device=device)
+    if group_ids.shape != (batch,):
+        raise ValueError(f"group_ids must be [B]={batch}, got shape {tuple(group_ids.shape)}")
+    _, group = torch.unique(group_ids, return_inverse=True)
+    sizes = torch.zeros(int(group.max()) + 1, dtype=torch.float64, device=device).index_add_(
+        0, group, torch.ones(batch, dtype=torch.float64, device=device))
+    if (sizes < 2).any():
+        raise ValueError(f"{name}: {int((sizes < 2).sum())} group(s) have a single page; need >= 2 per prompt")
+    return group, sizes
+
+
+def _group_relative(rewards, mask, gamma, group_ids, seq_reward, name, relative):
+    """Shared body of the critic-free group estimators.
+
+    The page's own reward is compared within its group (`relative(page_reward, group,
+    sizes)`); the per-token KL penalty is not: it is added back as its own reward-to-go, so
+    a group whose pages tie on reward is not pushed by standardised KL noise (what putting
+    the penalised return through the group statistics would do). Without `seq_reward`,
+    the whole penalised page return is compared (the textbook RLOO on a scalar return)."""
+    m = bool_mask(mask)
+    returns = discounted_returns(rewards, m, gamma)
+    rows = torch.arange(m.shape[0], device=m.device)
+    if seq_reward is None:
+        page_reward = returns[rows, m.float().argmax(dim=1)]  # first real token holds the page's return
+        rest = torch.zeros_like(returns)
+    else:
+        page_reward = torch.as_tensor(seq_reward, dtype=rewards.dtype, device=rewards.device)
+        penalty = rewards.clone()
+        penalty[rows, last_token_index(m)] -= page_reward  # what is left is -beta * KL per token
+        rest = discounted_returns(penalty, m, gamma)
+    group, sizes = _group_index(group_ids, m.shape[0], m.device, name)
+    score = relative(page_reward.double(), group, sizes).to(rewards.dtype)
+    advantages = torch.where(m, score[:, None] + rest, torch.zeros_like(returns))
+    return advantages, returns
+
+
+def _leave_one_out(page_reward, group, sizes):
+    sums = torch.zeros_like(sizes).index_add_(0, group, page_reward)
+    return page_reward - (sums[group] - page_reward) / (sizes[group] - 1)
+
+
+def _standardised(page_reward, group, sizes, eps: float = 1e-6):
+    mean = torch.zeros_like(sizes).index_add_(0, group, page_reward) / sizes
+    centred = page_reward - mean[group]
+    var = torch.zeros_like(sizes).index_add_(0, group, centred**2) / (sizes - 1)
+    return centred / (var.sqrt()[group] + eps)
+
+
 @register_advantage("rloo")
 def rloo_advantages(rewards: torch.Tensor, values: torch.Tensor | None, mask: torch.Tensor, gamma: float = 1.0,
-        lam: float = 1.0, group_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """REINFORCE leave-one-out: pages sampled for the same prompt share `group_ids`;
-    each page's return minus the mean return of the other pages of its group is its
-    advantage, on every real token. Needs >= 2 pages per group; no critic.
-    Returns (advantages, reward-to-go returns)."""
-    if group_ids is None:
-        raise ValueError("rloo needs group_ids: [B] prompt ids, several sampled pages per prompt")
-    group_ids = torch.as_tensor(group_ids, device=rewards.device)
-    if group_ids.shape != (mask.shape[0],):
-        raise ValueError(f"group_ids must be [B]={mask.shape[0]}, got shape {tuple(group_ids.shape)}")
-    m = bool_mask(mask)
+        lam: float = 1.0, group_ids: torch.Tensor | None = None,
+        seq_reward: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """REINFORCE leave-one-out (Ahmadian et al. 2024): pages sampled for the same prompt
+    share `group_ids`; a page's reward minus the mean reward of the other pages of its
+    group, plus its KL penalty to go, is the advantage on every real token. Needs >= 2
+    pages per group; no critic. Returns (advantages, reward-to-go returns)."""
     with torch.no_grad():
-        returns = discounted_returns(rewards, m, gamma)
-        first = m.float().argmax(dim=1)  # first real token holds the whole page's return
-        page_return = returns[torch.arange(m.shape[0], device=m.device), first]
-        _, group = torch.unique(group_ids, return_inverse=True)
-        n_groups = int(group.max()) + 1
-        sizes = torch.zeros(n_groups, dtype=page_return.dtype, device=m.device).index_add_(
-            0, group, torch.ones_like(page_return)
-        )
-        if (sizes < 2).any():
-            raise ValueError(f"rloo: {int((sizes < 2).sum())} group(s) have a single page; need >= 2 per prompt")
-        sums = torch.zeros_like(sizes).index_add_(0, group, page_return)
-        baseline = (sums[group] - page_return) / (sizes[group] - 1)
-        advantages = torch.where(m, (page_return - baseline)[:, None].expand_as(returns), torch.zeros_like(returns))
-    return advantages, returns
+        return _group_relative(rewards, mask, gamma, group_ids, seq_reward, "rloo", _leave_one_out)
+
+
+@register_advantage("grpo")
+def grpo_advantages(rewards: torch.Tensor, values: torch.Tensor | None, mask: torch.Tensor, gamma: float = 1.0,
+        lam: float = 1.0, group_ids: torch.Tensor | None = None,
+        seq_reward: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """GRPO (Shao et al. 2024): a page's reward standardised within its group, (R - mean) /
+    (std + eps) with the group's sample std, plus its KL penalty to go (GRPO puts the KL in
+    the loss; here it stays a per-token reward, unstandardised, so beta means the same as
+    in PPO), on every real token; no critic. A group whose pages tie on reward gets only
+    the KL term. Returns (advantages, reward-to-go returns)."""
+    with torch.no_grad():
+        return _group_relative(rewards, mask, gamma, group_ids, seq_reward, "grpo", _standardised)

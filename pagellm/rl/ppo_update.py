@@ -33,8 +33,10 @@ class ScoredBatch:
     response_ids: torch.Tensor  # [B, T] items + eos, padded after eos
     logprobs: torch.Tensor  # [B, T] behaviour logprobs under the constrained distribution
     ref_logprobs: torch.Tensor  # [B, T] frozen SFT reference, same constraints
-    reward: torch.Tensor  # [B] sequence reward (R_c + R_f, or one head)
-    reward_parts: dict[str, float]  # batch means of r_c / r_f, for logging
+    reward: torch.Tensor  # [B] page reward before normalisation: the weighted sum of `components`
+    components: dict[str, torch.Tensor]  # [B] per part: "model" (learned R), "hits" (verifiable), "prior"
+    group_ids: torch.Tensor  # [B] batch-local prompt group: pages of one prompt share it
+    reward_parts: dict[str, float]  # batch means of r_c / r_f / hits, for logging
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage, for logging
 
     def __len__(self) -> int:
@@ -61,6 +63,8 @@ def merge_shards(shards: list[ScoredBatch]) -> ScoredBatch:
         logprobs=cat("logprobs", 0.0),
         ref_logprobs=cat("ref_logprobs", 0.0),
         reward=torch.cat([s.reward for s in shards]),
+        components={k: torch.cat([s.components[k] for s in shards]) for k in shards[0].components},
+        group_ids=torch.cat([s.group_ids for s in shards]),
         reward_parts={k: sum(s.reward_parts[k] * len(s) for s in shards) / n for k in shards[0].reward_parts},
         # Shards run side by side, so a stage took as long as its slowest shard.
         timings={k: max(s.timings.get(k, 0.0) for s in shards) for k in shards[0].timings},
@@ -111,22 +115,48 @@ class PolicyWithValue(nn.Module):
 
 
 def sequence_reward(r_c: torch.Tensor, r_f: torch.Tensor, which: str) -> torch.Tensor:
-    """The scalar PPO optimises: R_c + R_f (the method), or one head (ablation)."""
+    """The learned reward PPO optimises: R_c + R_f (the method), or one head (ablation)."""
     return {"sum": r_c + r_f, "coarse": r_c, "fine": r_f}[which]
 
 
+def part_weights(cfg: PPOConfig) -> dict[str, float]:
+    """Config weight of each reward part."""
+    return {"model": cfg.model_reward_weight, "hits": cfg.hits_reward_weight, "prior": cfg.prior_reward_weight}
+
+
+def combine_parts(components: dict[str, torch.Tensor], cfg: PPOConfig,
+                  moments: dict[str, RunningMoments] | None = None) -> torch.Tensor:
+    """[B] page reward: sum over parts of weight x part. With `moments`, each part is first
+    updated into and normalised by its own running statistics, so a weight means relative
+    importance whatever each part's scale (R is in logits, hits in [0, 1])."""
+    weights = part_weights(cfg)
+    total = None
+    for name, value in components.items():
+        value = value.float()
+        if moments is not None:
+            stats = moments.setdefault(name, RunningMoments())
+            stats.update(value)
+            value = stats.normalize(value)
+        term = weights[name] * value
+        total = term if total is None else total + term
+    if total is None:
+        raise ValueError("a scored batch holds no reward part")
+    return total
+
+
 @torch.no_grad()
-def prepare_batch(module: PolicyWithValue, batch: ScoredBatch, moments: RunningMoments, cfg: PPOConfig) -> dict:
-    """Old values, per-token rewards (KL-penalised), advantages and returns of a batch."""
+def prepare_batch(module: PolicyWithValue, batch: ScoredBatch, moments: dict[str, RunningMoments], cfg: PPOConfig,
+                  kl_beta: float | None = None) -> dict:
+    """Old values, per-token rewards (KL-penalised with `kl_beta`, default cfg.kl_beta),
+    advantages and returns of a batch."""
     _, _, mask, old_values = module.evaluate(batch.prompts, batch.response_ids, batch.exclude)
-    reward = batch.reward.float()
-    if cfg.normalize_reward:
-        # Running statistics, not per-batch: a batch of uniformly good pages should still
-        # push the policy further than a batch of bad ones.
-        moments.update(reward)
-        reward = moments.normalize(reward)
-    rewards, kl = token_rewards(reward, batch.logprobs, batch.ref_logprobs, mask, cfg.kl_beta)
-    advantages, returns = get_advantage(cfg.advantage)(rewards, old_values, mask, gamma=cfg.gamma, lam=cfg.lam)
+    # Running statistics, not per-batch: a batch of uniformly good pages should still push
+    # the policy further than a batch of bad ones.
+    reward = combine_parts(batch.components, cfg, moments if cfg.normalize_reward else None)
+    beta = cfg.kl_beta if kl_beta is None else kl_beta
+    rewards, kl = token_rewards(reward, batch.logprobs, batch.ref_logprobs, mask, beta, cfg.kl_estimator)
+    advantages, returns = get_advantage(cfg.advantage)(rewards, old_values, mask, gamma=cfg.gamma, lam=cfg.lam,
+                                                       group_ids=batch.group_ids, seq_reward=reward)
     advantages = masked_whiten(advantages, mask)
     kl_per_page = (kl * mask).sum(dim=1)
     return {

@@ -144,8 +144,8 @@ def _train_loop(config: dict) -> None:
     setup_distributed_for_deepspeed()
     torch.manual_seed(cfg.seed)  # same head initialisation on every rank
     model, tokenizer, layout = reward_model_from_policy(
-        config["sft_dir"], heads_for(train_cfg.heads), cfg.model, slots=cfg.data.page_len
-    )
+        config["sft_dir"], heads_for(train_cfg.heads), cfg.model, slots=cfg.data.page_len,
+        logit_term=train_cfg.logit_term)
     encoder = PromptEncoder(tokenizer, layout)
     pairs = pd.read_parquet(Path(config["data_dir"]) / "pairs.parquet")
     val = user_in_validation(pairs["user_index"], train_cfg.val_fraction, cfg.seed)
@@ -303,6 +303,10 @@ def run_reward_stage(cfg: Config, run_dir: Path, log=print) -> dict:
         "history": history,
         "checkpoint": result.best_checkpoint_path,
     }
+    if rc.page_prior:  # before metrics.json, which marks the stage done
+        from pagellm.train.prior import run_prior_fit
+
+        metrics["page_prior"] = run_prior_fit(run_dir, pairs, val, log)
     write_json(out_dir / "metrics.json", metrics)
     plot_accuracy(metrics["pair_accuracy"], out_dir / "accuracy_by_family.png")
     write_report(metrics, out_dir / "report.md")

@@ -21,7 +21,6 @@ same seed; DeepSpeed shards it (ZeRO from config).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import NamedTuple
@@ -32,6 +31,7 @@ import torch
 from torch.utils.data import Dataset
 
 from pagellm.config import Config, SFTConfig
+from pagellm.eval.probe import RankingProbe, best_record, val_metric
 from pagellm.models.policy import build_policy, load_policy, save_policy
 from pagellm.models.positions import position_ids, prompt_anchor
 from pagellm.runfolder import publish_dir
@@ -232,48 +232,6 @@ def _lm_eval(engine, loader, loss_fn, item_loss: bool) -> dict[str, float]:
     return {"loss": total / max(1, n)}
 
 
-@dataclass
-class RankingProbe:
-    """Validation users as the evaluation sees them: the pages the policy writes for them
-    (greedy, constrained, their training items excluded) scored against their validation
-    positives. One fixed, evenly spread sample so every epoch is judged on the same users."""
-
-    users: set[int]  # user indices of the sample
-    prompts: list[list[int]]
-    exclude: list[set[int]]
-    targets: list[list[int]]
-    page_len: int
-
-    @classmethod
-    def from_data(cls, data_dir: Path, encoder: PromptEncoder, page_len: int, users: int) -> "RankingProbe":
-        from pagellm.eval.runner import load_eval_set
-
-        es = load_eval_set(data_dir, "val", None)
-        if not len(es.prompts):
-            raise ValueError(f"{data_dir}: no user has validation positives; SFT cannot pick a checkpoint")
-        keep = np.unique(np.linspace(0, len(es.prompts) - 1, min(users, len(es.prompts))).round().astype(int))
-        return cls({int(es.user_index[i]) for i in keep},
-                   [encoder.encode_prompt(int(es.user_index[i]), es.prompts[i]) for i in keep],
-                   [es.exclude[i] for i in keep], [es.targets[i] for i in keep], page_len)
-
-    def __call__(self, model, layout, batch_size: int = 256) -> dict[str, float]:
-        from pagellm.eval.metrics import hr_at_k, ndcg_at_k
-        from pagellm.models.decoding import generate_pages
-
-        pages: list[list[int]] = []
-        for a in range(0, len(self.prompts), batch_size):
-            pages += generate_pages(model, layout, self.prompts[a : a + batch_size], k=self.page_len,
-                                    exclude=self.exclude[a : a + batch_size]).items
-        k = min(10, self.page_len)
-        return {f"ndcg@{k}": float(np.mean([ndcg_at_k(p, t, k) for p, t in zip(pages, self.targets)])),
-                f"hr@{k}": float(np.mean([hr_at_k(p, t, k) for p, t in zip(pages, self.targets)]))}
-
-
-def val_metric(page_len: int) -> str:
-    """The history key the SFT stage selects and stops on."""
-    return f"val_ndcg@{min(10, page_len)}"
-
-
 def _train_loop(config: dict) -> None:
     """One Ray Train worker: meta or SFT phase, selected by config["phase"]."""
     from pagellm.train.engine import build_engine, micro_batch_size, setup_distributed_for_deepspeed
@@ -342,12 +300,6 @@ def _phase_config(cfg: Config, phase: str) -> SFTConfig:
     return cfg.sft
 
 
-def best_epoch(history: list[dict], metric: str) -> dict | None:
-    """The epoch record with the highest `metric` (the first of equals), None if none has it."""
-    scored = [h for h in history if metric in h]
-    return max(scored, key=lambda h: h[metric]) if scored else None
-
-
 def run_sft_stage(cfg: Config, run_dir: Path, log=print) -> dict:
     """Train (or resume) the policy; publishes the best-validation checkpoint of either phase
     to <run>/sft/, with <run>/sft/metrics.json saying which one it is."""
@@ -368,14 +320,14 @@ def run_sft_stage(cfg: Config, run_dir: Path, log=print) -> dict:
                    checkpoint_score=score)
         init_dir = f"{meta.best_checkpoint_path}/{HF_SUBDIR}"
         history["meta"] = meta.history
-        candidates.append(("meta", best_epoch(meta.history, metric), init_dir))
+        candidates.append(("meta", best_record(meta.history, metric), init_dir))
     if cfg.sft.epochs > 0:
         log(f"[sft] fine-tuning on golden pages: up to {cfg.sft.epochs} epoch(s), {cfg.sft.workers} worker(s), "
             f"ZeRO-{cfg.sft.zero_stage}, {cfg.sft.page_loss} targets")
         result = fit(_train_loop, {**base, "phase": "sft", "init_dir": init_dir}, cfg.sft, run_dir, name="sft",
                      checkpoint_score=score)
         history["sft"] = result.history
-        candidates.append(("sft", best_epoch(result.history, metric), f"{result.best_checkpoint_path}/{HF_SUBDIR}"))
+        candidates.append(("sft", best_record(result.history, metric), f"{result.best_checkpoint_path}/{HF_SUBDIR}"))
     candidates = [c for c in candidates if c[1] is not None]
     if not candidates:
         raise RuntimeError("SFT finished without a validated checkpoint (sft.epochs and sft.meta_epochs are 0?)")

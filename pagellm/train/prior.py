@@ -1,0 +1,92 @@
+"""Fit the page prior (pagellm/models/page_prior.py) on the data stage's pairs.
+
+Runs in the reward stage after the heads are trained, on the same users: fitted on the
+training users' pairs, its held-out pair accuracy per family reported on the others. The
+preference feature comes from the SFT policy (its first-item log-probabilities for each
+pair's prompt), so the prior belongs to the policy that stage 3 starts from.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from pagellm.models.page_prior import PagePrior, fit_page_prior, standardise
+
+BATCH = 256  # prompts per forward pass of the SFT policy
+
+
+def prompt_preferences(sft_dir: Path, users: list[int], prompts: list[list[int]], pages: list[list[list[int]]],
+                       width: int) -> list[np.ndarray]:
+    """For each list of pages in `pages` (all pages of one kind, e.g. chosen), [P, width]
+    standardised preferences, pair p's prompt scoring pair p's page."""
+    from pagellm.models.decoding import first_item_scores
+    from pagellm.models.policy import load_policy
+    from pagellm.vocab import PromptEncoder
+
+    model, tokenizer, layout = load_policy(sft_dir, trainable=False)
+    model.eval()
+    encoder = PromptEncoder(tokenizer, layout)
+    keys = list(zip(users, map(tuple, prompts)))
+    unique = list(dict.fromkeys(keys))
+    where = {key: n for n, key in enumerate(unique)}
+    by_prompt: list[list[int]] = [[] for _ in unique]
+    for pair, key in enumerate(keys):
+        by_prompt[where[key]].append(pair)
+    out = [np.zeros((len(keys), width)) for _ in pages]
+    with torch.inference_mode():
+        for a in range(0, len(unique), BATCH):
+            chunk = unique[a : a + BATCH]
+            pref = first_item_scores(model, layout, [encoder.encode_prompt(u, list(p)) for u, p in chunk]).double().numpy()
+            z = standardise(pref)
+            for pos in range(len(chunk)):  # every pair of this prompt reads its row
+                for pair in by_prompt[a + pos]:
+                    for kind, kind_pages in enumerate(pages):
+                        page = kind_pages[pair]
+                        out[kind][pair, : len(page)] = z[pos, page]
+    return out
+
+
+def run_prior_fit(run_dir: Path, pairs: pd.DataFrame, val: np.ndarray, log=print) -> dict:
+    """Fit on pairs[~val], judge on pairs[val]; writes <run>/reward/page_prior.json."""
+    t0 = time.perf_counter()
+    items = pd.read_parquet(run_dir / "data" / "items.parquet").sort_values("index")
+    quality, item_cat = standardise(items["score"].to_numpy(dtype=np.float64)), items["cat_index"].to_numpy()
+    chosen = [list(map(int, p)) for p in pairs["chosen"]]
+    rejected = [list(map(int, p)) for p in pairs["rejected"]]
+    width = max(max(map(len, chosen)), max(map(len, rejected)))
+    z_chosen, z_rejected = prompt_preferences(run_dir / "sft", pairs["user_index"].astype(int).tolist(),
+                                              [list(map(int, p)) for p in pairs["prompt"]], [chosen, rejected], width)
+    train = np.flatnonzero(~val)
+    a, b, c = fit_page_prior(z_chosen[train], [chosen[i] for i in train], z_rejected[train],
+                             [rejected[i] for i in train], quality, item_cat)
+    prior = PagePrior(a, b, c, quality.tolist())
+    held = np.flatnonzero(val)
+    margin = (_values(prior, z_chosen[held], [chosen[i] for i in held], item_cat)
+              - _values(prior, z_rejected[held], [rejected[i] for i in held], item_cat))
+    families = pairs["family"].to_numpy()[held]
+    accuracy = {str(f): float((margin[families == f] > 0).mean()) for f in pd.unique(families)}
+    accuracy["all"] = float((margin > 0).mean())
+    stats = {"pref_weight": a, "quality_weight": b, "satiation": c, "heldout_accuracy": accuracy,
+             "train_pairs": int(len(train)), "heldout_pairs": int(len(held)),
+             "seconds": round(time.perf_counter() - t0, 1)}
+    prior.save(run_dir / "reward", {"fit": stats})
+    log(f"[reward] page prior: a {a:.3f} (preference), b {b:.3f} (quality), c {c:.3f} (satiation); held-out "
+        "accuracy " + ", ".join(f"{f} {v:.3f}" for f, v in accuracy.items()))
+    return stats
+
+
+def _values(prior: PagePrior, z: np.ndarray, pages: list[list[int]], item_cat: np.ndarray) -> np.ndarray:
+    """R_p from already-gathered preferences (what the fit holds), as PagePrior.score would."""
+    from pagellm.models.page_prior import page_log_value, page_tensors
+
+    items, mask, repeats = page_tensors(pages, item_cat)
+    z = torch.as_tensor(z[:, : items.shape[1]], dtype=torch.float64)
+    with torch.no_grad():
+        return page_log_value(z, torch.as_tensor(prior.quality, dtype=torch.float64), items, mask, repeats,
+                              *(torch.tensor(v, dtype=torch.float64) for v in
+                                (prior.pref_weight, prior.quality_weight, prior.satiation))).numpy()
