@@ -79,7 +79,9 @@ class LearnerActor:
         # score is the bar (step 0), so stage 3 never publishes a policy worse on validation.
         self.probe = RankingProbe.from_data(Path(data_dir), PromptEncoder(self.tokenizer, self.layout),
                                             self.cfg.data.page_len, self.cfg.sft.val_users)
-        self.val_history: list[dict] = [{"step": 0, **self._validate()}]
+        # Step 0 (the SFT weights) is scored before the first update, not here: a resumed
+        # learner restores the history instead and would throw this probe away.
+        self.val_history: list[dict] = []
         self.idle_since = time.perf_counter()
 
     def _validate(self) -> dict[str, float]:
@@ -124,6 +126,8 @@ class LearnerActor:
             stats = {"dropped": True, "stale_dropped": self.stale_dropped, "policy_version": self.version,
                      "sampled_version": batch.policy_version, **common}
         else:
+            if not self.val_history:  # still the SFT weights: the bar every checkpoint must beat
+                self.val_history.append({"step": 0, **self._validate()})
             stats = {**self._update(batch), "dropped": False, "stale_dropped": self.stale_dropped, **common}
             self.trained_ids.append(batch_id)
             stats["learner_seconds"] = time.perf_counter() - t0

@@ -12,8 +12,8 @@ import ray
 import torch
 
 from pagellm.config import Config
-from pagellm.models.decoding import constrained_logprobs, first_item_scores
-from pagellm.models.page_prior import PagePrior
+from pagellm.models.decoding import constrained_logprobs
+from pagellm.models.page_prior import PagePrior, first_item_preferences
 from pagellm.models.policy import load_policy
 from pagellm.models.reward_scorer import RewardScorer
 from pagellm.rl.ppo_update import ScoredBatch, combine_parts, sequence_reward
@@ -52,11 +52,12 @@ class RewardActor:
                 r_c, r_f = torch.as_tensor(r_c, dtype=torch.float32), torch.as_tensor(r_f, dtype=torch.float32)
                 components["model"] = sequence_reward(r_c, r_f, ppo.reward)
                 parts.update(r_c=float(r_c.mean()), r_f=float(r_f.mean()))
-            pages = [[int(t) - self.layout.item_offset for t in row if self.layout.is_item_token(int(t))]
-                     for row in responses.tolist()]
+            if self.prior is not None or ppo.hits_reward_weight > 0:
+                pages = [[int(t) - self.layout.item_offset for t in row if self.layout.is_item_token(int(t))]
+                         for row in responses.tolist()]
             if self.prior is not None:
                 # The preference feature is the reference (SFT) policy's, as when the prior was fitted.
-                pref = first_item_scores(self.reference, self.layout, prompts).double().cpu().numpy()
+                pref = first_item_preferences(self.reference, self.layout, prompts)
                 components["prior"] = torch.as_tensor(self.prior.score(pref, pages, self.item_cat))
                 parts["prior"] = float(components["prior"].mean())
             if ppo.hits_reward_weight > 0:

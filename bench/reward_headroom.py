@@ -7,7 +7,8 @@ For each finished simulator run (data + SFT policy), over the test users:
 1. **Signals on sampled pages.** S pages per user sampled from the SFT policy (as PPO's
    rollouts and the eval's reward-fidelity block); each signal below scores them and its
    within-user Spearman with the true utility is reported (pagellm/eval/fidelity.py):
-   - `pref`: sum over the page of exam(k) x exp(z(log p_SFT(item as first item)))
+   - `pref`: sum over the page of exam(k) x exp(z(log p_SFT(item as first item))), scored as
+     the page prior scores (the log of that sum, so the same ranks) with fixed weights
      (the policy's own next-item preference, per user);
    - `quality`: the same with z(item score), the item's mean *training* rating (the data
      stage's `s_i`), the same for every user;
@@ -26,7 +27,6 @@ the truth), and each number is a mean ± sample std over the given runs.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 
@@ -36,31 +36,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pagellm.data.simulator import Simulator, examination  # noqa: E402
+from pagellm.data.simulator import Simulator  # noqa: E402
 from pagellm.eval.fidelity import best_of, within_user_spearman  # noqa: E402
 from pagellm.eval.metrics import ndcg_at_k  # noqa: E402
 from pagellm.eval.runner import load_eval_set, sim_utilities  # noqa: E402
 from pagellm.models.decoding import first_item_scores, generate_pages  # noqa: E402
+from pagellm.models.page_prior import PagePrior, standardise  # noqa: E402
 from pagellm.models.policy import load_policy  # noqa: E402
 from pagellm.vocab import PromptEncoder  # noqa: E402
 
 SAMPLED = [("pref", 1.0, 0.0, 0.0), ("quality", 0.0, 1.0, 0.0), ("pref+quality", 1.0, 1.0, 0.0),
            ("pref+quality, sat 0.25", 1.0, 1.0, 0.25), ("pref+quality, sat 0.5", 1.0, 1.0, 0.5)]
 GREEDY = [(wq, sat) for wq in (0.0, 0.5, 1.0) for sat in (0.0, 0.25, 0.5)]
-
-
-def zscore(x: np.ndarray) -> np.ndarray:
-    return (x - x.mean(axis=-1, keepdims=True)) / x.std(axis=-1, keepdims=True)
-
-
-def page_value(page: list[int], item_value: np.ndarray, cat: np.ndarray, sat: float) -> float:
-    """sum_k exam(k) exp(v_item) (1 - sat)^(earlier page items of its category)."""
-    exam, seen, total = examination(len(page)), {}, 0.0
-    for k, item in enumerate(page):
-        c = int(cat[item])
-        total += exam[k] * math.exp(item_value[item]) * (1.0 - sat) ** seen.get(c, 0)
-        seen[c] = seen.get(c, 0) + 1
-    return total
 
 
 def greedy_page(item_value: np.ndarray, banned: set[int], cat: np.ndarray, sat: float, k: int) -> list[int]:
@@ -84,14 +71,14 @@ def one_run(run: Path, samples: int, seed: int) -> dict[str, float]:
     item_ids = vocab.loc[vocab["kind"] == "item", "raw_id"].tolist()
     sim = Simulator.load(run / "data" / "simulator")
     items = pd.read_parquet(run / "data" / "items.parquet").set_index("index").sort_index()
-    quality, cat = zscore(items["score"].to_numpy(dtype=np.float64)), items["cat_index"].to_numpy()
+    quality, cat = standardise(items["score"].to_numpy(dtype=np.float64)), items["cat_index"].to_numpy()
     model, tokenizer, layout = load_policy(run / "sft", trainable=False)
     model.eval()
     encoder = PromptEncoder(tokenizer, layout)
     prompts = [encoder.encode_prompt(int(u), p) for u, p in zip(es.user_index, es.prompts)]
     users, k = len(prompts), 10
     with torch.inference_mode():
-        pref = zscore(np.concatenate([first_item_scores(model, layout, prompts[a : a + 128]).numpy()
+        pref = standardise(np.concatenate([first_item_scores(model, layout, prompts[a : a + 128]).numpy()
                                       for a in range(0, users, 128)]).astype(np.float64))
         rows = [u for u in range(users) for _ in range(samples)]
         generator, sampled = torch.Generator().manual_seed(seed), []
@@ -114,7 +101,8 @@ def one_run(run: Path, samples: int, seed: int) -> dict[str, float]:
                                                      [user_ids[u] for u in es.user_index], k,
                                                      [{item_ids[i] for i in s} for s in es.exclude])]).mean())}
     for name, wp, wq, sat in SAMPLED:
-        scores = np.array([page_value(p, wp * pref[r] + wq * quality, cat, sat) for p, r in zip(sampled, rows)])
+        # The page prior's own value with these fixed weights (log of the sum: same ranks).
+        scores = PagePrior(wp, wq, sat, quality.tolist()).score(pref[rows], sampled, cat)
         rho, _ = within_user_spearman(scores.reshape(users, samples), truth)
         out[f"spearman: {name}"] = rho
         out[f"best of S by {name}"] = best_of(scores.reshape(users, samples), truth)

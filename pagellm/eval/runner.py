@@ -137,8 +137,8 @@ def reward_fidelity(policy_dir: Path, reward_dir: Path, es: EvalSet, greedy_list
     the page prior when the reward stage fitted one, the policy's own log-likelihood and
     summed item popularity, and by the truth."""
     from pagellm.eval.fidelity import fidelity_block
-    from pagellm.models.decoding import constrained_logprobs, first_item_scores, generate_pages
-    from pagellm.models.page_prior import PagePrior
+    from pagellm.models.decoding import constrained_logprobs, generate_pages
+    from pagellm.models.page_prior import PagePrior, first_item_preferences
     from pagellm.models.policy import load_policy
     from pagellm.models.reward_scorer import RewardScorer
     from pagellm.vocab import PromptEncoder
@@ -169,10 +169,8 @@ def reward_fidelity(policy_dir: Path, reward_dir: Path, es: EvalSet, greedy_list
             out["R_c"].append(r_c)
             out["R_f"].append(r_f)  # a head the model lacks scores 0: dropped below
             out["policy_logprob"].append(logp.sum(dim=1).float().numpy())
-            if prior is not None:
-                with torch.inference_mode():
-                    pref = first_item_scores(model, layout, p).double().numpy()
-                out.setdefault("prior", []).append(prior.score(pref, pg, item_cat))
+            if prior is not None:  # one forward per user: a batch of samples repeats its prompts
+                out.setdefault("prior", []).append(prior.score(first_item_preferences(model, layout, p), pg, item_cat))
         result = {name: np.concatenate(parts) for name, parts in out.items()
                   if name not in ("R_c", "R_f") or {"R_c": "coarse", "R_f": "fine"}[name] in scorer.heads}
         result["popularity"] = np.array([es.popularity[x].sum() for x in pages], dtype=np.float64)
@@ -187,12 +185,11 @@ def reward_fidelity(policy_dir: Path, reward_dir: Path, es: EvalSet, greedy_list
                                    exclude=[es.exclude[i] for i in r], generator=generator)
             sampled.extend(batch.items)
     sampled_signals = {n: v.reshape(users, samples) for n, v in signals(rows, sampled).items()}
-    sampled_truth = sim_utilities(sim, es, item_ids, user_ids, [sampled[j] for j in range(len(rows))], rows)
+    sampled_truth = sim_utilities(sim, es, item_ids, user_ids, sampled, rows)
     greedy = [lst[:k] for lst in greedy_lists]
-    oracle = [[int(i) for i in page] for page in oracle_pages]
     everyone = list(range(users))
     return fidelity_block(sampled_signals, sampled_truth.reshape(users, samples),
-                          signals(everyone, greedy), signals(everyone, oracle),
+                          signals(everyone, greedy), signals(everyone, oracle_pages),
                           sim_utilities(sim, es, item_ids, user_ids, greedy), oracle_truth)
 
 

@@ -55,14 +55,18 @@ class PagePrior:
 
     def score(self, pref: np.ndarray, pages: list[list[int]], item_cat: np.ndarray) -> np.ndarray:
         """[B] R_p of page b for the user whose [B, n_items] first-item log-probs are pref[b]."""
+        items = page_tensors(pages, item_cat)[0].numpy()
+        return self.value(np.take_along_axis(standardise(pref), items, axis=1), pages, item_cat).astype(np.float32)
+
+    def value(self, z: np.ndarray, pages: list[list[int]], item_cat: np.ndarray) -> np.ndarray:
+        """[B] R_p (float64) from already-gathered preferences: z[b, k] is page b's user's
+        standardised preference for its k-th item (0-padded past the page's end)."""
         items, mask, repeats = page_tensors(pages, item_cat)
-        z = torch.as_tensor(np.take_along_axis(standardise(pref), items.numpy(), axis=1))
+        z = torch.as_tensor(z[:, : items.shape[1]], dtype=torch.float64)
         with torch.no_grad():
-            value = page_log_value(z, torch.as_tensor(self.quality, dtype=torch.float64), items, mask, repeats,
-                                   torch.tensor(self.pref_weight, dtype=torch.float64),
-                                   torch.tensor(self.quality_weight, dtype=torch.float64),
-                                   torch.tensor(self.satiation, dtype=torch.float64))
-        return value.numpy().astype(np.float32)
+            return page_log_value(z, torch.as_tensor(self.quality, dtype=torch.float64), items, mask, repeats,
+                                  *(torch.tensor(v, dtype=torch.float64)
+                                    for v in (self.pref_weight, self.quality_weight, self.satiation))).numpy()
 
 
 def standardise(x: np.ndarray) -> np.ndarray:
@@ -134,3 +138,17 @@ def fit_page_prior(z_chosen: np.ndarray, chosen: list[list[int]], z_rejected: np
     with torch.no_grad():
         return float(a), float(b), float(torch.sigmoid(c_logit).clamp(_EPS, 1 - _EPS))
 
+
+
+def first_item_preferences(model, layout, prompts: list[list[int]]) -> np.ndarray:
+    """[B, n_items] first-item log-probs (float64) of each prompt, one forward pass per
+    distinct prompt: a batch of groups (n pages per prompt) or of several pages per user
+    repeats its prompts."""
+    from pagellm.models.decoding import first_item_scores
+
+    keys = [tuple(p) for p in prompts]
+    distinct = list(dict.fromkeys(keys))
+    where = {key: n for n, key in enumerate(distinct)}
+    with torch.inference_mode():
+        rows = first_item_scores(model, layout, [list(k) for k in distinct]).double().cpu().numpy()
+    return rows[[where[key] for key in keys]]

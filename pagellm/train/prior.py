@@ -66,8 +66,8 @@ def run_prior_fit(run_dir: Path, pairs: pd.DataFrame, val: np.ndarray, log=print
                              [rejected[i] for i in train], quality, item_cat)
     prior = PagePrior(a, b, c, quality.tolist())
     held = np.flatnonzero(val)
-    margin = (_values(prior, z_chosen[held], [chosen[i] for i in held], item_cat)
-              - _values(prior, z_rejected[held], [rejected[i] for i in held], item_cat))
+    margin = (prior.value(z_chosen[held], [chosen[i] for i in held], item_cat)
+              - prior.value(z_rejected[held], [rejected[i] for i in held], item_cat))
     families = pairs["family"].to_numpy()[held]
     accuracy = {str(f): float((margin[families == f] > 0).mean()) for f in pd.unique(families)}
     accuracy["all"] = float((margin > 0).mean())
@@ -79,14 +79,3 @@ def run_prior_fit(run_dir: Path, pairs: pd.DataFrame, val: np.ndarray, log=print
         "accuracy " + ", ".join(f"{f} {v:.3f}" for f, v in accuracy.items()))
     return stats
 
-
-def _values(prior: PagePrior, z: np.ndarray, pages: list[list[int]], item_cat: np.ndarray) -> np.ndarray:
-    """R_p from already-gathered preferences (what the fit holds), as PagePrior.score would."""
-    from pagellm.models.page_prior import page_log_value, page_tensors
-
-    items, mask, repeats = page_tensors(pages, item_cat)
-    z = torch.as_tensor(z[:, : items.shape[1]], dtype=torch.float64)
-    with torch.no_grad():
-        return page_log_value(z, torch.as_tensor(prior.quality, dtype=torch.float64), items, mask, repeats,
-                              *(torch.tensor(v, dtype=torch.float64) for v in
-                                (prior.pref_weight, prior.quality_weight, prior.satiation))).numpy()
