@@ -75,7 +75,7 @@ class LearnerActor:
         self.next_batch = 0  # the first batch id not yet consumed (trained or dropped)
         self.stale_dropped = 0
         self.trained_ids: list[int] = []
-        # Validation picks what is published (ppo.publish=best_val): the SFT policy's own
+        # Validation picks what is published (stage3.publish=best_val): the SFT policy's own
         # score is the bar (step 0), so stage 3 never publishes a policy worse on validation.
         self.probe = RankingProbe.from_data(Path(data_dir), PromptEncoder(self.tokenizer, self.layout),
                                             self.cfg.data.page_len, self.cfg.sft.val_users)
@@ -134,7 +134,7 @@ class LearnerActor:
             if self.step % self.cfg.ppo.checkpoint_every == 0 or self.step == self.cfg.ppo.steps:
                 stats.update(self._checkpoint_validation())
                 self.save(str(self.checkpoint_root / f"step_{self.step:06d}"))
-                keep = f"step_{self.best_val()['step']:06d}"  # what ppo.publish=best_val publishes
+                keep = f"step_{self.best_val()['step']:06d}"  # what stage3.publish=best_val publishes
                 for old in sorted(self.checkpoint_root.glob("step_*"))[:-2]:  # and the last two
                     if old.name != keep:
                         shutil.rmtree(old, ignore_errors=True)

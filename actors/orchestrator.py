@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from pagellm.config import Config
+from pagellm.names import RL_ALGORITHMS
 from pagellm.rl.prompts import load_prompt_source
 
 GET_TIMEOUT_S = 900  # a batch that takes longer than this means a stuck actor, not a slow one
@@ -74,7 +75,7 @@ class PPORun:
         for d, stage in needed:
             if not d.exists():
                 raise FileNotFoundError(f"{d} not found: run `pagellm {stage} --run {run_dir}` first")
-        self.out = run_dir / "ppo"
+        self.out = run_dir / cfg.stage3.algorithm  # ppo or grpo
         self.ckpt_root = self.out / "checkpoints"
         self.metrics_path = self.out / "metrics.jsonl"
         self.out.mkdir(parents=True, exist_ok=True)
@@ -182,8 +183,8 @@ class PPORun:
         return {"step": self.step, "stale_dropped": self.stale_dropped, "policy_version": self.version}
 
     def finish(self) -> dict:
-        """Publish the chosen policy as <run>/ppo (a save_policy directory): with
-        ppo.publish=best_val the checkpoint with the best validation NDCG@10, which is the
+        """Publish the chosen policy as <run>/<algorithm> (a save_policy directory): with
+        stage3.publish=best_val the checkpoint with the best validation NDCG@10, which is the
         SFT policy itself (step 0) when no stage-3 checkpoint beat it; else the last one.
         Returns what was chosen, with the validation history."""
         from pagellm.eval.probe import best_record, val_metric
@@ -194,7 +195,7 @@ class PPORun:
         history = json.loads((latest / "learner_state.json").read_text())["val_history"]
         key = val_metric(self.cfg.data.page_len)
         last_step = int(latest.name.removeprefix("step_"))
-        chosen = best_record(history, key)["step"] if self.cfg.ppo.publish == "best_val" else last_step
+        chosen = best_record(history, key)["step"] if self.cfg.stage3.publish == "best_val" else last_step
         source = self.sft_dir if chosen == 0 else (self.ckpt_root / f"step_{chosen:06d}" / "policy")
         for item in source.iterdir():
             if item.name in ("metrics.json", "DONE"):  # the SFT stage's own records stay in sft/
@@ -203,7 +204,7 @@ class PPORun:
             if dest.is_dir():
                 shutil.rmtree(dest)
             (shutil.copytree if item.is_dir() else shutil.copy2)(item, dest)
-        selection = {"publish": self.cfg.ppo.publish, "published_step": chosen, "metric": key,
+        selection = {"publish": self.cfg.stage3.publish, "published_step": chosen, "metric": key,
                      "published_" + key: next(r[key] for r in history if r["step"] == chosen),
                      "sft_" + key: history[0][key], "history": history}
         (self.out / "selection.json").write_text(json.dumps(selection, indent=1) + "\n")
@@ -215,10 +216,9 @@ class PPORun:
 
 
 def run_ppo_stage(cfg: Config, run_dir: Path, log=print, stop_after: int | None = None) -> dict:
-    """Train (or resume) PPO; writes <run>/ppo/ (policy, metrics.jsonl, DONE)."""
-    if not cfg.ppo.enabled:
-        log("[ppo] ppo.enabled=false: the SFT policy is the final policy")
-        return {"step": 0}
+    """Train (or resume) PPO or GRPO; writes <run>/<algorithm>/ (policy, metrics.jsonl, DONE)."""
+    if cfg.stage3.algorithm not in RL_ALGORITHMS:
+        raise ValueError(f"the RL loop runs stage3.algorithm ppo or grpo, not {cfg.stage3.algorithm!r}")
     t0 = time.perf_counter()
     run = PPORun(cfg, run_dir, log)
     try:
@@ -227,6 +227,9 @@ def run_ppo_stage(cfg: Config, run_dir: Path, log=print, stop_after: int | None 
             chosen = run.finish()
             summary["seconds"] = round(time.perf_counter() - t0, 1)
             summary["published_step"] = chosen["published_step"]
+            # Every sampled batch is pages written, a stale one dropped too: the budget
+            # bench/stage3_compare.py holds algorithms to.
+            summary["pages_generated"] = (summary["step"] + summary["stale_dropped"]) * cfg.ppo.batch_size
             (run.out / "DONE").write_text(json.dumps(summary) + "\n")
             key = chosen["metric"]
             what = ("the SFT policy: no stage-3 checkpoint beat it on validation" if chosen["published_step"] == 0

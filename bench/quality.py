@@ -2,7 +2,7 @@
 
     python bench/quality.py --config configs/tiny.yaml --seeds 0 1 2 --out runs/quality/tiny
     python bench/quality.py --config configs/movielens-loo.yaml --seeds 0 1 2 --out runs/quality/ml \\
-        --set ppo.enabled=true
+        --set stage3.algorithm=ppo
 
 Each seed is one `pagellm run --config C --out OUT/seed<s> --set seed=<s>` in its own
 process (its own Ray), so every model of that seed — the baselines the config's
@@ -39,24 +39,33 @@ import sys
 import time
 from pathlib import Path
 
+from pagellm.names import STAGE3_ALGORITHMS
+
 DEFAULT_METRICS = ["hr@10", "ndcg@10", "ndcg@100", "full/hr@10", "full/ndcg@100", "coverage@10", "sim_utility",
                    "kl", "published_step"]
 FIDELITY = ["spearman/R", "spearman/R_c", "spearman/R_f", "oracle_above_greedy/R", "best_of_S/R",
             "spearman/prior", "oracle_above_greedy/prior", "best_of_S/prior", "best_of_S/truth", "greedy_utility"]
 GAIN_METRICS = ["sim_utility", "ndcg@100", "ndcg@10", "hr@10"]
 NOT_RANKED = {"kl", "published_step"}  # facts, not scores: no "best" is bolded
+STAGE3_SECTIONS = ("stage3.", "ppo.", "dpo.", "degre.", "reward.", "eval.")  # what a variant may change
 KL_STEPS = 5  # the stage-3 KL reported: mean over the last this-many PPO steps
 
 
-def stage3_facts(run_dir: Path) -> dict:
-    """KL per page at the end of PPO and the published step, when the run trained one."""
+def stage3_name(models: dict) -> str | None:
+    """The stage-3 row of a run's evaluation: named by its algorithm (its folder)."""
+    return next((name for name in STAGE3_ALGORITHMS if name in models), None)
+
+
+def stage3_facts(run_dir: Path, algorithm: str) -> dict:
+    """KL per page at the end of the RL loop and the published step (or epoch), when the
+    run trained a stage 3."""
     facts: dict = {}
-    metrics = run_dir / "ppo" / "metrics.jsonl"
+    metrics = run_dir / algorithm / "metrics.jsonl"
     if metrics.exists():
         rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
         if rows:
             facts["kl"] = sum(r["kl"] for r in rows[-KL_STEPS:]) / len(rows[-KL_STEPS:])
-    selection = run_dir / "ppo" / "selection.json"
+    selection = run_dir / algorithm / "selection.json"
     if selection.exists():
         facts["published_step"] = json.loads(selection.read_text())["published_step"]
     return facts
@@ -69,14 +78,15 @@ def run_variant(seed_dir: Path, name: str, overrides: list[str], fresh: bool) ->
     if fresh and run_dir.exists():
         shutil.rmtree(run_dir)
     keys = [o.split("=", 1)[0] for o in overrides]
-    if any(not k.startswith(("ppo.", "reward.", "eval.")) for k in keys):
-        raise SystemExit(f"variant {name}: only ppo.*, reward.* and eval.* may change (same data and SFT policy)")
-    start = "reward" if any(k.startswith("reward.") for k in keys) else "ppo"
+    if any(not k.startswith(STAGE3_SECTIONS) for k in keys):
+        raise SystemExit(f"variant {name}: only {', '.join(s + '*' for s in STAGE3_SECTIONS)} may change "
+                         "(same data and SFT policy)")
+    start = "reward" if any(k.startswith("reward.") for k in keys) else "stage3"
     if not metrics_file.exists():
         shutil.rmtree(run_dir, ignore_errors=True)
         run_dir.mkdir(parents=True)
         shutil.copy2(seed_dir / "config.yaml", run_dir / "config.yaml")
-        for part in ["data", "sft"] + (["reward"] if start == "ppo" and (seed_dir / "reward").exists() else []):
+        for part in ["data", "sft"] + (["reward"] if start == "stage3" and (seed_dir / "reward").exists() else []):
             shutil.copytree(seed_dir / part, run_dir / part)
         cmd = [sys.executable, "-m", "jobs.pipeline", "--run", str(run_dir), "--from", start]
         for item in overrides:
@@ -84,7 +94,8 @@ def run_variant(seed_dir: Path, name: str, overrides: list[str], fresh: bool) ->
         print(f"[quality] {seed_dir.name} variant {name}: {' '.join(cmd[2:])}", flush=True)
         subprocess.run(cmd, check=True)
     result = json.loads(metrics_file.read_text())
-    return {"stage3": result["models"].get("ppo", {}) | stage3_facts(run_dir),
+    algorithm = stage3_name(result["models"])
+    return {"stage3": result["models"][algorithm] | stage3_facts(run_dir, algorithm) if algorithm else {},
             "fidelity": result.get("reward_fidelity")}
 
 
@@ -114,8 +125,9 @@ def run_seed(config: str, out: Path, seed: int, overrides: list[str], fresh: boo
     else:
         print(f"[quality] seed {seed}: {metrics_file} exists, reading it", flush=True)
     result = json.loads(metrics_file.read_text())
-    if "ppo" in result["models"]:
-        result["models"]["ppo"].update(stage3_facts(run_dir))
+    algorithm = stage3_name(result["models"])
+    if algorithm:
+        result["models"][algorithm].update(stage3_facts(run_dir, algorithm))
     if timing_file.exists():
         result["wall_s"] = json.loads(timing_file.read_text())["wall_s"]
     return result

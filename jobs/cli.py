@@ -10,7 +10,9 @@ STAGES = {
     "data": ("jobs.data", "build prompts, golden pages and pairs (Ray Data)"),
     "sft": ("jobs.sft", "supervised fine-tuning on golden pages (Ray Train + DeepSpeed)"),
     "reward": ("jobs.reward", "train the two-headed reward model"),
-    "ppo": ("jobs.ppo", "asynchronous PPO against R_c + R_f"),
+    "ppo": ("jobs.ppo", "stage 3, ppo or grpo: asynchronous RL against R_c + R_f"),
+    "dpo": ("jobs.dpo", "stage 3, dpo: direct preference optimisation on page pairs"),
+    "degre": ("jobs.degre", "stage 3, degre: evaluator-mined pages distilled into the policy"),
     "eval": ("jobs.eval", "metrics, baselines, report and plots"),
     "serve": ("jobs.serve", "serve the policy with Ray Serve"),
 }

@@ -33,7 +33,7 @@ import sys
 import warnings
 
 VERBOSE_ENV = "PAGELLM_VERBOSE"
-STAGE_TAGS = ("run", "data", "sft", "reward", "ppo", "eval", "serve")  # jobs/cli.py's stages
+STAGE_TAGS = ("run", "data", "sft", "reward", "ppo", "dpo", "degre", "eval", "serve")  # jobs/cli.py's stages
 # "[sft] epoch 1/10 ...", "[sft_meta] ...", "[reward_coarse] ..." (Ray Train run names).
 PROJECT_LINE = re.compile(r"^\[(?:%s)(?:[:_]\w+)?\] " % "|".join(STAGE_TAGS))
 # Environment of this process and of every Ray worker, by default (the user's own settings win).

@@ -1,4 +1,6 @@
-"""The whole pipeline in one Ray session: data → sft → reward → ppo → eval (+ report).
+"""The whole pipeline in one Ray session: data → sft → reward → stage 3 → eval (+ report).
+
+Stage 3 is `stage3.algorithm`: ppo, grpo, dpo or degre (or none).
 
     pagellm run --config configs/tiny.yaml --out runs/demo
     ray job submit --working-dir . --runtime-env-json '{"env_vars": {"PAGELLM_STORAGE": "/mnt/shared"}}' \
@@ -15,63 +17,69 @@ import time
 
 from jobs.common import open_run, ray_session, stage_parser
 
-STAGES = ["data", "sft", "reward", "ppo", "eval"]
+STAGES = ["data", "sft", "reward", "stage3", "eval"]
+# The module that runs stage 3 for each `stage3.algorithm` (ppo and grpo share the RL loop).
+STAGE3_JOBS = {"ppo": "ppo", "grpo": "ppo", "dpo": "dpo", "degre": "degre"}
 
 
-def is_done(folder, stage: str) -> bool:
-    marker = {
-        "data": folder.data / "stats.json",
-        "sft": folder.sft / "metrics.json",
-        "reward": folder.reward / "metrics.json",
-        "ppo": folder.ppo / "DONE",
-        "eval": folder.eval / "metrics.json",
-    }[stage]
-    return marker.exists()
+def stage_dir(folder, cfg, stage: str):
+    """Where a stage writes: stage 3 writes <run>/<algorithm>/."""
+    return folder.root / (cfg.stage3.algorithm if stage == "stage3" else stage)
 
 
-def clear(folder, stage: str) -> None:
+def is_done(folder, cfg, stage: str) -> bool:
+    marker = "DONE" if stage == "stage3" else ("stats.json" if stage == "data" else "metrics.json")
+    return (stage_dir(folder, cfg, stage) / marker).exists()
+
+
+def clear(folder, cfg, stage: str) -> None:
     """Remove a stage's outputs and its Ray Train runs, so a redo starts fresh instead of
     resuming a checkpoint trained on older inputs."""
     import shutil
 
-    targets = {"data": [folder.data], "sft": [folder.sft, folder.root / "ray_train" / "sft",
-                                             folder.root / "ray_train" / "sft_meta"],
-               "reward": [folder.reward, folder.root / "ray_train" / "reward"], "ppo": [folder.ppo],
-               "eval": [folder.eval]}[stage]
-    for path in targets:
+    train_runs = {"sft": ["sft", "sft_meta"], "reward": ["reward"],
+                  "stage3": {"dpo": ["dpo"], "degre": ["degre"]}.get(cfg.stage3.algorithm, [])}.get(stage, [])
+    for path in [stage_dir(folder, cfg, stage), *(folder.root / "ray_train" / name for name in train_runs)]:
         shutil.rmtree(path, ignore_errors=True)
 
 
 def wanted(cfg, stage: str) -> bool:
-    if stage == "ppo":
-        return cfg.ppo.enabled
-    if stage == "reward":  # the reward model exists to drive PPO; a hits-only reward needs none
-        return cfg.ppo.enabled and (cfg.ppo.model_reward_weight > 0 or cfg.ppo.prior_reward_weight > 0)
+    if stage == "stage3":
+        return cfg.stage3.algorithm != "none"
+    if stage == "reward":  # the reward model exists to drive stage 3; a hits-only reward needs none
+        return cfg.uses_reward_model()
     return True
+
+
+def stage_module(cfg, stage: str) -> str:
+    return f"jobs.{STAGE3_JOBS[cfg.stage3.algorithm] if stage == 'stage3' else stage}"
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = stage_parser("run", __doc__)
-    parser.add_argument("--from", dest="start", choices=STAGES, default=None,
-                        help="redo this stage and every later one even if their outputs exist")
+    parser.add_argument("--from", dest="start", choices=STAGES + list(STAGE3_JOBS), default=None,
+                        help="redo this stage and every later one even if their outputs exist "
+                             "(an algorithm's name means stage3)")
     args = parser.parse_args(argv)
     folder, cfg = open_run(args)
-    redo = STAGES[STAGES.index(args.start):] if args.start else []
+    start = "stage3" if args.start in STAGE3_JOBS else args.start
+    redo = STAGES[STAGES.index(start):] if start else []
     t0 = time.perf_counter()
     with ray_session():
         for stage in STAGES:
             if not wanted(cfg, stage):
                 print(f"[run] {stage}: off in this config", flush=True)
                 continue
-            if is_done(folder, stage) and stage not in redo:
+            if is_done(folder, cfg, stage) and stage not in redo:
                 print(f"[run] {stage}: already done in {folder.root}, skipping", flush=True)
                 continue
             if stage in redo:
-                clear(folder, stage)
-            print(f"[run] {stage} ...", flush=True)
+                clear(folder, cfg, stage)
+            name = cfg.stage3.algorithm if stage == "stage3" else stage
+            print(f"[run] {name} ...", flush=True)
             t = time.perf_counter()
-            importlib.import_module(f"jobs.{stage}").run(folder, cfg)
-            print(f"[run] {stage} finished in {time.perf_counter() - t:.0f}s", flush=True)
+            importlib.import_module(stage_module(cfg, stage)).run(folder, cfg)
+            print(f"[run] {name} finished in {time.perf_counter() - t:.0f}s", flush=True)
     print(f"[run] all stages done in {time.perf_counter() - t0:.0f}s; report: {folder.eval / 'report.md'}", flush=True)
 
 

@@ -23,7 +23,8 @@ from pydantic import (
 )
 
 from pagellm.eval.baselines.params import BASELINE_PARAMS, BASELINES
-from pagellm.names import ADVANTAGE_ESTIMATORS, GROUP_ESTIMATORS, KL_ESTIMATORS, POLICY_LOSSES, REWARD_HEADS
+from pagellm.names import (ADVANTAGE_ESTIMATORS, GROUP_ESTIMATORS, KL_ESTIMATORS, PAIR_FAMILIES, POLICY_LOSSES,
+                           REWARD_HEADS, RL_ALGORITHMS, STAGE3_ALGORITHMS)
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
 
@@ -133,7 +134,16 @@ class TrainCommon(Strict):
     log_every: int = Field(20, ge=1)
 
 
-class SFTConfig(TrainCommon):
+class ProbedTraining(TrainCommon):
+    """A Ray Train stage whose epochs are scored by writing pages for validation users
+    (pagellm/eval/probe.py: greedy, constrained, as eval does); their NDCG@10 picks the
+    published checkpoint and stops training early."""
+
+    val_users: int = Field(2000, ge=1)
+    patience: int = Field(3, ge=1)  # epochs without a better validation NDCG@10 before stopping
+
+
+class SFTConfig(ProbedTraining):
     epochs: int = 10
     lr: float = 2e-5
     meta_epochs: int = Field(0, ge=0)  # next-item pre-training on whole training histories
@@ -148,10 +158,6 @@ class SFTConfig(TrainCommon):
     # forcing), "set" = any golden item not yet placed (log of their summed probability),
     # so the order of the page is the model's own confidence.
     page_loss: Literal["sequence", "set"] = "sequence"
-    # Each epoch writes pages for these many validation users (greedy, constrained, as eval
-    # does); their NDCG@10 picks the published checkpoint and stops training early.
-    val_users: int = Field(2000, ge=1)
-    patience: int = Field(3, ge=1)  # epochs without a better validation NDCG@10 before stopping
 
 
 class RewardConfig(TrainCommon):
@@ -172,7 +178,8 @@ class RewardConfig(TrainCommon):
 
 
 class PPOConfig(Strict):
-    enabled: bool = True
+    """The actor-based RL loop of stage 3 (stage3.algorithm ppo or grpo)."""
+
     steps: int = Field(50, ge=0)
     batch_size: int = Field(64, ge=1)
     mini_batch_size: int = Field(32, ge=1)
@@ -214,9 +221,6 @@ class PPOConfig(Strict):
     rollout_actors: int = Field(1, ge=1)
     reward_actors: int = Field(1, ge=1)
     checkpoint_every: int = Field(10, ge=1)  # also how often validation scores the policy
-    # What <run>/ppo holds at the end: the checkpoint with the best validation NDCG@10
-    # (the SFT policy itself when none beat it, reported as such) or the last one.
-    publish: Literal["best_val", "last"] = "best_val"
     grad_clip: float = 1.0
     zero_stage: int = Field(0, ge=0, le=3)  # the learner's DeepSpeed ZeRO stage
     use_gpu: bool = False
@@ -239,6 +243,70 @@ class PPOConfig(Strict):
             raise ValueError(f"ppo.batch_size ({self.batch_size}) must be a multiple of ppo.samples_per_prompt "
                              f"({self.samples_per_prompt}): a batch holds whole groups")
         return self
+
+
+class DPOConfig(ProbedTraining):
+    """Direct preference optimisation (Rafailov et al. 2023) of the SFT policy on page pairs,
+    with the SFT policy as the frozen reference (pagellm/train/dpo.py)."""
+
+    epochs: int = 3
+    lr: float = 5e-6
+    batch_size: int = 32  # pairs per optimiser step
+    patience: int = 2
+    beta: float = Field(0.1, gt=0.0)
+    # Pair families from the data stage to train on; None = every family it built.
+    families: list[Annotated[str, one_of("pair family", PAIR_FAMILIES)]] | None = None
+    # On-policy: pairs are the best and worst of samples_per_prompt pages the SFT policy
+    # samples per training prompt, as ranked by `ranker` (the stage-2 reward R, or the page
+    # prior), instead of the data's pairs.
+    on_policy: bool = False
+    samples_per_prompt: int = Field(4, ge=2)
+    ranker: Literal["reward", "prior"] = "reward"
+    # + sft_coef x the chosen page's NLL per item (RPO, Pang et al. 2024): keeps DPO from
+    # lowering the chosen page's likelihood along with the rejected one's.
+    sft_coef: float = Field(0.0, ge=0.0)
+
+
+class EvaluatorConfig(Strict):
+    """DeGRe's lookahead evaluator: a small causal transformer over (prompt, page prefix)
+    that predicts the page's cumulative value after every item (pagellm/models/lookahead.py)."""
+
+    n_layer: int = Field(2, ge=1)
+    n_embd: int = Field(64, ge=8)
+    n_head: int = Field(2, ge=1)
+    epochs: int = Field(20, ge=1)
+    lr: float = Field(1e-3, gt=0.0)
+    batch_size: int = Field(64, ge=1)
+    patience: int = Field(3, ge=1)
+    # Weight of the page-level Bradley-Terry term on the data's pairs next to the dense
+    # cumulative regression: the pairs carry what per-item labels cannot (order, diversity).
+    bt_weight: float = Field(1.0, ge=0.0)
+    negatives: int = Field(2, ge=0)  # random unseen-item pages per prompt, every item valued 0
+    val_fraction: float = Field(0.1, gt=0.0, lt=1.0)
+
+
+class DeGReConfig(ProbedTraining):
+    """Dense-supervised generative reranking (pagellm/train/degre.py): mine pages by beam
+    search under the lookahead evaluator, distill them into the generator."""
+
+    epochs: int = 3
+    lr: float = 2e-5
+    patience: int = 2
+    beam: int = Field(8, ge=2)  # B: pages mined per prompt
+    expand: int = Field(16, ge=1)  # items each beam extends by at each step: the policy's top ones
+    alpha: float = Field(0.01, ge=0.0)  # weight of the soft-label KL next to hard-label cross-entropy
+    tau_w: float = Field(1.0, gt=0.0)  # temperature of the mined pages' value weights
+    soft_temperature: float = Field(1.0, gt=0.0)  # of the evaluator's step values as soft labels
+    prompts: Literal["latest", "cuts"] = "latest"  # as ppo.prompts
+    evaluator: EvaluatorConfig = Field(default_factory=EvaluatorConfig)
+
+
+class Stage3Config(Strict):
+    # What stage 3 runs (pagellm/names.py STAGE3_ALGORITHMS); "none" = the SFT policy is final.
+    algorithm: Literal["ppo", "grpo", "dpo", "degre", "none"] = "ppo"
+    # What <run>/<algorithm> holds at the end: the checkpoint with the best validation
+    # NDCG@10 (the SFT policy itself when none beat it, reported as such) or the last one.
+    publish: Literal["best_val", "last"] = "best_val"
 
 
 class EvalConfig(Strict):
@@ -307,27 +375,25 @@ class Config(Strict):
     model: ModelConfig = Field(default_factory=ModelConfig)
     sft: SFTConfig = Field(default_factory=SFTConfig)
     reward: RewardConfig = Field(default_factory=RewardConfig)
+    stage3: Stage3Config = Field(default_factory=Stage3Config)
     ppo: PPOConfig = Field(default_factory=PPOConfig)
+    dpo: DPOConfig = Field(default_factory=DPOConfig)
+    degre: DeGReConfig = Field(default_factory=DeGReConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
 
     @model_validator(mode="before")
     @classmethod
     def _retired_keys(cls, tree: Any) -> Any:
-        """`eval.page_len` used to repeat `data.page_len`. A saved run config that still holds
-        it loads when the two agree; a different value fails, naming the field to set."""
-        if not isinstance(tree, dict) or not isinstance(tree.get("eval"), dict) or "page_len" not in tree["eval"]:
+        """Keys that moved, read from configs saved before they did; `grpo`'s presets."""
+        if not isinstance(tree, dict):
             return tree
-        data = tree.get("data") if isinstance(tree.get("data"), dict) else {}
-        data_len = data.get("page_len", DataConfig.model_fields["page_len"].default)
-        if tree["eval"]["page_len"] != data_len:
-            raise ValueError(f"eval.page_len: removed; the page length is data.page_len "
-                             f"(got eval.page_len={tree['eval']['page_len']!r}, data.page_len={data_len!r})")
-        return {**tree, "eval": {k: v for k, v in tree["eval"].items() if k != "page_len"}}
+        return _grpo_presets(_stage3_keys(_eval_page_len(tree)))
 
     @model_validator(mode="after")
     def _consistent(self) -> "Config":
-        if self.ppo.enabled and self.ppo.model_reward_weight > 0:
+        rl = self.stage3.algorithm in RL_ALGORITHMS
+        if rl and self.ppo.model_reward_weight > 0:
             needs, has = REWARD_HEADS[self.ppo.reward], REWARD_HEADS[self.reward.heads]
             if not set(needs) <= set(has):
                 fits = [name for name, heads in REWARD_HEADS.items() if set(heads) <= set(has)]
@@ -335,9 +401,67 @@ class Config(Strict):
                     f"ppo.reward: {self.ppo.reward!r} needs the reward model's {' and '.join(needs)} head(s), "
                     f"but reward.heads={self.reward.heads!r} trains only {' and '.join(has)}; "
                     f"allowed with it: {', '.join(fits)}")
-        if self.ppo.enabled and self.ppo.prior_reward_weight > 0 and not self.reward.page_prior:
+        if rl and self.ppo.prior_reward_weight > 0 and not self.reward.page_prior:
             raise ValueError("ppo.prior_reward_weight > 0 needs the page prior: set reward.page_prior=true")
+        if (self.stage3.algorithm == "dpo" and self.dpo.on_policy and self.dpo.ranker == "prior"
+                and not self.reward.page_prior):
+            raise ValueError("dpo.ranker=prior needs the page prior: set reward.page_prior=true")
         return self
+
+    def uses_reward_model(self) -> bool:
+        """Whether stage 3 reads the reward stage's output (so the pipeline trains it)."""
+        algo = self.stage3.algorithm
+        if algo in RL_ALGORITHMS:
+            return self.ppo.model_reward_weight > 0 or self.ppo.prior_reward_weight > 0
+        return algo == "dpo" and self.dpo.on_policy
+
+
+def _eval_page_len(tree: dict) -> dict:
+    """`eval.page_len` used to repeat `data.page_len`. A saved run config that still holds
+    it loads when the two agree; a different value fails, naming the field to set."""
+    if not isinstance(tree.get("eval"), dict) or "page_len" not in tree["eval"]:
+        return tree
+    data = tree.get("data") if isinstance(tree.get("data"), dict) else {}
+    data_len = data.get("page_len", DataConfig.model_fields["page_len"].default)
+    if tree["eval"]["page_len"] != data_len:
+        raise ValueError(f"eval.page_len: removed; the page length is data.page_len "
+                         f"(got eval.page_len={tree['eval']['page_len']!r}, data.page_len={data_len!r})")
+    return {**tree, "eval": {k: v for k, v in tree["eval"].items() if k != "page_len"}}
+
+
+def _stage3_keys(tree: dict) -> dict:
+    """`ppo.enabled` and `ppo.publish` became `stage3.algorithm` and `stage3.publish` when
+    stage 3 got more than one algorithm: `ppo.enabled: false` reads as algorithm none."""
+    ppo = tree.get("ppo")
+    if not isinstance(ppo, dict) or not ({"enabled", "publish"} & set(ppo)):
+        return tree
+    stage3 = dict(tree.get("stage3") or {})
+    if "enabled" in ppo and not ppo["enabled"]:
+        if stage3.get("algorithm", "none") != "none":
+            raise ValueError(f"ppo.enabled: removed; it says no stage 3 but stage3.algorithm is "
+                             f"{stage3['algorithm']!r}: set stage3.algorithm alone")
+        stage3["algorithm"] = "none"
+    if "publish" in ppo:
+        if stage3.setdefault("publish", ppo["publish"]) != ppo["publish"]:
+            raise ValueError("ppo.publish: removed; set stage3.publish")
+    return {**tree, "stage3": stage3, "ppo": {k: v for k, v in ppo.items() if k not in ("enabled", "publish")}}
+
+
+GRPO_GROUP = 4  # stage3.algorithm=grpo's pages per prompt when ppo.samples_per_prompt is not set
+
+
+def _grpo_presets(tree: dict) -> dict:
+    """stage3.algorithm=grpo is the RL loop with group-relative advantages: it fills
+    ppo.advantage=grpo and ppo.samples_per_prompt when the config leaves them out, and
+    refuses a per-token estimator set beside it."""
+    if not isinstance(tree.get("stage3"), dict) or tree["stage3"].get("algorithm") != "grpo":
+        return tree
+    ppo = dict(tree.get("ppo") or {})
+    if ppo.setdefault("advantage", "grpo") not in GROUP_ESTIMATORS:
+        raise ValueError(f"stage3.algorithm=grpo compares the pages of one prompt; ppo.advantage="
+                         f"{ppo['advantage']!r} does not (use one of {', '.join(GROUP_ESTIMATORS)})")
+    ppo.setdefault("samples_per_prompt", GRPO_GROUP)
+    return {**tree, "ppo": ppo}
 
 
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")

@@ -18,6 +18,17 @@ POLICY_LOSSES: tuple[str, ...] = ("clipped", "dual_clip")
 # pagellm/rl/advantages.py (`@register_kl`).
 KL_ESTIMATORS: tuple[str, ...] = ("k1", "k2", "k3")
 
+# `stage3.algorithm`: what turns the SFT policy into the published one. Each writes its
+# policy to <run>/<algorithm>/ (pagellm.names.stage3_dir); "none" publishes SFT as final.
+# ppo and grpo are the actor-based RL loop (actors/), grpo with group-relative advantages
+# and no critic; dpo and degre train on Ray Train like SFT (pagellm/train/).
+STAGE3_ALGORITHMS: tuple[str, ...] = ("ppo", "grpo", "dpo", "degre")
+RL_ALGORITHMS: tuple[str, ...] = ("ppo", "grpo")  # run by actors/orchestrator.py
+
+# The data stage's pair families (pagellm/data/user_rows.py builds them).
+PAIR_FAMILIES: tuple[str, ...] = ("preference", "ranking", "diversity", "redundancy", "rating")
+
+
 # A `reward.heads` / `ppo.reward` value -> the reward-model heads it is made of:
 # "sum" is R_c + R_f (the method), "coarse" and "fine" one head alone (ablations).
 REWARD_HEADS: dict[str, tuple[str, ...]] = {"sum": ("coarse", "fine"), "coarse": ("coarse",), "fine": ("fine",)}

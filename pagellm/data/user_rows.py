@@ -19,8 +19,9 @@ from pagellm.data.pages import (
     rating_pair,
     redundancy_negative,
 )
+from pagellm.names import PAIR_FAMILIES
 
-FAMILIES = ("preference", "ranking", "diversity", "redundancy", "rating")
+FAMILIES = PAIR_FAMILIES  # pagellm/names.py
 ROW_COLUMNS = ["user_index", "window", "kind", "prompt", "chosen", "rejected", "filled"]
 
 

@@ -10,6 +10,8 @@ import matplotlib
 matplotlib.use("Agg")  # headless: reports are written on cluster nodes and CI boxes
 import matplotlib.pyplot as plt  # noqa: E402
 
+from pagellm.names import STAGE3_ALGORITHMS  # noqa: E402
+
 ACCURACY = ["recall@20", "recall@40", "ndcg@100", "hr@10", "ndcg@10"]
 CONSISTENCY = ["was@10", "pwkt@10", "wmrd@10", "dpa@10"]
 DIVERSITY = ["ild@10", "entropy@10", "coverage@10", "tail_share@10"]
@@ -126,9 +128,10 @@ def write_report(result: dict, run_dir: Path, out_dir: Path) -> Path:
     if "sim_oracle_utility" in result:
         parts += [f"The simulator's greedy oracle page earns {result['sim_oracle_utility']:.4f} expected clicks "
                   "per user (sim_utility_ratio 1.0).", ""]
-    if "sft" in models and "ppo" in models:
-        parts += ["## PPO vs SFT", "", gain_table(models, "sft", "ppo", ["sim_utility", "ndcg@100", "ndcg@10",
-                                                                          "hr@10", "ild@10", "full/ndcg@100"]), ""]
+    stage3 = next((name for name in STAGE3_ALGORITHMS if name in models), None)
+    if "sft" in models and stage3:
+        parts += [f"## {stage3.upper()} vs SFT", "", gain_table(models, "sft", stage3, [
+            "sim_utility", "ndcg@100", "ndcg@10", "hr@10", "ild@10", "full/ndcg@100"]), ""]
     if result.get("reward_fidelity"):
         parts += fidelity_section(result["reward_fidelity"])
     reward = _read_json(run_dir / "reward" / "metrics.json")
@@ -138,20 +141,7 @@ def write_report(result: dict, run_dir: Path, out_dir: Path) -> Path:
         parts += ["## Reward model: held-out pair accuracy", "", "| head | " + " | ".join(fams) + " |",
                   "|---" * (len(fams) + 1) + "|"]
         parts += [f"| {h} | " + " | ".join(_fmt(acc[h].get(f)) for f in fams) + " |" for h in acc] + [""]
-    ppo_file = run_dir / "ppo" / "metrics.jsonl"
-    if ppo_file.exists():
-        rows = [json.loads(line) for line in ppo_file.read_text().splitlines() if line.strip()]
-        if rows and ppo_plot(rows, out_dir / "ppo_curves.png"):
-            last = rows[-1]
-            parts += ["## PPO training", "", f"{len(rows)} steps; last step reward_mean {_fmt(last.get('reward_mean'))}, "
-                      f"kl {_fmt(last.get('kl'))}, stale batches dropped {last.get('stale_dropped', 0)}.", ""]
-            selection = _read_json(run_dir / "ppo" / "selection.json")
-            if selection:
-                key, step = selection["metric"], selection["published_step"]
-                what = "the SFT policy (no stage-3 checkpoint beat it)" if step == 0 else f"step {step}"
-                parts += [f"Published: {what}, validation {key} {_fmt(selection['published_' + key])} "
-                          f"(SFT {_fmt(selection['sft_' + key])}).", ""]
-            parts += ["![PPO curves](ppo_curves.png)", ""]
+    parts += stage3_section(run_dir, stage3, out_dir) if stage3 else []
     plots = [("accuracy.png", ACCURACY, "Accuracy"), ("consistency.png", CONSISTENCY, "Ranking consistency"),
              ("diversity.png", DIVERSITY, "Diversity"), ("full_ranking.png", FULL, "Full ranking"),
              ("utility.png", SIM, "Simulator utility")]
@@ -162,3 +152,27 @@ def write_report(result: dict, run_dir: Path, out_dir: Path) -> Path:
     path = out_dir / "report.md"
     path.write_text("\n".join(parts) + "\n")
     return path
+
+
+def stage3_section(run_dir: Path, algorithm: str, out_dir: Path) -> list[str]:
+    """Stage 3's training curve (the RL loop's steps, or DPO's / DeGRe's epochs) and what
+    validation published."""
+    parts: list[str] = []
+    stage_dir = run_dir / algorithm
+    rl_file = stage_dir / "metrics.jsonl"
+    if rl_file.exists():
+        rows = [json.loads(line) for line in rl_file.read_text().splitlines() if line.strip()]
+        if rows and ppo_plot(rows, out_dir / "ppo_curves.png"):
+            last = rows[-1]
+            parts += [f"## {algorithm.upper()} training", "", f"{len(rows)} steps; last step reward_mean "
+                      f"{_fmt(last.get('reward_mean'))}, kl {_fmt(last.get('kl'))}, stale batches dropped "
+                      f"{last.get('stale_dropped', 0)}.", "", "![RL curves](ppo_curves.png)", ""]
+    selection = _read_json(stage_dir / "selection.json")
+    if selection:
+        key, step = selection["metric"], selection["published_step"]
+        unit = "step" if rl_file.exists() else "epoch"
+        what = "the SFT policy (no stage-3 checkpoint beat it)" if step == 0 else f"{unit} {step}"
+        parts += ([] if parts else [f"## {algorithm.upper()} training", ""]) + [
+            f"Published: {what}, validation {key} {_fmt(selection['published_' + key])} "
+            f"(SFT {_fmt(selection['sft_' + key])}).", ""]
+    return parts

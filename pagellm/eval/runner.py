@@ -20,6 +20,7 @@ import torch
 from pagellm.config import Config
 from pagellm.eval.baselines import make_baseline, rank
 from pagellm.eval.metrics import evaluate_full_ranking, evaluate_lists, history_mask, tail_items_from_counts
+from pagellm.names import STAGE3_ALGORITHMS
 
 
 @dataclass
@@ -207,9 +208,10 @@ def fidelity_line(block: dict) -> str:
 
 
 def policy_dirs(run_dir: Path) -> dict[str, Path]:
-    """The trained policies of a run, in pipeline order."""
+    """The trained policies of a run, in pipeline order: SFT, then stage 3's (named by its
+    algorithm, the folder it writes)."""
     found = {}
-    for name in ("sft", "ppo"):
+    for name in ("sft", *STAGE3_ALGORITHMS):
         d = run_dir / name
         if (d / "pagellm_policy.json").exists() or (d / "adapter_config.json").exists():
             found[name] = d

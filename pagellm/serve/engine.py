@@ -22,15 +22,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+import yaml
 
 from pagellm.config import Config, ModelConfig
 from pagellm.models.decoding import generate_pages
 from pagellm.models.policy import is_adapter_model, load_policy
 from pagellm.models.positions import context_limit, prompt_room
+from pagellm.names import RL_ALGORITHMS, STAGE3_ALGORITHMS
 from pagellm.serve.schemas import PageRequest, RequestError, ScoreRequest
 from pagellm.vocab import LAYOUT_FILE, PromptEncoder, Vocab
 
-POLICY_STAGES = ("ppo", "sft")  # the first one holding a checkpoint is served
+POLICY_STAGES = (*STAGE3_ALGORITHMS, "sft")  # the first one holding a checkpoint is served
 SHOWN_IDS = 20  # unknown ids listed in one warning; the rest are counted
 
 
@@ -77,13 +79,25 @@ def _is_checkpoint(path: Path) -> bool:
     return path.is_dir() and (path / LAYOUT_FILE).exists()
 
 
+def _stage_order(run_dir: Path) -> list[str]:
+    """POLICY_STAGES, the run config's stage-3 algorithm first (a folder that ran more than
+    one serves the one its config names)."""
+    try:
+        algorithm = (yaml.safe_load((run_dir / "config.yaml").read_text()) or {}).get("stage3", {}).get("algorithm")
+    except (OSError, yaml.YAMLError, AttributeError):
+        algorithm = None
+    first = [algorithm] if algorithm in STAGE3_ALGORITHMS else []
+    return first + [s for s in POLICY_STAGES if s not in first]
+
+
 def find_policy(run_dir: str | Path) -> tuple[str, Path]:
-    """(stage, checkpoint dir): PPO when <run>/ppo holds a checkpoint, else SFT. A stage dir
-    is a checkpoint itself (what `pagellm sft` and a finished `pagellm ppo` publish) or holds
-    checkpoint subdirs; the highest step (then newest) wins. PPO's in-training checkpoints
-    (<run>/ppo/checkpoints/step_N/policy) are not served: an unfinished run serves SFT."""
+    """(stage, checkpoint dir): stage 3's policy (<run>/ppo, grpo, dpo or degre) when it
+    holds a checkpoint, else SFT. A stage dir is a checkpoint itself (what `pagellm sft` and
+    a finished stage 3 publish) or holds checkpoint subdirs; the highest step (then newest)
+    wins. RL's in-training checkpoints (<run>/ppo/checkpoints/step_N/policy) are not
+    served: an unfinished run serves SFT."""
     run_dir = Path(run_dir)
-    for stage in POLICY_STAGES:
+    for stage in _stage_order(run_dir):
         stage_dir = run_dir / stage
         if _is_checkpoint(stage_dir):
             return stage, stage_dir
@@ -93,7 +107,7 @@ def find_policy(run_dir: str | Path) -> tuple[str, Path]:
                 best = max(subs, key=lambda d: (_step_of(d) if _step_of(d) is not None else -1, d.stat().st_mtime))
                 return stage, best
     raise FileNotFoundError(
-        f"no policy checkpoint under {run_dir}/ppo or {run_dir}/sft: run `pagellm sft --run {run_dir}` first"
+        f"no policy checkpoint under {run_dir}/{{{','.join(POLICY_STAGES)}}}: run `pagellm sft --run {run_dir}` first"
     )
 
 
@@ -122,7 +136,7 @@ def policy_version(stage: str, checkpoint: Path, run_dir: str | Path) -> str:
     """"ppo@30" when the step is known (checkpoint name or ppo/metrics.jsonl), else
     "<stage>@<digest>"."""
     step = _step_of(checkpoint) if checkpoint != Path(run_dir) / stage else None
-    if step is None and stage == "ppo":
+    if step is None and stage in RL_ALGORITHMS:
         step = _last_ppo_step(Path(run_dir) / stage)
     return f"{stage}@{step}" if step is not None else f"{stage}@{dir_digest(checkpoint)}"
 
