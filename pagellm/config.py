@@ -303,7 +303,7 @@ class DeGReConfig(ProbedTraining):
 
 class Stage3Config(Strict):
     # What stage 3 runs (pagellm/names.py STAGE3_ALGORITHMS); "none" = the SFT policy is final.
-    algorithm: Literal["ppo", "grpo", "dpo", "degre", "none"] = "ppo"
+    algorithm: Annotated[str, one_of("stage-3 algorithm", (*STAGE3_ALGORITHMS, "none"))] = "ppo"
     # What <run>/<algorithm> holds at the end: the checkpoint with the best validation
     # NDCG@10 (the SFT policy itself when none beat it, reported as such) or the last one.
     publish: Literal["best_val", "last"] = "best_val"

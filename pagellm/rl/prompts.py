@@ -64,19 +64,24 @@ def history_cuts(train_items: list[int], train_positives: list[int], cfg: Config
     return out
 
 
-def load_prompt_source(cfg: Config, run_dir: Path, encoder) -> PromptSource:
-    """`ppo.prompts=latest`: every user's recent training positives as the prompt and
-    everything they trained on excluded from the page, as at evaluation time.
-    `ppo.prompts=cuts`: the SFT cut points (`history_cuts`). No val/test item is ever used."""
+def prompt_rows(cfg: Config, run_dir: Path, kind: str) -> list[tuple[int, list[int], list[int], list[int]]]:
+    """(user, prompt items, excluded items, later training positives) per training prompt.
+    `latest`: every user's recent training positives as the prompt and everything they
+    trained on excluded from the page, as at evaluation time. `cuts`: the SFT cut points
+    (`history_cuts`). No val/test item is ever used."""
     evals = pd.read_parquet(run_dir / "data" / "eval.parquet")
-    prompts, exclude, targets = [], [], []
+    rows = []
     for user, items, positives, latest in zip(evals["user_index"], evals["train_items"], evals["train_positives"],
                                                evals["prompt_val"]):
         items, positives = [int(i) for i in items], [int(i) for i in positives]
-        rows = (history_cuts(items, positives, cfg) if cfg.ppo.prompts == "cuts"
-                else [(list(latest), sorted(set(items)), [])])
-        for prompt, banned, later in rows:
-            prompts.append(encoder.encode_prompt(int(user), prompt))
-            exclude.append(banned)
-            targets.append(later)
-    return PromptSource(prompts, exclude, targets, cfg.ppo.batch_size, cfg.seed, cfg.ppo.samples_per_prompt)
+        cuts = (history_cuts(items, positives, cfg) if kind == "cuts"
+                else [([int(i) for i in latest], sorted(set(items)), [])])
+        rows += [(int(user), prompt, banned, later) for prompt, banned, later in cuts]
+    return rows
+
+
+def load_prompt_source(cfg: Config, run_dir: Path, encoder) -> PromptSource:
+    """PPO's prompts (`ppo.prompts`, see `prompt_rows`) as a PromptSource."""
+    rows = prompt_rows(cfg, run_dir, cfg.ppo.prompts)
+    return PromptSource([encoder.encode_prompt(u, p) for u, p, _, _ in rows], [r[2] for r in rows],
+                        [r[3] for r in rows], cfg.ppo.batch_size, cfg.seed, cfg.ppo.samples_per_prompt)

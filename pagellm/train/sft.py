@@ -184,15 +184,21 @@ def item_logits(module, hidden: torch.Tensor, layout) -> torch.Tensor:
     return out(hidden)[:, lo:hi]
 
 
+def constrained_log_softmax(logits: torch.Tensor, blocked: torch.Tensor) -> torch.Tensor:
+    """Item log-probabilities at each position with that position's blocked items masked
+    (the page's constraints): logits [P, n_items], blocked [2, *] (position, item) pairs."""
+    logits = logits.float()
+    if blocked.numel():
+        logits = logits.index_put((blocked[0], blocked[1]), torch.tensor(float("-inf"), device=logits.device))
+    return logits.log_softmax(dim=-1)
+
+
 def item_loss_terms(logits: torch.Tensor, targets: torch.Tensor, blocked: torch.Tensor):
     """Per-position loss -log Σ_{j ∈ targets(p)} softmax(logits_p, blocked masked)_j, for the
     positions that have targets; returns (losses, positions). Plain math, unit-tested.
 
     logits [P, n_items]; targets, blocked: [2, *] (position, item) index pairs."""
-    logits = logits.float()
-    if blocked.numel():
-        logits = logits.index_put((blocked[0], blocked[1]), torch.tensor(float("-inf"), device=logits.device))
-    logp = logits.log_softmax(dim=-1)
+    logp = constrained_log_softmax(logits, blocked)
     picked = logp[targets[0], targets[1]]
     positions = torch.unique(targets[0])
     # log-sum-exp per position, stable: shift by each position's largest target logprob.
