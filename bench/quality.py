@@ -18,7 +18,8 @@ Stage-3 variants compare on the same seeds from the same SFT policy:
         --variant "grpo=ppo.advantage=grpo ppo.samples_per_prompt=8" --variant "coarse=ppo.reward=coarse"
 
 A variant copies each finished seed's data and SFT policy (and its reward model, unless the
-variant sets `reward.*`, which retrains it) into OUT/seed<s>/variants/<name> and reruns
+variant sets `reward.*` or the seed trained none: then the variant's run trains its own when
+its algorithm needs one) into OUT/seed<s>/variants/<name> and reruns
 the later stages there with its overrides; its stage-3 policy is the row `<name>`. Stage-3
 rows also report the mean KL per page over the last five PPO steps and the published step
 (0 = the SFT policy, when no stage-3 checkpoint beat it on validation). Simulator runs add a
@@ -42,11 +43,12 @@ from pathlib import Path
 from pagellm.names import STAGE3_ALGORITHMS
 
 DEFAULT_METRICS = ["hr@10", "ndcg@10", "ndcg@100", "full/hr@10", "full/ndcg@100", "coverage@10", "sim_utility",
-                   "kl", "published_step"]
+                   "hr@1%", "hr@10%", "kl", "published_step"]
 FIDELITY = ["spearman/R", "spearman/R_c", "spearman/R_f", "oracle_above_greedy/R", "best_of_S/R",
             "spearman/prior", "oracle_above_greedy/prior", "best_of_S/prior", "best_of_S/truth", "greedy_utility"]
 GAIN_METRICS = ["sim_utility", "ndcg@100", "ndcg@10", "hr@10"]
-NOT_RANKED = {"kl", "published_step"}  # facts, not scores: no "best" is bolded
+# Facts, not scores: no "best" is bolded (bench/stage3_compare.py adds the stage's cost).
+NOT_RANKED = {"kl", "published_step", "stage_seconds", "pages_generated", "pages_per_s"}
 STAGE3_SECTIONS = ("stage3.", "ppo.", "dpo.", "degre.", "reward.", "eval.")  # what a variant may change
 KL_STEPS = 5  # the stage-3 KL reported: mean over the last this-many PPO steps
 
@@ -81,12 +83,16 @@ def run_variant(seed_dir: Path, name: str, overrides: list[str], fresh: bool) ->
     if any(not k.startswith(STAGE3_SECTIONS) for k in keys):
         raise SystemExit(f"variant {name}: only {', '.join(s + '*' for s in STAGE3_SECTIONS)} may change "
                          "(same data and SFT policy)")
-    start = "reward" if any(k.startswith("reward.") for k in keys) else "stage3"
+    # A seed without a finished reward model (stage3.algorithm=none trains none) gives the
+    # variant none to copy: it starts from the reward stage, which trains one when its
+    # algorithm reads it (jobs/pipeline.py `wanted`) and is skipped otherwise.
+    has_reward = (seed_dir / "reward" / "metrics.json").exists()
+    start = "reward" if any(k.startswith("reward.") for k in keys) or not has_reward else "stage3"
     if not metrics_file.exists():
         shutil.rmtree(run_dir, ignore_errors=True)
         run_dir.mkdir(parents=True)
         shutil.copy2(seed_dir / "config.yaml", run_dir / "config.yaml")
-        for part in ["data", "sft"] + (["reward"] if start == "stage3" and (seed_dir / "reward").exists() else []):
+        for part in ["data", "sft"] + (["reward"] if start == "stage3" else []):
             shutil.copytree(seed_dir / part, run_dir / part)
         cmd = [sys.executable, "-m", "jobs.pipeline", "--run", str(run_dir), "--from", start]
         for item in overrides:

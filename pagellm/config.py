@@ -323,6 +323,17 @@ class EvalConfig(Strict):
     # On the simulator: pages sampled per user from the SFT policy to measure how well the
     # reward tracks true utility (the `reward_fidelity` block, pagellm/eval/fidelity.py); 0 = off.
     fidelity_samples: int = Field(8, ge=0)
+    # HR@k% (docs METRICS.md): random pages per user each model's page is ranked against.
+    # METRICS.md's definition uses 10,000; the default trades that for evaluation time (the
+    # judge values users x N pages). 0 = off.
+    hr_pct_pages: int = Field(1000, ge=0)
+
+    @field_validator("hr_pct_pages")
+    @classmethod
+    def _enough_for_one_percent(cls, n: int) -> int:
+        if 0 < n < 100:
+            raise ValueError(f"HR@1% needs at least 100 random pages per user, got {n}; use 0 to turn it off")
+        return n
 
     @field_validator("fidelity_samples")
     @classmethod

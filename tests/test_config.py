@@ -58,12 +58,19 @@ def test_every_declared_name_loads():
         (["ppo.prior_reward_weight=1", "reward.page_prior=false"], "needs the page prior"),
         (["ppo.kl_estimator=k4"], "allowed: k1, k2, k3"),
         (["eval.fidelity_samples=1"], "at least 2 samples per user"),
+        (["eval.hr_pct_pages=99"], "HR@1% needs at least 100 random pages"),
+        (["eval.hr_pct_pages=-1"], "greater than or equal to 0"),
     ],
 )
 def test_stage3_settings_that_cannot_work_fail_at_load(overrides, says):
     with pytest.raises(ConfigError, match=says) as err:
         load_config(None, overrides)
     assert "\n" not in str(err.value)
+
+
+def test_hr_pct_pages_zero_turns_it_off_and_100_is_enough():
+    assert load_config(None, ["eval.hr_pct_pages=0"]).eval.hr_pct_pages == 0
+    assert load_config(None, ["eval.hr_pct_pages=100"]).eval.hr_pct_pages == 100
 
 
 def test_a_hits_only_reward_trains_no_reward_model():

@@ -233,3 +233,58 @@ def test_history_mask():
     assert m.shape == (3, 3) and m.toarray().tolist() == [[1, 0, 1], [0, 0, 0], [0, 1, 0]]
     with pytest.raises(ValueError, match="outside"):
         M.history_mask([[3]], n_items=3)
+
+
+# ------------------------------------------------------------- evaluator-ranked hit rate
+
+
+def test_hr_at_pct_by_hand():
+    generated = np.array([0.5, 0.9, 0.3])
+    random = np.array([
+        [0.1, 0.2, 0.3, 0.4, 0.6, 0.05, 0.15, 0.25, 0.35, 0.45],  # 1 of 10 above (0.6): 10 %
+        [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.0],      # none above
+        [0.3, 0.3, 0.3, 0.4, 0.5, 0.1, 0.2, 0.0, 0.1, 0.2],       # 2 above (0.4, 0.5): 20 %; ties don't count
+    ])
+    # hr@1%: at most 0.1 pages above -> only user 1; hr@10%: at most 1 above -> users 0 and 1.
+    assert M.hr_at_pct(generated, random, (1, 10)) == {"hr@1%": approx(1 / 3), "hr@10%": approx(2 / 3)}
+
+
+def test_hr_at_pct_ties_count_for_the_generated_page():
+    assert M.hr_at_pct(np.array([0.3]), np.full((1, 10), 0.3), (1,)) == {"hr@1%": 1.0}
+
+
+def test_hr_at_pct_k_percent_of_n_is_exact():
+    random = np.zeros((2, 100))
+    random[0, :1] = 1.0  # 1 of 100 above: within 1 %
+    random[1, :2] = 1.0  # 2 of 100 above: not
+    assert M.hr_at_pct(np.array([0.5, 0.5]), random, (1,)) == {"hr@1%": 0.5}
+    with pytest.raises(ValueError):
+        M.hr_at_pct(np.array([0.5]), random, (1,))  # one value for two users
+    with pytest.raises(ValueError):
+        M.hr_at_pct(np.array([0.5, 0.5]), random, (101,))
+
+
+def test_random_pages_are_distinct_unseen_known_items_and_seeded():
+    exclude = {0, 3, 7, 8}
+    pages = M.random_pages(np.random.default_rng(0), 50, exclude, 2000, 5)
+    assert pages.shape == (2000, 5)
+    assert all(len(set(p)) == 5 for p in pages.tolist())
+    assert pages.min() >= 0 and pages.max() < 50 and not exclude & set(pages.ravel().tolist())
+    assert np.array_equal(pages, M.random_pages(np.random.default_rng(0), 50, exclude, 2000, 5))
+    # Uniform over the 46 candidates: each is expected 2000 * 5 / 46 = 217 times.
+    counts = np.bincount(pages.ravel(), minlength=50)[sorted(set(range(50)) - exclude)]
+    assert counts.min() > 150 and counts.max() < 290
+
+
+def test_random_pages_of_a_small_pool_permute_it_and_pad():
+    pages = M.random_pages(np.random.default_rng(1), 6, {0, 1, 2}, 50, 5)
+    assert pages.shape == (50, 5) and (pages[:, 3:] == -1).all()
+    assert all(sorted(p[:3]) == [3, 4, 5] for p in pages.tolist())
+    assert len({tuple(p) for p in pages.tolist()}) > 1  # the order is random
+
+
+def test_expected_relevance_by_hand():
+    logits = np.log(np.array([[1.0, 2.0, 5.0]]))  # softmax = 1/8, 2/8, 5/8
+    pages = np.array([[[2, 1], [0, -1]]])
+    # page 0: 5/8 * w1 + 2/8 * w2; page 1: 1/8 * w1, the empty slot earns 0
+    assert M.expected_relevance(logits, pages).tolist() == [[approx(5 / 8 + 2 / 8 * W[2]), approx(1 / 8)]]

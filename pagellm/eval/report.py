@@ -18,6 +18,12 @@ DIVERSITY = ["ild@10", "entropy@10", "coverage@10", "tail_share@10"]
 VALIDITY = ["invalid_rate", "duplicate_rate"]
 FULL = ["full/recall@20", "full/recall@40", "full/ndcg@100", "full/hr@10"]
 SIM = ["sim_utility", "sim_utility_ratio"]
+HR_PCT = ["hr@1%", "hr@10%"]
+HR_PCT_JUDGES = {
+    "simulator": "the simulator's true page utility, which no model sees",
+    "sasrec": "the page's position-discounted expected relevance under the SASRec baseline (its softmaxed "
+              "scores), a model no stage-3 algorithm trains against; SASRec itself is therefore not ranked",
+}
 
 
 def _fmt(v) -> str:
@@ -100,6 +106,16 @@ def fidelity_section(block: dict) -> list[str]:
     return lines
 
 
+def hr_pct_section(result: dict) -> list[str]:
+    """HR@k% (docs METRICS.md) and what judged it."""
+    if "hr_pct_judge" not in result:
+        return []
+    return ["## Evaluator-ranked hit rate (HR@k%)", "",
+            f"Share of users whose page the judge values above all but k% of {result['hr_pct_pages']:,} random "
+            f"pages of {result['page_len']} unseen items; the judge is {HR_PCT_JUDGES[result['hr_pct_judge']]}.", "",
+            metric_table(result["models"], HR_PCT), ""]
+
+
 def _read_json(path: Path):
     return json.loads(path.read_text()) if path.exists() else None
 
@@ -128,6 +144,7 @@ def write_report(result: dict, run_dir: Path, out_dir: Path) -> Path:
     if "sim_oracle_utility" in result:
         parts += [f"The simulator's greedy oracle page earns {result['sim_oracle_utility']:.4f} expected clicks "
                   "per user (sim_utility_ratio 1.0).", ""]
+    parts += hr_pct_section(result)
     stage3 = next((name for name in STAGE3_ALGORITHMS if name in models), None)
     if "sft" in models and stage3:
         parts += [f"## {stage3.upper()} vs SFT", "", gain_table(models, "sft", stage3, [

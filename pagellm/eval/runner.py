@@ -19,7 +19,8 @@ import torch
 
 from pagellm.config import Config
 from pagellm.eval.baselines import make_baseline, rank
-from pagellm.eval.metrics import evaluate_full_ranking, evaluate_lists, history_mask, tail_items_from_counts
+from pagellm.eval.metrics import (evaluate_full_ranking, evaluate_lists, expected_relevance, history_mask, hr_at_pct,
+                                  random_pages, tail_items_from_counts)
 from pagellm.names import STAGE3_ALGORITHMS
 
 
@@ -128,6 +129,81 @@ def score_model(out: ModelOutput, es: EvalSet, cfg: Config, tail: set, sim_ctx) 
         metrics["sim_utility_ratio"] = float(util.mean() / oracle.mean()) if oracle.mean() > 0 else None
     metrics["seconds"] = round(out.seconds, 2)
     return metrics
+
+
+HR_PCT_KS = (1, 10)  # the HR@k% cutoffs reported, in percent
+JUDGE_PAGES = 50_000  # most pages per judge call: bounds the simulator's [pages, k, k] satiation arrays
+JUDGE_USERS = 1024  # most users per judge call: bounds SASRec's [users, n_items] scores
+
+
+@dataclass
+class PageJudge:
+    """The evaluator of HR@k%: independent of every model a stage-3 algorithm trains against."""
+
+    name: str  # "simulator" | "sasrec"
+    value: Callable[[int, int, np.ndarray], np.ndarray]  # (a, b, [b-a, M, k] pages, -1 empty) -> [b-a, M]
+
+
+def simulator_judge(sim_ctx, es: EvalSet) -> PageJudge:
+    """The simulator's true utility: no model sees it, so it judges every model fairly."""
+    sim, item_ids, user_ids, _, _ = sim_ctx
+    # Index arrays instead of per-item Python loops (millions of pages); an empty slot (-1)
+    # reads the last entry, "", an id the simulator does not know: it is worth 0 and, being
+    # last on the page, changes no other item's worth.
+    raw_items = np.asarray([*item_ids, ""], dtype=object)
+    raw_users = np.asarray(user_ids, dtype=object)[es.user_index]
+
+    def value(a: int, b: int, pages: np.ndarray) -> np.ndarray:
+        users = np.repeat(raw_users[a:b], pages.shape[1]).tolist()
+        return sim.page_utility(users, raw_items[pages.reshape(-1, pages.shape[2])].tolist()).reshape(b - a, -1)
+
+    return PageJudge("simulator", value)
+
+
+def sasrec_judge(sasrec: ModelOutput) -> PageJudge:
+    """Real data has no truth: SASRec, fitted by eval on the training split with its own seed,
+    values pages by their expected relevance (metrics.expected_relevance)."""
+    return PageJudge("sasrec", lambda a, b, pages: expected_relevance(sasrec.scores(a, b), pages))
+
+
+def judge_in_chunks(judge: PageJudge, pages_of: Callable[[int, int], np.ndarray], users: int, per_user: int) -> np.ndarray:
+    """judge.value over all users, a bounded block of users per call; pages_of(a, b) builds
+    the pages of users a..b so only one block of pages is held at a time."""
+    step = max(1, min(JUDGE_USERS, JUDGE_PAGES // per_user))
+    return np.concatenate([judge.value(a, min(a + step, users), pages_of(a, min(a + step, users)))
+                           for a in range(0, users, step)])
+
+
+def random_page_values(judge: PageJudge, es: EvalSet, k: int, n_pages: int, seed: int) -> np.ndarray:
+    """The judge's values of n_pages random pages per user, [users, n_pages]: drawn once per
+    evaluation from the run's seed, so every model is ranked against the same pages."""
+    rng = np.random.default_rng(seed)
+
+    def pages_of(a: int, b: int) -> np.ndarray:
+        return np.stack([random_pages(rng, es.n_items, es.exclude[u], n_pages, k) for u in range(a, b)])
+
+    return judge_in_chunks(judge, pages_of, len(es.exclude), n_pages)
+
+
+def hr_pct(judge: PageJudge, reference: np.ndarray, lists: list[list[int]], k: int) -> dict:
+    """hr@1% and hr@10% of a model's pages (the first k items of its lists)."""
+    pages = np.full((len(lists), 1, k), -1, dtype=np.int64)
+    for u, lst in enumerate(lists):
+        pages[u, 0, : min(k, len(lst))] = lst[:k]
+    generated = judge_in_chunks(judge, lambda a, b: pages[a:b], len(lists), 1)[:, 0]
+    return hr_at_pct(generated, reference, HR_PCT_KS)
+
+
+def page_judge(cfg: Config, es: EvalSet, sim_ctx, sasrec: ModelOutput | None, log) -> PageJudge | None:
+    """The simulator where there is one, else SASRec when eval fitted it; None = no HR@k%."""
+    if not cfg.eval.hr_pct_pages:
+        return None
+    if sim_ctx is not None:
+        return simulator_judge(sim_ctx, es)
+    if sasrec is not None:
+        return sasrec_judge(sasrec)
+    log("[eval] hr@k%: skipped: on real data its judge is the SASRec baseline, and eval.baselines leaves it out")
+    return None
 
 
 def reward_fidelity(policy_dir: Path, reward_dir: Path, es: EvalSet, greedy_lists: list[list[int]], sim_ctx,
@@ -245,18 +321,29 @@ def run_eval_stage(cfg: Config, run_dir: Path, split: str = "test", log=print) -
         sim_ctx = (sim, item_ids, user_ids, oracle, [[position[i] for i in page] for page in oracle_pages])
 
     models: dict[str, dict] = {}
-    policy_lists: dict[str, list[list[int]]] = {}
+    lists: dict[str, list[list[int]]] = {}  # every model's lists, for HR@k% and reward fidelity
+    sasrec = None  # its fitted scores are the HR@k% judge on real data
     for name in cfg.eval.baselines:
         log(f"[eval] baseline {name}")
         out = baseline_output(name, cfg.eval.sasrec if name == "sasrec" else {}, es, cfg.eval.list_len, cfg.seed)
-        models[name] = score_model(out, es, cfg, tail, sim_ctx)
+        models[name], lists[name] = score_model(out, es, cfg, tail, sim_ctx), out.lists
+        sasrec = out if name == "sasrec" else sasrec
     for name, path in policy_dirs(run_dir).items():
         log(f"[eval] policy {name} ({path})")
         out = policy_output(path, es, cfg.eval.list_len, cfg.eval.batch_size, cfg.eval.exclude_history)
-        models[name] = score_model(out, es, cfg, tail, sim_ctx)
-        policy_lists[name] = out.lists
+        models[name], lists[name] = score_model(out, es, cfg, tail, sim_ctx), out.lists
+    judge = page_judge(cfg, es, sim_ctx, sasrec, log)
+    if judge is not None:
+        t0 = time.perf_counter()
+        reference = random_page_values(judge, es, cfg.data.page_len, cfg.eval.hr_pct_pages, cfg.seed)
+        for name, model_lists in lists.items():
+            if name != judge.name:  # SASRec as the judge would rank its own pages: not scored
+                models[name] |= hr_pct(judge, reference, model_lists, cfg.data.page_len)
+        log(f"[eval] hr@k%: judge {judge.name}, {cfg.eval.hr_pct_pages:,} random pages per user "
+            f"({time.perf_counter() - t0:.1f}s)")
     for name, m in models.items():
         util = f" sim_utility {m['sim_utility']:.4f}" if "sim_utility" in m else ""
+        util += f" hr@10% {m['hr@10%']:.3f}" if "hr@10%" in m else ""
         log(f"[eval] {name:<10} ndcg@100 {m['ndcg@100']:.4f} ndcg@10 {m['ndcg@10']:.4f} hr@10 {m['hr@10']:.4f} "
             f"full/ndcg@100 {m['full/ndcg@100']:.4f}{util} invalid {m['invalid_rate']:.3f}")
 
@@ -270,12 +357,14 @@ def run_eval_stage(cfg: Config, run_dir: Path, split: str = "test", log=print) -
         "list_len": cfg.eval.list_len,
         "models": models,
     }
+    if judge is not None:
+        result |= {"hr_pct_judge": judge.name, "hr_pct_pages": cfg.eval.hr_pct_pages}
     if sim_ctx is not None:
         result["sim_oracle_utility"] = float(sim_ctx[3].mean())
-        if cfg.eval.fidelity_samples and "sft" in policy_lists and (run_dir / "reward" / "metrics.json").exists():
+        if cfg.eval.fidelity_samples and "sft" in lists and (run_dir / "reward" / "metrics.json").exists():
             log(f"[eval] reward fidelity: {cfg.eval.fidelity_samples} sampled pages per user")
             result["reward_fidelity"] = reward_fidelity(
-                run_dir / "sft", run_dir / "reward", es, policy_lists["sft"], sim_ctx, cfg.data.page_len,
+                run_dir / "sft", run_dir / "reward", es, lists["sft"], sim_ctx, cfg.data.page_len,
                 cfg.eval.fidelity_samples, cfg.eval.batch_size, cfg.seed)
             log(fidelity_line(result["reward_fidelity"]))
     write_json(out_dir / "metrics.json", result)

@@ -1,0 +1,164 @@
+"""Every stage-3 algorithm from the same SFT policy over N seeds: one command, one table.
+
+    python bench/stage3_compare.py --config configs/tiny.yaml --seeds 0 1 2 --out runs/s3/tiny \\
+        --algorithms ppo grpo dpo degre [--set KEY=VALUE ...] [--algo-set dpo=dpo.beta=0.2 ...]
+
+Each seed runs once with `stage3.algorithm=none` (data, SFT and the baselines; bench/quality.py
+`run_seed`, in OUT/seed<s>), then each algorithm as a variant of that seed (`run_variant`, in
+OUT/seed<s>/variants/<algorithm>) with `stage3.algorithm=<algorithm>` and its --algo-set
+overrides (ALGO=KEY=VALUE [KEY=VALUE ...], repeatable; stage-3, reward and eval keys only). So
+every algorithm starts from the same data and SFT policy, and is evaluated on the same users
+and the same HR@k% random pages. --set applies to the seed run, whose saved config every
+variant inherits. The reward model (ppo, grpo, on-policy dpo) is trained once per seed, by the
+first variant that needs it, and shared with the later ones (unless an --algo-set changes
+`reward.*`): every algorithm then optimises against the same reward and the seed pays for one.
+Finished runs are read, not rerun (--fresh redoes them).
+
+Writes OUT/stage3.md and OUT/stage3.json:
+- one row per algorithm and one for SFT, mean ± sample std over seeds: sim_utility (simulator
+  runs), hr@1%, hr@10% (docs METRICS.md HR@k%), hr@10, ndcg@10, kl (nats per page to the
+  reference: PPO/GRPO the mean of the last 5 steps of metrics.jsonl, DPO/DeGRe only when their
+  DONE records one, else "–"), stage_seconds (the stage's wall time, DONE `seconds`),
+  pages_generated, pages_per_s and published_step (0 = the SFT policy won validation);
+- the relative change over SFT paired by seed (bench/quality.py `paired_gains`);
+- the best algorithm on sim_utility and on hr@10, and per algorithm a verdict on each: "beats
+  SFT" when its mean paired gain exceeds one std of that gain, "worse" below minus one std,
+  "no change" between (with one seed there is no spread: "1 seed").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+from quality import GAIN_METRICS, aggregate, markdown, paired_gains, parse_variant, run_seed, run_variant
+
+from pagellm.names import STAGE3_ALGORITHMS
+
+METRICS = ["sim_utility", "hr@1%", "hr@10%", "hr@10", "ndcg@10", "kl", "stage_seconds", "pages_generated",
+           "pages_per_s", "published_step"]
+VERDICT_METRICS = ["sim_utility", "hr@10"]
+
+
+def done_facts(stage_dir: Path) -> dict:
+    """What the stage's DONE record says about its cost: wall time, pages written and their
+    rate, and the KL to the reference when the algorithm records one there."""
+    done = json.loads((stage_dir / "DONE").read_text())
+    facts = {"stage_seconds": done.get("seconds"), "pages_generated": done.get("pages_generated"), "kl": done.get("kl")}
+    if facts["stage_seconds"] and facts["pages_generated"] is not None:
+        facts["pages_per_s"] = facts["pages_generated"] / facts["stage_seconds"]
+    return {k: v for k, v in facts.items() if v is not None}
+
+
+def share_reward(seed_dir: Path, variant_dir: Path) -> None:
+    """Keep the first reward model a variant trained as the seed's, for the later variants."""
+    if not (seed_dir / "reward" / "metrics.json").exists() and (variant_dir / "reward" / "metrics.json").exists():
+        shutil.rmtree(seed_dir / "reward", ignore_errors=True)
+        shutil.copytree(variant_dir / "reward", seed_dir / "reward")
+
+
+def run_algorithm(seed_dir: Path, algorithm: str, sets: list[str], fresh: bool) -> dict:
+    """One algorithm's row for one seed: its evaluation, KL and published step
+    (quality.run_variant) and its DONE record, where metrics.jsonl's KL wins over DONE's."""
+    row = run_variant(seed_dir, algorithm, [f"stage3.algorithm={algorithm}", *sets], fresh)["stage3"]
+    variant_dir = seed_dir / "variants" / algorithm
+    if not any(s.startswith("reward.") for s in sets):
+        share_reward(seed_dir, variant_dir)
+    return done_facts(variant_dir / algorithm) | row
+
+
+def verdict(gain: dict | None) -> str:
+    """Whether a paired gain (aggregate's {mean, std, n}) is more than one std from 0."""
+    if gain is None:
+        return "–"
+    if gain["n"] < 2:
+        return "1 seed"
+    if gain["mean"] > gain["std"]:
+        return "beats SFT"
+    return "worse" if gain["mean"] < -gain["std"] else "no change"
+
+
+def best_line(table: dict, algorithms: list[str]) -> str:
+    """The algorithm with the best mean on each verdict metric."""
+    parts = []
+    for metric in VERDICT_METRICS:
+        scored = [(table[a][metric]["mean"], a) for a in algorithms if metric in table.get(a, {})]
+        if scored:
+            mean, name = max(scored)
+            parts.append(f"{metric}: {name} ({mean:.4f} ± {table[name][metric]['std']:.4f})")
+    return "Best algorithm on " + "; ".join(parts) + "." if parts else ""
+
+
+def verdict_table(gains: dict, algorithms: list[str]) -> str:
+    """Per algorithm, beats SFT / no change / worse on each verdict metric."""
+    lines = ["| algorithm | " + " | ".join(VERDICT_METRICS) + " |", "|---" * (len(VERDICT_METRICS) + 1) + "|"]
+    for a in algorithms:
+        lines.append(f"| {a} | " + " | ".join(verdict(gains.get(a, {}).get(m)) for m in VERDICT_METRICS) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def summarise(per_seed: dict[int, dict], algorithms: list[str], title: str) -> tuple[str, dict, dict]:
+    """The Markdown page, the aggregate table and the paired gains of the per-seed rows
+    (seed -> {"models": {"sft": {...}, <algorithm>: {...}}})."""
+    seeds = list(per_seed)
+    table = aggregate(per_seed, METRICS)
+    gains = aggregate(paired_gains(per_seed), GAIN_METRICS)
+    text = markdown(table, METRICS, title, seeds)
+    if gains:
+        text += "\n" + markdown(gains, GAIN_METRICS, "Relative change over the SFT policy, paired by seed "
+                                "(0.05 = +5 %)", seeds)
+    text += "\n" + best_line(table, algorithms) + "\n\n"
+    text += ("Verdict over SFT (beats SFT: mean paired gain above one std of that gain; worse: below minus "
+             "one std; no change: between):\n\n" + verdict_table(gains, algorithms))
+    return text, table, gains
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--algorithms", nargs="+", choices=STAGE3_ALGORITHMS, default=list(STAGE3_ALGORITHMS))
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override for every seed (repeatable)")
+    parser.add_argument("--algo-set", action="append", default=[], metavar="ALGO=KEY=VALUE ...",
+                        help="overrides for one algorithm's runs (repeatable)")
+    parser.add_argument("--title", default=None)
+    parser.add_argument("--fresh", action="store_true", help="rerun seeds and algorithms that already have results")
+    args = parser.parse_args(argv)
+
+    from pagellm.config import load_config
+
+    sets: dict[str, list[str]] = {a: [] for a in args.algorithms}
+    for text in args.algo_set:
+        name, items = parse_variant(text)
+        if name not in sets:
+            raise SystemExit(f"--algo-set {text!r}: {name} is not among --algorithms {' '.join(args.algorithms)}")
+        sets[name] += items
+    base = args.overrides + ["stage3.algorithm=none"]
+    load_config(args.config, base)  # a config mistake fails here, before any seed runs
+    for name, items in sets.items():
+        load_config(args.config, args.overrides + [f"stage3.algorithm={name}", *items])
+    args.out.mkdir(parents=True, exist_ok=True)
+    per_seed: dict[int, dict] = {}
+    for seed in args.seeds:
+        result = run_seed(args.config, args.out, seed, base, args.fresh)
+        rows = {"sft": result["models"]["sft"]}
+        for name in args.algorithms:
+            rows[name] = run_algorithm(args.out / f"seed{seed}", name, sets[name], args.fresh)
+        per_seed[seed] = {"models": rows, "dataset": result["dataset"], "users": result["users"]}
+    first = next(iter(per_seed.values()))
+    title = args.title or f"Stage 3 on {args.config} ({first['dataset']}, {first['users']:,} test users)"
+    text, table, gains = summarise(per_seed, args.algorithms, title)
+    (args.out / "stage3.md").write_text(text)
+    (args.out / "stage3.json").write_text(json.dumps(
+        {"config": args.config, "overrides": args.overrides, "algorithm_sets": sets, "seeds": args.seeds,
+         "aggregate": table, "gains_over_sft": gains, "per_seed": {str(s): r for s, r in per_seed.items()}}, indent=1))
+    print(text, flush=True)
+    print(f"[stage3] wrote {args.out / 'stage3.md'} and stage3.json", flush=True)
+
+
+if __name__ == "__main__":
+    main()
