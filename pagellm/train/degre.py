@@ -163,8 +163,11 @@ def fit_evaluator(cfg: Config, run_dir: Path, encoder, log=print) -> dict:
     train_pairs, val_pairs = [p for p in pairs if p.user not in held], [p for p in pairs if p.user in held]
     log(f"[degre] evaluator: {len(train_pages):,} pages and {len(train_pairs):,} pairs to fit, "
         f"{len(val_pages):,} / {len(val_pairs):,} of {len(held)} held-out users to stop on")
-    longest = max(len(p.prompt) + len(p.page) for p in pages)
-    evaluator = LookaheadEvaluator.build(layout.vocab_size, layout.n_items, longest + 1, ecfg.n_layer, ecfg.n_embd,
+    # Room for the longest prompt any stage writes (history_len items and the template)
+    # and a whole page: mining reads prompts the fitting examples may not have held.
+    template = len(layout.prefix_ids) + 1 + len(layout.head_ids) + len(layout.tail_ids)
+    room = max(max(len(p.prompt) + len(p.page) for p in pages), template + cfg.data.history_len + cfg.data.page_len) + 1
+    evaluator = LookaheadEvaluator.build(layout.vocab_size, layout.n_items, room, ecfg.n_layer, ecfg.n_embd,
                                          ecfg.n_head, cfg.seed)
     optimiser = torch.optim.AdamW(evaluator.parameters(), lr=ecfg.lr, weight_decay=0.01)
     rng = np.random.default_rng(cfg.seed)
