@@ -16,9 +16,10 @@ Finished runs are read, not rerun (--fresh redoes them).
 
 Writes OUT/stage3.md and OUT/stage3.json:
 - one row per algorithm and one for SFT, mean ± sample std over seeds: sim_utility (simulator
-  runs), hr@1%, hr@10% (docs METRICS.md HR@k%), hr@10, ndcg@10, kl (nats per page to the
-  reference: PPO/GRPO the mean of the last 5 steps of metrics.jsonl, DPO/DeGRe only when their
-  DONE records one, else "–"), stage_seconds (the stage's wall time, DONE `seconds`),
+  runs), hr@1%, hr@10% (docs METRICS.md HR@k%), hr@10, ndcg@10, kl_to_sft (nats per page from
+  the published policy to the SFT policy, measured by eval the same way for every algorithm,
+  pagellm/eval/divergence.py), kl (PPO/GRPO's training KL: the mean of the last 5 steps of
+  metrics.jsonl; others only when their DONE records one, else "–"), stage_seconds (the stage's wall time, DONE `seconds`),
   pages_generated, pages_per_s and published_step (0 = the SFT policy won validation);
 - the relative change over SFT paired by seed (bench/quality.py `paired_gains`);
 - the best algorithm on sim_utility and on hr@10, and per algorithm a verdict on each: "beats
@@ -37,8 +38,8 @@ from quality import GAIN_METRICS, aggregate, markdown, paired_gains, parse_varia
 
 from pagellm.names import STAGE3_ALGORITHMS
 
-METRICS = ["sim_utility", "hr@1%", "hr@10%", "hr@10", "ndcg@10", "kl", "stage_seconds", "pages_generated",
-           "pages_per_s", "published_step"]
+METRICS = ["sim_utility", "hr@1%", "hr@10%", "hr@10", "ndcg@10", "kl_to_sft", "kl", "stage_seconds",
+           "pages_generated", "pages_per_s", "published_step"]
 VERDICT_METRICS = ["sim_utility", "hr@10"]
 
 

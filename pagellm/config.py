@@ -323,6 +323,10 @@ class EvalConfig(Strict):
     # On the simulator: pages sampled per user from the SFT policy to measure how well the
     # reward tracks true utility (the `reward_fidelity` block, pagellm/eval/fidelity.py); 0 = off.
     fidelity_samples: int = Field(8, ge=0)
+    # Pages sampled per user (of the first kl_users) from each stage-3 policy to measure its
+    # KL to the SFT policy (pagellm/eval/divergence.py), the same way for every algorithm; 0 = off.
+    kl_samples: int = Field(4, ge=0)
+    kl_users: int = Field(500, ge=1)
     # HR@k% (docs METRICS.md): random pages per user each model's page is ranked against.
     # METRICS.md's definition uses 10,000; the default trades that for evaluation time (the
     # judge values users x N pages). 0 = off.
@@ -447,11 +451,11 @@ def _stage3_keys(tree: dict) -> dict:
     if not isinstance(ppo, dict) or not ({"enabled", "publish"} & set(ppo)):
         return tree
     stage3 = dict(tree.get("stage3") or {})
-    if "enabled" in ppo and not ppo["enabled"]:
-        if stage3.get("algorithm", "none") != "none":
-            raise ValueError(f"ppo.enabled: removed; it says no stage 3 but stage3.algorithm is "
-                             f"{stage3['algorithm']!r}: set stage3.algorithm alone")
-        stage3["algorithm"] = "none"
+    if "enabled" in ppo:
+        wanted = "ppo" if ppo["enabled"] else "none"
+        if stage3.setdefault("algorithm", wanted) not in ((wanted,) if wanted == "none" else RL_ALGORITHMS):
+            raise ValueError(f"ppo.enabled: removed; it says {'no stage 3' if wanted == 'none' else 'PPO'} but "
+                             f"stage3.algorithm is {stage3['algorithm']!r}: set stage3.algorithm alone")
     if "publish" in ppo:
         if stage3.setdefault("publish", ppo["publish"]) != ppo["publish"]:
             raise ValueError("ppo.publish: removed; set stage3.publish")

@@ -332,6 +332,20 @@ def run_eval_stage(cfg: Config, run_dir: Path, split: str = "test", log=print) -
         log(f"[eval] policy {name} ({path})")
         out = policy_output(path, es, cfg.eval.list_len, cfg.eval.batch_size, cfg.eval.exclude_history)
         models[name], lists[name] = score_model(out, es, cfg, tail, sim_ctx), out.lists
+    stage3 = [name for name in lists if name in STAGE3_ALGORITHMS]
+    if cfg.eval.kl_samples and stage3 and "sft" in lists:
+        from pagellm.eval.divergence import kl_to_reference
+        from pagellm.models.policy import load_policy
+        from pagellm.vocab import PromptEncoder
+
+        _, tokenizer, layout = load_policy(run_dir / "sft", trainable=False)
+        encoder, n = PromptEncoder(tokenizer, layout), min(cfg.eval.kl_users, len(es.prompts))
+        prompts = [encoder.encode_prompt(int(u), p) for u, p in zip(es.user_index[:n], es.prompts[:n])]
+        for name in stage3:
+            models[name] |= kl_to_reference(run_dir / name, run_dir / "sft", prompts, es.exclude[:n],
+                                            cfg.data.page_len, cfg.eval.kl_samples, cfg.eval.batch_size, cfg.seed)
+            log(f"[eval] {name}: KL to the SFT policy {models[name]['kl_to_sft']:.3f} ± "
+                f"{models[name]['kl_to_sft_se']:.3f} nats per page ({cfg.eval.kl_samples} pages x {n} users)")
     judge = page_judge(cfg, es, sim_ctx, sasrec, log)
     if judge is not None:
         t0 = time.perf_counter()
