@@ -78,8 +78,51 @@ def test_a_hits_only_reward_trains_no_reward_model():
 
     cfg = load_config(None, ["ppo.model_reward_weight=0", "ppo.hits_reward_weight=1", "ppo.prompts=cuts",
                              "ppo.reward=sum"])
-    assert not wanted(cfg, "reward") and wanted(cfg, "ppo")
+    assert not wanted(cfg, "reward") and wanted(cfg, "stage3")
     assert wanted(load_config(None), "reward")
+
+
+@pytest.mark.parametrize(
+    "overrides, module, folder, reward",
+    [([], "jobs.ppo", "ppo", True),
+     (["stage3.algorithm=grpo"], "jobs.ppo", "grpo", True),
+     (["stage3.algorithm=dpo"], "jobs.dpo", "dpo", False),  # offline pairs: no reward model
+     (["stage3.algorithm=dpo", "dpo.on_policy=true"], "jobs.dpo", "dpo", True),
+     (["stage3.algorithm=degre"], "jobs.degre", "degre", False)],
+)
+def test_stage3_algorithm_picks_the_module_the_folder_and_whether_a_reward_model_is_trained(
+        overrides, module, folder, reward, tmp_path):
+    from jobs.pipeline import stage_dir, stage_module, wanted
+    from pagellm.runfolder import RunFolder
+
+    cfg = load_config(None, overrides)
+    assert stage_module(cfg, "stage3") == module and stage_module(cfg, "sft") == "jobs.sft"
+    assert stage_dir(RunFolder(tmp_path), cfg, "stage3") == tmp_path / folder
+    assert wanted(cfg, "stage3") and wanted(cfg, "reward") == reward
+    off = load_config(None, ["stage3.algorithm=none"])
+    assert not wanted(off, "stage3") and not wanted(off, "reward")
+
+
+def test_grpo_is_the_rl_loop_with_group_presets_that_an_explicit_setting_overrides():
+    cfg = load_config(None, ["stage3.algorithm=grpo"])
+    assert (cfg.ppo.advantage, cfg.ppo.samples_per_prompt) == ("grpo", 4)
+    cfg = load_config(None, ["stage3.algorithm=grpo", "ppo.advantage=rloo", "ppo.samples_per_prompt=8"])
+    assert (cfg.ppo.advantage, cfg.ppo.samples_per_prompt) == ("rloo", 8)
+    with pytest.raises(ConfigError, match="stage3.algorithm=grpo compares the pages of one prompt"):
+        load_config(None, ["stage3.algorithm=grpo", "ppo.advantage=gae"])
+
+
+def test_retired_ppo_enabled_and_publish_read_as_the_stage3_keys():
+    assert load_config(None, ["ppo.enabled=false"]).stage3.algorithm == "none"
+    assert load_config(None, ["ppo.enabled=true"]).stage3.algorithm == "ppo"
+    assert load_config(None, ["ppo.publish=last"]).stage3.publish == "last"
+    for conflict in (["ppo.enabled=false", "stage3.algorithm=dpo"], ["ppo.enabled=true", "stage3.algorithm=none"],
+                     ["ppo.publish=last", "stage3.publish=best_val"]):
+        with pytest.raises(ConfigError, match="removed") as err:
+            load_config(None, conflict)
+        assert "\n" not in str(err.value)
+    with pytest.raises(ConfigError, match="unknown pair family 'clicks'"):
+        load_config(None, ["stage3.algorithm=dpo", "dpo.families=[ranking, clicks]"])
 
 
 def test_baselines_listed_twice_fail():
@@ -104,7 +147,7 @@ def test_ppo_reward_needs_heads_the_reward_model_trains(ppo_reward, reward_heads
     assert "\n" not in message and "ppo.reward:" in message and f"reward.heads={reward_heads!r}" in message
     assert message.endswith(f"allowed with it: {reward_heads}")
     # Without PPO nothing reads ppo.reward.
-    assert load_config(None, overrides + ["ppo.enabled=false"]).reward.heads == reward_heads
+    assert load_config(None, overrides + ["stage3.algorithm=none"]).reward.heads == reward_heads
 
 
 def test_page_length_has_one_source(tmp_path):

@@ -51,14 +51,6 @@ def offline_pairs(data_dir: Path, families: list[str] | None) -> pd.DataFrame:
     return pairs.reset_index(drop=True)
 
 
-def latest_prompts(data_dir: Path) -> tuple[list[int], list[list[int]], list[list[int]]]:
-    """(users, prompt items, excluded items): each user's latest training positives as the
-    prompt, everything they trained on excluded, as PPO's `latest` prompts and evaluation."""
-    evals = pd.read_parquet(data_dir / "eval.parquet", columns=["user_index", "train_items", "prompt_val"])
-    return ([int(u) for u in evals["user_index"]], [[int(i) for i in p] for p in evals["prompt_val"]],
-            [sorted({int(i) for i in items}) for items in evals["train_items"]])
-
-
 def best_and_worst(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per prompt (rows of [N, S] scores): the index of the best and the worst page (the
     first of equals) and whether they tie (no preference to learn from)."""
@@ -100,8 +92,11 @@ def sample_pairs(cfg: Config, run_dir: Path, model, tokenizer, layout, log=print
     """On-policy pairs (module doc) and {pages_generated, ties_skipped}."""
     from pagellm.models.decoding import generate_pages
 
+    from pagellm.rl.prompts import prompt_rows
+
     encoder = PromptEncoder(tokenizer, layout)
-    users, prompts, exclude = latest_prompts(run_dir / "data")
+    latest = prompt_rows(cfg, run_dir, "latest")
+    users, prompts, exclude = ([r[i] for r in latest] for i in range(3))
     samples = cfg.dpo.samples_per_prompt
     rank = make_ranker(cfg, run_dir, model, layout)
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(cfg.seed)
