@@ -462,20 +462,24 @@ def _stage3_keys(tree: dict) -> dict:
     return {**tree, "stage3": stage3, "ppo": {k: v for k, v in ppo.items() if k not in ("enabled", "publish")}}
 
 
-GRPO_GROUP = 4  # stage3.algorithm=grpo's pages per prompt when ppo.samples_per_prompt is not set
+GRPO_GROUP = 4  # stage3.algorithm=grpo's pages per prompt when ppo.samples_per_prompt leaves one
 
 
 def _grpo_presets(tree: dict) -> dict:
-    """stage3.algorithm=grpo is the RL loop with group-relative advantages: it fills
-    ppo.advantage=grpo and ppo.samples_per_prompt when the config leaves them out, and
-    refuses a per-token estimator set beside it."""
+    """stage3.algorithm=grpo is the RL loop with group-relative advantages: the per-token
+    default ppo.advantage=gae becomes grpo (rloo is kept), one page per prompt becomes
+    GRPO_GROUP, and `reinforce` beside it fails. A saved run config holds every field, so
+    the defaults are read as unset rather than as a choice."""
     if not isinstance(tree.get("stage3"), dict) or tree["stage3"].get("algorithm") != "grpo":
         return tree
     ppo = dict(tree.get("ppo") or {})
-    if ppo.setdefault("advantage", "grpo") not in GROUP_ESTIMATORS:
+    if ppo.get("advantage", "gae") == "gae":
+        ppo["advantage"] = "grpo"
+    elif ppo["advantage"] not in GROUP_ESTIMATORS:
         raise ValueError(f"stage3.algorithm=grpo compares the pages of one prompt; ppo.advantage="
                          f"{ppo['advantage']!r} does not (use one of {', '.join(GROUP_ESTIMATORS)})")
-    ppo.setdefault("samples_per_prompt", GRPO_GROUP)
+    if ppo.get("samples_per_prompt", 1) < 2:
+        ppo["samples_per_prompt"] = GRPO_GROUP
     return {**tree, "ppo": ppo}
 
 

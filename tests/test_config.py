@@ -109,7 +109,13 @@ def test_grpo_is_the_rl_loop_with_group_presets_that_an_explicit_setting_overrid
     cfg = load_config(None, ["stage3.algorithm=grpo", "ppo.advantage=rloo", "ppo.samples_per_prompt=8"])
     assert (cfg.ppo.advantage, cfg.ppo.samples_per_prompt) == ("rloo", 8)
     with pytest.raises(ConfigError, match="stage3.algorithm=grpo compares the pages of one prompt"):
-        load_config(None, ["stage3.algorithm=grpo", "ppo.advantage=gae"])
+        load_config(None, ["stage3.algorithm=grpo", "ppo.advantage=reinforce"])
+
+
+def test_a_saved_run_config_switched_to_grpo_gets_the_group_presets(tmp_path):
+    save_config(load_config(None, ["stage3.algorithm=none"]), tmp_path / "config.yaml")  # every field written
+    cfg = load_config(tmp_path / "config.yaml", ["stage3.algorithm=grpo"])
+    assert (cfg.ppo.advantage, cfg.ppo.samples_per_prompt) == ("grpo", 4)
 
 
 def test_retired_ppo_enabled_and_publish_read_as_the_stage3_keys():
