@@ -173,6 +173,7 @@ def fit_evaluator(cfg: Config, run_dir: Path, encoder, log=print) -> dict:
     rng = np.random.default_rng(cfg.seed)
     best, best_state, history, waited = float("inf"), None, [], 0
     evaluator.train()
+    t0 = time.perf_counter()
     for epoch in range(1, ecfg.epochs + 1):
         page_batches = _batches(len(train_pages), ecfg.batch_size, rng)
         pair_batches = _batches(len(train_pairs), ecfg.batch_size, rng) if train_pairs else []
@@ -189,7 +190,7 @@ def fit_evaluator(cfg: Config, run_dir: Path, encoder, log=print) -> dict:
         score = record["regression"] + ecfg.bt_weight * record["pair_loss"]
         history.append(record)
         log(f"[degre] evaluator epoch {epoch}/{ecfg.epochs}: held-out regression {record['regression']:.4f}, "
-            f"pair accuracy {record['pair_accuracy']:.3f}")
+            f"pair accuracy {record['pair_accuracy']:.3f} ({time.perf_counter() - t0:.0f}s)")
         if score < best - 1e-6:
             best, best_state, waited = score, {k: v.clone() for k, v in evaluator.state_dict().items()}, 0
         else:
