@@ -58,6 +58,7 @@ def sft_dir(request, tmp_path_factory):
     """A trained-looking SFT LoRA checkpoint over a random-init tiny Llama."""
     cfg = tiny_llama_cfg(request.param)
     vocab = Vocab.build([f"u{n}" for n in range(6)], [f"i{n}" for n in range(12)])
+    torch.manual_seed(0)  # peft draws LoRA's A matrices from the global RNG
     model, tokenizer, layout = build_policy(cfg, vocab, seed=0)
     nudge_trainable(model, seed=1)
     return cfg, save_policy(model, tokenizer, layout, tmp_path_factory.mktemp("sft") / "sft")
@@ -97,8 +98,10 @@ def test_reference_is_the_sft_policy_and_only_adapters_travel(sft_dir):
                                              exclude=[set(e) for e in exclude])
         learner_lp, _, _ = constrained_logprobs(learner.eval(), layout, prompts, pages.response_ids,
                                                 exclude=[set(e) for e in exclude])
-    torch.testing.assert_close(ref["ref_logprobs"] * mask, want * mask, atol=1e-5, rtol=1e-5)
-    np.testing.assert_allclose(ref["preferences"], first_item_preferences(sft, layout, prompts), atol=1e-5)
+    # Equal up to float32 rounding: the reference runs on merged weights (W + BA summed
+    # once), the SFT policy adds BA per forward; measured differences stay below 3e-5.
+    torch.testing.assert_close(ref["ref_logprobs"] * mask, want * mask, atol=1e-4, rtol=1e-5)
+    np.testing.assert_allclose(ref["preferences"], first_item_preferences(sft, layout, prompts), atol=1e-4)
     # The rollout actor samples with the learner's weights: the behaviour logprobs are the
     # learner's, and the trained adapter really moved them off the reference.
     torch.testing.assert_close(pages.logprobs * mask, learner_lp * mask, atol=1e-5, rtol=1e-5)
@@ -119,6 +122,20 @@ def test_stage3_checkpoint_reloads_and_publishes_merged(sft_dir, tmp_path):
     prompt = torch.tensor([[layout.user_offset, layout.item_offset, layout.item_offset + 1]])
     with torch.no_grad():
         want = learner.eval()(prompt).logits
-        for directory in (ckpt, published):
+        # The checkpoint recomputes the learner's exact arithmetic; the export merges the
+        # PPO adapter too, so it agrees up to float32 rounding.
+        for directory, atol in ((ckpt, 1e-6), (published, 1e-4)):
             model, _, _ = load_policy(directory, trainable=False)
-            torch.testing.assert_close(model.eval()(prompt).logits, want, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(model.eval()(prompt).logits, want, atol=atol, rtol=1e-5)
+
+
+def test_full_fine_tuning_keeps_its_reference_copy(tmp_path):
+    """GPT-2 without LoRA: stage 3 trains every weight, so no adapter can be switched off;
+    the reward actor keeps its own reference copy, as before."""
+    cfg = ModelConfig(init={"n_layer": 1, "n_embd": 32, "n_head": 2}, dtype="float32")
+    model, tokenizer, layout = build_policy(cfg, Vocab.build(["u0"], ["i0", "i1"]), seed=0)
+    path = save_policy(model, tokenizer, layout, tmp_path / "sft")
+    assert not reference_is_base(path, cfg)
+    policy, _, _ = stage3_policy(path, cfg, trainable=True)
+    assert not hasattr(policy, "disable_adapter")
+    assert set(adapter_weights(policy)) == {n for n, _ in policy.named_parameters()}
