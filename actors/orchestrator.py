@@ -84,8 +84,9 @@ class PPORun:
         ppo = cfg.ppo
         n_mini = -(-ppo.batch_size // ppo.mini_batch_size)
         cfg_dict = cfg.model_dump(mode="json")
-        # On GPU the learner takes a whole device; rollout and reward actors share one.
-        gpu = {"learner": 1.0 if ppo.use_gpu else 0.0, "worker": 0.5 if ppo.use_gpu else 0.0}
+        # On GPU the learner takes a whole device and rollout and reward actors share one, by
+        # default (ppo.learner_gpus, ppo.actor_gpus).
+        gpu = {"learner": ppo.learner_gpus if ppo.use_gpu else 0.0, "worker": ppo.actor_gpus if ppo.use_gpu else 0.0}
         learner_env = {"env_vars": {"DS_ACCELERATOR": "cuda" if ppo.use_gpu else "cpu"}}
         broker_name = f"pagellm-weights-{uuid.uuid4().hex[:12]}"  # rollout actors look it up by name
         self.broker = WeightsBroker.options(name=broker_name).remote()

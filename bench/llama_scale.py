@@ -71,6 +71,8 @@ def settings(model_dir: Path, args) -> list[str]:
         f"ppo.mini_batch_size={max(1, batch // 2)}", "ppo.epochs=1", f"ppo.rollout_actors={args.rollout_actors}",
         "ppo.reward_actors=1",
         f"ppo.checkpoint_every={args.ppo_steps}", f"ppo.use_gpu={gpu}",
+        # One GPU holds the learner and every rollout and reward actor (a bf16 base is 2.5 GB).
+        "ppo.learner_gpus=0.25", "ppo.actor_gpus=0.25",
         f"eval.max_users={args.eval_users}", "eval.list_len=20", "eval.batch_size=8", "eval.baselines=[popularity]",
         *args.overrides,
     ]
