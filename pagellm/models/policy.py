@@ -187,14 +187,7 @@ def stage3_policy(sft_dir: str | Path, model_cfg: ModelConfig, trainable: bool =
     loaded as before (fresh adapters over it when `model_cfg.lora.enabled`)."""
     if not _policy_meta(sft_dir)["adapter"]:
         return load_policy(sft_dir, model_cfg, trainable=trainable, device=device)
-    sft, tokenizer, layout = load_policy(sft_dir, ModelConfig(dtype=model_cfg.dtype), trainable=False, device=device)
-    sft_lora = sft.peft_config[sft.active_adapter]
-    lora_cfg = LoraConfig(enabled=True, r=sft_lora.r, alpha=sft_lora.lora_alpha, dropout=sft_lora.lora_dropout,
-                          target_modules=sorted(sft_lora.target_modules))
-    merged = sft.merge_and_unload()
-    # The merged weights exist nowhere on disk; naming the SFT checkpoint as the base lets
-    # save_policy record it, and load_policy rebuild the base by merging it again.
-    merged.name_or_path = merged.config._name_or_path = str(Path(sft_dir).resolve())
+    merged, tokenizer, layout, lora_cfg = _merged_adapter(sft_dir, model_cfg.dtype, device)
     # A private RNG stream: LoRA's A matrices depend on `seed` alone (B starts at 0, so the
     # fresh adapter changes nothing until it trains).
     with torch.random.fork_rng(devices=[]):
@@ -289,7 +282,7 @@ def load_policy(
         from peft import PeftModel
 
         if meta.get("base_policy"):
-            base = _merged_policy(meta["base_policy"], model_cfg, device)
+            base = _merged_adapter(meta["base_policy"], model_cfg.dtype if model_cfg else "auto", device)[0]
         else:
             base_ref = meta.get("base") or "base"
             base_path = directory / base_ref if (directory / base_ref).is_dir() else base_ref
@@ -309,11 +302,15 @@ def load_policy(
     return model, tokenizer, layout
 
 
-def _merged_policy(directory: str | Path, model_cfg: ModelConfig | None, device):
-    """The base of a stage-3 adapter: the SFT adapter at `directory` merged, named after it
-    (as stage3_policy names it)."""
-    sft, _, _ = load_policy(directory, ModelConfig(dtype=model_cfg.dtype if model_cfg else "auto"),
-                            trainable=False, device=device)
-    merged = sft.merge_and_unload()
+def _merged_adapter(directory: str | Path, dtype: str, device):
+    """(model, tokenizer, layout, LoRA config) of the adapter checkpoint at `directory`,
+    merged into one model. The merged weights exist nowhere on disk: the model is named
+    after `directory`, so save_policy records an adapter over it as `base_policy` and
+    load_policy rebuilds that base by merging again."""
+    adapter, tokenizer, layout = load_policy(directory, ModelConfig(dtype=dtype), trainable=False, device=device)
+    peft_cfg = adapter.peft_config[adapter.active_adapter]
+    lora_cfg = LoraConfig(enabled=True, r=peft_cfg.r, alpha=peft_cfg.lora_alpha, dropout=peft_cfg.lora_dropout,
+                          target_modules=sorted(peft_cfg.target_modules))
+    merged = adapter.merge_and_unload()
     merged.name_or_path = merged.config._name_or_path = str(Path(directory).resolve())
-    return merged
+    return merged, tokenizer, layout, lora_cfg
