@@ -85,6 +85,7 @@ class PeakMemory:
     def __init__(self, gpu: bool, every_s: float = 0.2):
         self.gpu, self.every_s = gpu, every_s
         self.peaks: dict[int, dict] = {}
+        self.previous: set[int] = set()
         self.lock = threading.Lock()
         self.done = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -92,6 +93,8 @@ class PeakMemory:
 
     def stage(self) -> None:
         with self.lock:
+            # The last stage's actors may still be exiting: they are not this stage's.
+            self.previous = {pid for pid in self.peaks if pid != os.getpid()}
             self.peaks = {}
         # Reset this process's own high-water mark (Linux 4.0+), so a stage's peak is its own.
         try:
@@ -127,7 +130,7 @@ class PeakMemory:
             # Ray names a worker process after its actor ("ray::RolloutActor.generate" while
             # in a call).
             name = title[len("ray::"):].split(".")[0].split(" ")[0] if title.startswith("ray::") else ""
-            if name in MODEL_PROCESSES:
+            if name in MODEL_PROCESSES and proc.pid not in self.previous:
                 seen[proc.pid] = name
         for pid, name in seen.items():
             hwm = _vm_hwm_mib(pid)
