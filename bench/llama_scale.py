@@ -48,7 +48,10 @@ from pagellm.config import load_config, save_config  # noqa: E402
 from pagellm.models.llama import TINY, llama_config, n_parameters, write_llama_checkpoint  # noqa: E402
 
 SIZES = {"tiny": TINY, "1b": {}}
-MOVIELENS = ROOT.parent / "shared" / "data" / "movielens_latest_small"
+# Next to the checkout (../shared/data, as configs/movielens-loo.yaml reads it) or inside it.
+MOVIELENS = next((d for d in (ROOT.parent / "shared" / "data" / "movielens_latest_small",
+                              ROOT / "shared" / "data" / "movielens_latest_small") if d.is_dir()),
+                 ROOT.parent / "shared" / "data" / "movielens_latest_small")
 K = 10
 # The processes that hold a model; Ray's own (controllers, agents, the weights broker)
 # stay near 200 MiB whatever the model and are left out of the table.
@@ -86,6 +89,7 @@ class PeakMemory:
         self.gpu, self.every_s = gpu, every_s
         self.peaks: dict[int, dict] = {}
         self.previous: set[int] = set()
+        self.device_mib = 0.0  # the whole GPU's memory in use: seen even where nvidia-smi lists no pids
         self.lock = threading.Lock()
         self.done = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -93,9 +97,10 @@ class PeakMemory:
 
     def stage(self) -> None:
         with self.lock:
-            # The last stage's actors may still be exiting: they are not this stage's.
-            self.previous = {pid for pid in self.peaks if pid != os.getpid()}
+            # Earlier stages' actors may still be exiting: they are not this stage's.
+            self.previous |= {pid for pid in self.peaks if pid != os.getpid()}
             self.peaks = {}
+            self.device_mib = 0.0
         # Reset this process's own high-water mark (Linux 4.0+), so a stage's peak is its own.
         try:
             Path("/proc/self/clear_refs").write_text("5")
@@ -119,6 +124,9 @@ class PeakMemory:
 
     def _sample(self) -> None:
         gpu = self._gpu_mib() if self.gpu else {}
+        if self.gpu:
+            with self.lock:
+                self.device_mib = max(self.device_mib, self._device_mib())
         seen = {os.getpid(): "driver"}
         # The local Ray this process started is its descendant: another job's Ray on the
         # same box is not counted.
@@ -148,6 +156,12 @@ class PeakMemory:
                              capture_output=True, text=True, check=False).stdout
         rows = [line.split(",") for line in out.splitlines() if line.strip()]
         return {int(pid): float(mib) for pid, mib in rows}
+
+    @staticmethod
+    def _device_mib() -> float:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, check=False).stdout
+        return sum(float(line) for line in out.splitlines() if line.strip())
 
 
 def _vm_hwm_mib(pid: int) -> float | None:
@@ -208,7 +222,7 @@ def run_stages(cfg, run_dir: Path, memory: PeakMemory, requests: int) -> list[di
         results.append({"stage": name, "seconds": round(seconds, 1), "steps": steps,
                         "step_s": round(seconds / steps, 3) if steps else None,
                         "tokens_per_s": round(tokens / seconds, 1) if tokens else None,
-                        "processes": memory.read(), **extra})
+                        "processes": memory.read(), "gpu_device_mib": memory.device_mib, **extra})
 
     stage("data", lambda: run_data_stage(cfg, run_dir / "data", log=log), lambda _: (0, 0, {}))
     encoder = None
@@ -294,6 +308,9 @@ def table(results: list[dict], gpu: bool) -> str:
                 f"p99 {serve['serve_p99_ms']} ms")
     ppo = next(r for r in results if r["stage"] == "ppo")
     rows.append(f"PPO per step (s, means): {ppo['per_step_s']}")
+    if gpu:
+        rows.append("peak GPU memory in use on the device, per stage (MiB): "
+                    + ", ".join(f"{r['stage']} {r['gpu_device_mib']:.0f}" for r in results))
     return "\n".join(rows)
 
 
