@@ -95,7 +95,17 @@ class PeakMemory:
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
-    def stage(self) -> None:
+    def stage(self, wait_s: float = 120.0) -> None:
+        # A killed actor's process can take a while to exit; at 1B each holds ~5 GB, so let
+        # them go before the next stage loads its own models.
+        procs = []
+        for pid in self.peaks:
+            if pid != os.getpid():
+                try:
+                    procs.append(psutil.Process(pid))
+                except psutil.NoSuchProcess:
+                    pass
+        psutil.wait_procs(procs, timeout=wait_s)
         with self.lock:
             # Earlier stages' actors may still be exiting: they are not this stage's.
             self.previous |= {pid for pid in self.peaks if pid != os.getpid()}
