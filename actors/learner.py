@@ -20,7 +20,7 @@ import torch
 
 from pagellm.config import Config, TrainCommon
 from pagellm.eval.probe import RankingProbe, best_record, val_metric
-from pagellm.models.policy import load_policy, save_policy
+from pagellm.models.policy import adapter_weights, save_policy, stage3_policy
 from pagellm.rl.ppo_update import (
     PolicyWithValue,
     ScoredBatch,
@@ -59,7 +59,10 @@ class LearnerActor:
         torch.manual_seed(self.cfg.seed)
         _init_process_group()
         setup_distributed_for_deepspeed()
-        policy, self.tokenizer, self.layout = load_policy(policy_dir, self.cfg.model, trainable=True)
+        # Under LoRA: the merged SFT policy with a fresh adapter; the reference is its
+        # adapter disabled, computed by the rollout actors (pagellm/rl/reference.py).
+        policy, self.tokenizer, self.layout = stage3_policy(policy_dir, self.cfg.model, trainable=True,
+                                                            seed=self.cfg.seed)
         policy.eval()  # no dropout: the learner's logprobs must match the rollout's
         value_head = ValueHead(policy.config.hidden_size if hasattr(policy, "config") else policy.base_model.config.hidden_size)
         self.module = PolicyWithValue(policy, self.layout, value_head, ppo)
@@ -95,9 +98,8 @@ class LearnerActor:
         return best_record(self.val_history, val_metric(self.cfg.data.page_len))
 
     def trainable_weights(self) -> dict[str, torch.Tensor]:
-        """What rollout actors need: every trainable policy tensor (only adapters and the new
-        token rows under LoRA), as CPU copies."""
-        return {n: p.detach().cpu().clone() for n, p in self.module.policy.named_parameters() if p.requires_grad}
+        """What rollout actors need (only the adapter and the new token rows under LoRA)."""
+        return adapter_weights(self.module.policy)
 
     @ray.method(num_returns=2)
     def publish(self) -> tuple[int, dict[str, torch.Tensor]]:

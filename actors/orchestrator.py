@@ -84,8 +84,9 @@ class PPORun:
         ppo = cfg.ppo
         n_mini = -(-ppo.batch_size // ppo.mini_batch_size)
         cfg_dict = cfg.model_dump(mode="json")
-        # On GPU the learner takes a whole device; rollout and reward actors share one.
-        gpu = {"learner": 1.0 if ppo.use_gpu else 0.0, "worker": 0.5 if ppo.use_gpu else 0.0}
+        # On GPU the learner takes a whole device and rollout and reward actors share one, by
+        # default (ppo.learner_gpus, ppo.actor_gpus).
+        gpu = {"learner": ppo.learner_gpus if ppo.use_gpu else 0.0, "worker": ppo.actor_gpus if ppo.use_gpu else 0.0}
         learner_env = {"env_vars": {"DS_ACCELERATOR": "cuda" if ppo.use_gpu else "cpu"}}
         broker_name = f"pagellm-weights-{uuid.uuid4().hex[:12]}"  # rollout actors look it up by name
         self.broker = WeightsBroker.options(name=broker_name).remote()
@@ -188,6 +189,7 @@ class PPORun:
         SFT policy itself (step 0) when no stage-3 checkpoint beat it; else the last one.
         Returns what was chosen, with the validation history."""
         from pagellm.eval.probe import best_record, val_metric
+        from pagellm.models.policy import export_merged, reference_is_base
 
         latest = latest_checkpoint(self.ckpt_root)
         if latest is None:
@@ -197,13 +199,18 @@ class PPORun:
         last_step = int(latest.name.removeprefix("step_"))
         chosen = best_record(history, key)["step"] if self.cfg.stage3.publish == "best_val" else last_step
         source = self.sft_dir if chosen == 0 else (self.ckpt_root / f"step_{chosen:06d}" / "policy")
-        for item in source.iterdir():
-            if item.name in ("metrics.json", "DONE"):  # the SFT stage's own records stay in sft/
-                continue
-            dest = self.out / item.name
-            if dest.is_dir():
-                shutil.rmtree(dest)
-            (shutil.copytree if item.is_dir() else shutil.copy2)(item, dest)
+        if chosen != 0 and reference_is_base(self.sft_dir, self.cfg.model):
+            # A LoRA checkpoint's base is the merged SFT policy, which lives nowhere on disk:
+            # publish the whole policy merged, so serve and eval need no other checkpoint.
+            export_merged(source, self.out, self.cfg.model.dtype)
+        else:
+            for item in source.iterdir():
+                if item.name in ("metrics.json", "DONE"):  # the SFT stage's own records stay in sft/
+                    continue
+                dest = self.out / item.name
+                if dest.is_dir():
+                    shutil.rmtree(dest)
+                (shutil.copytree if item.is_dir() else shutil.copy2)(item, dest)
         selection = {"publish": self.cfg.stage3.publish, "published_step": chosen, "metric": key,
                      "published_" + key: next(r[key] for r in history if r["step"] == chosen),
                      "sft_" + key: history[0][key], "history": history}

@@ -1,5 +1,9 @@
 """Reward actor: the page reward's parts (the learned R_c + R_f, the verifiable hit NDCG) and
-logprobs under the frozen SFT reference."""
+logprobs under the frozen SFT reference.
+
+The reference is a copy of the SFT policy held here only under full fine-tuning; under
+LoRA the rollout actors compute its outputs with their adapter disabled
+(pagellm/rl/reference.py) and they arrive with the pages."""
 
 from __future__ import annotations
 
@@ -14,10 +18,11 @@ import torch
 from pagellm.config import Config
 from pagellm.models.decoding import constrained_logprobs
 from pagellm.models.page_prior import PagePrior, first_item_preferences
-from pagellm.models.policy import load_policy
+from pagellm.models.policy import load_policy, reference_is_base
 from pagellm.models.reward_scorer import RewardScorer
 from pagellm.rl.ppo_update import ScoredBatch, combine_parts, sequence_reward
 from pagellm.rl.verifiable import hit_ndcg
+from pagellm.vocab import load_tokenizer
 
 
 @ray.remote(num_cpus=1, max_restarts=-1, max_task_retries=-1)
@@ -31,8 +36,12 @@ class RewardActor:
         device = "cuda" if self.cfg.ppo.use_gpu and torch.cuda.is_available() else "cpu"
         # With model_reward_weight 0 the learned reward is not needed (nor trained).
         self.scorer = RewardScorer.load(reward_dir, device=device) if self.cfg.ppo.model_reward_weight > 0 else None
-        self.reference, _, self.layout = load_policy(reference_dir, trainable=False, device=device)
-        self.reference.to(device).eval()
+        self.reference = None
+        if reference_is_base(reference_dir, self.cfg.model):
+            _, self.layout = load_tokenizer(reference_dir)
+        else:
+            self.reference, _, self.layout = load_policy(reference_dir, trainable=False, device=device)
+            self.reference.to(device).eval()
         self.prior = None
         if self.cfg.ppo.prior_reward_weight > 0:
             self.prior = PagePrior.load(reward_dir)
@@ -57,20 +66,25 @@ class RewardActor:
                          for row in responses.tolist()]
             if self.prior is not None:
                 # The preference feature is the reference (SFT) policy's, as when the prior was fitted.
-                pref = first_item_preferences(self.reference, self.layout, prompts)
+                pref = (rollout["preferences"] if self.reference is None
+                        else first_item_preferences(self.reference, self.layout, prompts))
                 components["prior"] = torch.as_tensor(self.prior.score(pref, pages, self.item_cat))
                 parts["prior"] = float(components["prior"].mean())
             if ppo.hits_reward_weight > 0:
                 components["hits"] = torch.as_tensor(hit_ndcg(pages, rollout["targets"], self.cfg.data.page_len))
                 parts["hits"] = float(components["hits"].mean())
-            ref_logprobs, _, _ = constrained_logprobs(self.reference, self.layout, prompts, responses,
-                                                      exclude=[set(e) for e in exclude],
-                                                      temperature=self.cfg.ppo.temperature)
-            ref_logprobs = ref_logprobs.cpu()
+            if self.reference is None:
+                ref_logprobs = rollout["ref_logprobs"]
+            else:
+                ref_logprobs, _, _ = constrained_logprobs(self.reference, self.layout, prompts, responses,
+                                                          exclude=[set(e) for e in exclude],
+                                                          temperature=self.cfg.ppo.temperature)
+                ref_logprobs = ref_logprobs.cpu()
         return ScoredBatch(
             batch_id=rollout["batch_id"], policy_version=rollout["policy_version"], prompts=prompts,
             exclude=exclude, response_ids=responses, logprobs=rollout["logprobs"], ref_logprobs=ref_logprobs,
             reward=combine_parts(components, ppo), components=components,
             group_ids=torch.as_tensor(rollout["group_ids"], dtype=torch.long), reward_parts=parts,
-            timings={"generate_s": rollout["generate_s"], "score_s": time.perf_counter() - t0},
+            timings={"generate_s": rollout["generate_s"], "reference_s": rollout.get("reference_s", 0.0),
+                     "score_s": time.perf_counter() - t0},
         )

@@ -9,21 +9,27 @@ import torch
 
 from pagellm.config import Config
 from pagellm.models.decoding import generate_pages
-from pagellm.models.policy import load_policy
+from pagellm.models.policy import load_weights, reference_is_base, stage3_policy
+from pagellm.rl.reference import reference_outputs
 
 
 @ray.remote(num_cpus=1, max_restarts=-1, max_task_retries=-1)
 class RolloutActor:
     """Ray restarts a crashed actor and retries its task; the new process re-fetches the
     newest weights from the broker, so a retried batch is sampled from current weights and
-    the learner's staleness check still holds."""
+    the learner's staleness check still holds.
+
+    Under LoRA the actor holds the merged SFT base once, with the learner's adapter on top:
+    it also computes the SFT reference's outputs (adapter disabled) for the reward actors,
+    which then need no copy of the policy."""
 
     def __init__(self, policy_dir: str, cfg: dict, broker_name: str) -> None:
         # The broker comes by name, not as a handle: an actor handle among the constructor
         # arguments of a restartable actor makes Ray warn that a restart may lose them.
         torch.set_num_threads(1)  # one core per actor; the box has few
         self.cfg = Config.model_validate(cfg)
-        self.model, _, self.layout = load_policy(policy_dir, self.cfg.model, trainable=False)
+        self.model, _, self.layout = stage3_policy(policy_dir, self.cfg.model, trainable=False, seed=self.cfg.seed)
+        self.computes_reference = reference_is_base(policy_dir, self.cfg.model)
         self.device = "cuda" if self.cfg.ppo.use_gpu and torch.cuda.is_available() else "cpu"
         self.model.to(self.device).eval()
         self.version = 0
@@ -32,10 +38,7 @@ class RolloutActor:
             self.set_weights(version, ray.get(ref[0]))
 
     def set_weights(self, version: int, weights: dict[str, torch.Tensor]) -> int:
-        missing = set(weights) - {n for n, _ in self.model.named_parameters()}
-        if missing:
-            raise KeyError(f"published weights name unknown parameters: {sorted(missing)[:5]}")
-        self.model.load_state_dict(weights, strict=False)
+        load_weights(self.model, weights)
         self.version = version
         return version
 
@@ -49,7 +52,13 @@ class RolloutActor:
             pages = generate_pages(self.model, self.layout, prompts, k=self.cfg.data.page_len, mode="sample",
                                    exclude=[set(e) for e in exclude], temperature=self.cfg.ppo.temperature,
                                    generator=generator)
-        return {"batch_id": batch_id, "policy_version": self.version, "prompts": prompts, "exclude": exclude,
-                "targets": targets, "group_ids": group_ids,
-                "response_ids": pages.response_ids.cpu(), "logprobs": pages.logprobs.cpu(),
-                "generate_s": time.perf_counter() - t0}
+        out = {"batch_id": batch_id, "policy_version": self.version, "prompts": prompts, "exclude": exclude,
+               "targets": targets, "group_ids": group_ids,
+               "response_ids": pages.response_ids.cpu(), "logprobs": pages.logprobs.cpu(),
+               "generate_s": time.perf_counter() - t0}
+        if self.computes_reference:
+            t1 = time.perf_counter()
+            out.update(reference_outputs(self.model, self.layout, prompts, out["response_ids"], exclude,
+                                         self.cfg.ppo.temperature, preferences=self.cfg.ppo.prior_reward_weight > 0))
+            out["reference_s"] = time.perf_counter() - t1
+        return out

@@ -224,6 +224,10 @@ class PPOConfig(Strict):
     grad_clip: float = 1.0
     zero_stage: int = Field(0, ge=0, le=3)  # the learner's DeepSpeed ZeRO stage
     use_gpu: bool = False
+    # GPU share per actor with use_gpu: the learner a whole device, rollout and reward actors
+    # half of one; smaller shares put them all on one GPU (bench/gpu_check.sh: 0.25 each).
+    learner_gpus: float = Field(1.0, gt=0.0, le=1.0)
+    actor_gpus: float = Field(0.5, gt=0.0, le=1.0)
     seed_offset: int = 1000  # rollout sampling seeds start here (kept apart from training seeds)
     advantage: Annotated[str, one_of("advantage estimator", ADVANTAGE_ESTIMATORS)] = "gae"  # pagellm/rl/advantages.py
     policy_loss: Annotated[str, one_of("policy loss", POLICY_LOSSES)] = "clipped"  # pagellm/rl/losses.py

@@ -9,13 +9,15 @@ the new token rows train (peft `trainable_token_indices`).
 
 A checkpoint directory holds the tokenizer, `pagellm_tokens.json`, `pagellm_policy.json`
 and either a full model or a LoRA adapter (plus `base/` when the base has no name to be
-reloaded from, i.e. a random init).
+reloaded from, i.e. a random init). A stage-3 adapter's base is the SFT policy merged
+(`stage3_policy`): its checkpoint names the SFT checkpoint (`base_policy`) instead.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -163,6 +165,69 @@ def is_adapter_model(model) -> bool:
     return isinstance(model, PeftModel)
 
 
+def _policy_meta(directory: str | Path) -> dict:
+    path = Path(directory) / POLICY_FILE
+    return json.loads(path.read_text()) if path.exists() else {"adapter": (Path(directory) / "adapter_config.json").exists()}
+
+
+def reference_is_base(sft_dir: str | Path, model_cfg: ModelConfig) -> bool:
+    """Whether stage 3's policy from `sft_dir` is an adapter over the SFT policy, so the
+    reference is the policy itself with its adapter disabled (see `stage3_policy`)."""
+    return bool(_policy_meta(sft_dir)["adapter"]) or model_cfg.lora.enabled
+
+
+def stage3_policy(sft_dir: str | Path, model_cfg: ModelConfig, trainable: bool = True,
+                  device: str | torch.device | None = None, seed: int = 0):
+    """(model, tokenizer, layout) stage 3 starts from. An SFT adapter is merged into its
+    base, which becomes the frozen base of a fresh adapter of the same LoRA config: the
+    frozen SFT policy is then this model with the adapter disabled (no second copy), and
+    only the fresh adapter and token rows train and travel. The fresh adapter trains the
+    new token rows again, as SFT's did: the rows are where a reward on an item lands most
+    directly, and full fine-tuning (GPT-2) trains them too. A full SFT checkpoint is
+    loaded as before (fresh adapters over it when `model_cfg.lora.enabled`)."""
+    if not _policy_meta(sft_dir)["adapter"]:
+        return load_policy(sft_dir, model_cfg, trainable=trainable, device=device)
+    merged, tokenizer, layout, lora_cfg = _merged_adapter(sft_dir, model_cfg.dtype, device)
+    # A private RNG stream: LoRA's A matrices depend on `seed` alone (B starts at 0, so the
+    # fresh adapter changes nothing until it trains).
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = apply_lora(merged, lora_cfg, layout)
+    if not trainable:
+        model.requires_grad_(False)
+    return model, tokenizer, layout
+
+
+def adapter_weights(model) -> dict[str, torch.Tensor]:
+    """What a rollout actor needs after an update: every trainable tensor (under LoRA only
+    the adapters and the new token rows), as CPU copies."""
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_weights(model, weights: dict[str, torch.Tensor]) -> None:
+    """Load published weights (a subset of the model's parameters) in place."""
+    missing = set(weights) - {n for n, _ in model.named_parameters()}
+    if missing:
+        raise KeyError(f"published weights name unknown parameters: {sorted(missing)[:5]}")
+    model.load_state_dict(weights, strict=False)
+
+
+def export_merged(directory: str | Path, out: str | Path, dtype: str = "auto") -> Path:
+    """Write the checkpoint at `directory` to `out` as one full model (adapters merged), so
+    it loads without the checkpoints it was built on."""
+    model, tokenizer, layout = load_policy(directory, ModelConfig(dtype=dtype), trainable=False)
+    if is_adapter_model(model):
+        model = model.merge_and_unload()
+    # An adapter published to `out` earlier would be read instead of the full model.
+    for stale in ("adapter_config.json", "adapter_model.safetensors", "base"):
+        path = Path(out) / stale
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+    return save_policy(model, tokenizer, layout, out)
+
+
 def save_policy(
     model, tokenizer, layout: TokenLayout, directory: str | Path, merged: bool = False, state_dict: dict | None = None
 ) -> Path:
@@ -182,7 +247,9 @@ def save_policy(
             str(directory), save_embedding_layers=False, safe_serialization=True, state_dict=state_dict
         )
         base_name = model.peft_config[model.active_adapter].base_model_name_or_path
-        if base_name and (Path(base_name) / "config.json").exists():
+        if base_name and (Path(base_name) / POLICY_FILE).exists() and _policy_meta(base_name)["adapter"]:
+            meta["base_policy"] = str(Path(base_name).resolve())  # stage3_policy's merged SFT adapter
+        elif base_name and (Path(base_name) / "config.json").exists():
             meta["base"] = str(Path(base_name).resolve())
         elif base_name and not Path(base_name).exists():
             meta["base"] = base_name  # a hub name
@@ -210,14 +277,16 @@ def load_policy(
     directory = Path(directory)
     tokenizer, layout = load_tokenizer(directory)
     dtype = resolve_dtype(model_cfg.dtype if model_cfg else "auto", device)
-    meta_path = directory / POLICY_FILE
-    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {"adapter": False}
+    meta = _policy_meta(directory)
     if meta["adapter"] or (directory / "adapter_config.json").exists():
         from peft import PeftModel
 
-        base_ref = meta.get("base") or "base"
-        base_path = directory / base_ref if (directory / base_ref).is_dir() else base_ref
-        base = AutoModelForCausalLM.from_pretrained(str(base_path), dtype=dtype)
+        if meta.get("base_policy"):
+            base = _merged_adapter(meta["base_policy"], model_cfg.dtype if model_cfg else "auto", device)[0]
+        else:
+            base_ref = meta.get("base") or "base"
+            base_path = directory / base_ref if (directory / base_ref).is_dir() else base_ref
+            base = AutoModelForCausalLM.from_pretrained(str(base_path), dtype=dtype)
         rows = meta.get("embedding_rows", layout.vocab_size)
         if base.get_input_embeddings().weight.shape[0] != rows:
             base.resize_token_embeddings(rows, mean_resizing=False)
@@ -231,3 +300,17 @@ def load_policy(
     if model.get_input_embeddings().weight.shape[0] < layout.vocab_size:
         raise ValueError(f"{directory}: the model has fewer embedding rows than the tokenizer has tokens")
     return model, tokenizer, layout
+
+
+def _merged_adapter(directory: str | Path, dtype: str, device):
+    """(model, tokenizer, layout, LoRA config) of the adapter checkpoint at `directory`,
+    merged into one model. The merged weights exist nowhere on disk: the model is named
+    after `directory`, so save_policy records an adapter over it as `base_policy` and
+    load_policy rebuilds that base by merging again."""
+    adapter, tokenizer, layout = load_policy(directory, ModelConfig(dtype=dtype), trainable=False, device=device)
+    peft_cfg = adapter.peft_config[adapter.active_adapter]
+    lora_cfg = LoraConfig(enabled=True, r=peft_cfg.r, alpha=peft_cfg.lora_alpha, dropout=peft_cfg.lora_dropout,
+                          target_modules=sorted(peft_cfg.target_modules))
+    merged = adapter.merge_and_unload()
+    merged.name_or_path = merged.config._name_or_path = str(Path(directory).resolve())
+    return merged, tokenizer, layout, lora_cfg
