@@ -37,8 +37,7 @@ def _within_user(values: np.ndarray, truth: np.ndarray) -> float:
 def measure(run: Path, users: int, seed: int) -> dict[str, float]:
     from pagellm.config import load_config
     from pagellm.data.simulator import Simulator
-    from pagellm.models.beam_mining import _last_gains
-    from pagellm.models.decoding import generate_pages
+    from pagellm.models.decoding import generate_pages, left_pad
     from pagellm.models.lookahead import LookaheadEvaluator, page_values
     from pagellm.models.policy import load_policy
     from pagellm.rl.prompts import prompt_rows
@@ -67,8 +66,8 @@ def measure(run: Path, users: int, seed: int) -> dict[str, float]:
                           .numpy())
             truth.append(sim.page_utility([user_ids[user]] * SAMPLES, [[item_ids[i] for i in p] for p in pages]))
             quality_sum.append(np.array([quality[p].sum() for p in pages]))
-        first = _last_gains(evaluator, prompts, torch.zeros((len(prompts), 0), dtype=torch.long),
-                            layout.pad_id).mean(dim=0).numpy()
+        ids, mask, _ = left_pad(prompts, layout.pad_id, "cpu")
+        first = evaluator.last_gains(ids, mask).mean(dim=0).numpy()
     mined = pd.read_parquet(run / "degre" / "mined.parquet")
     mined["truth"] = sim.page_utility([user_ids[u] for u in mined["user_index"]],
                                       [[item_ids[i] for i in p] for p in mined["page"]])

@@ -43,12 +43,9 @@ def test_rating_values_and_cumulative_targets_by_hand():
 
 
 def test_prefix_values_and_evaluator_losses_by_hand():
-    # Two pages of 2 items over 3 items; the second page is one item long.
-    gains = torch.tensor([[[0.1, 0.2, 0.3], [1.0, 2.0, 3.0]],
-                          [[-1.0, 0.0, 1.0], [5.0, 5.0, 5.0]]])
-    items = torch.tensor([[2, 0], [0, -1]])
+    picked = torch.tensor([[0.3, 1.0], [-1.0, 5.0]])  # the second page ends after one item
     mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
-    values = prefix_values(gains, items, mask)
+    values = prefix_values(picked, mask)
     assert values.flatten().tolist() == pytest.approx([0.3, 1.3, -1.0, -1.0])
     targets = torch.tensor([[0.5, 1.0], [0.0, 9.0]])  # the masked target never counts
     # (0.2^2 + 0.3^2 + 1^2) / 3 prefixes
@@ -77,6 +74,19 @@ def test_distillation_loss_with_hard_and_soft_labels_and_page_weights_by_hand():
     assert page_weights(np.array([0.0, math.log(3)]), 1.0) == pytest.approx([0.5, 1.5])
     assert page_weights(np.array([0.0, math.log(3)]), 1e9) == pytest.approx([1.0, 1.0])
     assert soft_labels(np.array([0.0, math.log(3)]), 1.0) == pytest.approx([0.25, 0.75])
+
+
+def test_picked_gains_are_the_full_gain_head_read_at_the_page_items():
+    evaluator = LookaheadEvaluator.build(30, 12, 32, 1, 16, 2, seed=0).eval()
+    ids = torch.randint(0, 30, (3, 7))
+    mask = torch.ones_like(ids)
+    items = torch.tensor([[4, 0, 11], [2, 2, -1], [7, 1, 5]])
+    with torch.no_grad():
+        hidden = evaluator.hidden(ids, mask)[:, 3:6]
+        full = evaluator(ids, mask)[:, 3:6]
+        picked = evaluator.picked_gains(hidden, items)
+        assert torch.allclose(picked, full.gather(2, items.clamp(min=0).unsqueeze(-1)).squeeze(-1), atol=1e-6)
+        assert torch.allclose(evaluator.last_gains(ids, mask), evaluator(ids, mask)[:, -1], atol=1e-6)
 
 
 @pytest.fixture(scope="module")

@@ -43,7 +43,7 @@ def _last_gains(evaluator, prompts: list[list[int]], prefix_tokens: torch.Tensor
     ids, mask, _ = left_pad(prompts, pad_id, prefix_tokens.device)
     full_ids = torch.cat([ids, prefix_tokens], dim=1)
     full_mask = torch.cat([mask, torch.ones_like(prefix_tokens)], dim=1)
-    return evaluator(full_ids, full_mask)[:, -1]
+    return evaluator.last_gains(full_ids, full_mask)
 
 
 @torch.no_grad()

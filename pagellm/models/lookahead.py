@@ -51,11 +51,10 @@ def cumulative_targets(values: np.ndarray) -> np.ndarray:
     return np.cumsum(values * position_discount(len(values)))
 
 
-def prefix_values(gains: torch.Tensor, page_items: torch.Tensor, page_mask: torch.Tensor) -> torch.Tensor:
-    """V_k for every prefix: gains [B, K, n_items] at the positions that predict page item
-    t (t = 0..K-1), page_items [B, K] item indices, page_mask [B, K] (False past a short
-    page's end). Returns [B, K] cumulative values (constant after the page ends)."""
-    picked = gains.gather(2, page_items.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+def prefix_values(picked: torch.Tensor, page_mask: torch.Tensor) -> torch.Tensor:
+    """V_k for every prefix: picked [B, K] the gain of page item t at the position that
+    predicts it, page_mask [B, K] (False past a short page's end). Returns [B, K] cumulative
+    values (constant after the page ends)."""
     return (picked * page_mask).cumsum(dim=1)
 
 
@@ -89,12 +88,27 @@ class LookaheadEvaluator(GPT2PreTrainedModel):
                             n_head=n_head, n_items=n_items, resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1)
         return cls(config)
 
+    def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """[B, T, H] last hidden states (left padding: real tokens' positions start at 0)."""
+        positions = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+        return self.transformer(input_ids=input_ids, attention_mask=attention_mask,
+                                position_ids=positions).last_hidden_state
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """[B, T, n_items]: at position t, the gain of each item as token t + 1."""
-        positions = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)  # left padding: real tokens from 0
-        hidden = self.transformer(input_ids=input_ids, attention_mask=attention_mask,
-                                  position_ids=positions).last_hidden_state
-        return self.gain(hidden)
+        return self.gain(self.hidden(input_ids, attention_mask))
+
+    def last_gains(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """[B, n_items]: every item's gain as the next token after the last one (what beam
+        search reads); the head runs at that position only."""
+        return self.gain(self.hidden(input_ids, attention_mask)[:, -1])
+
+    def picked_gains(self, hidden: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """[B, K] the gains of the given items only (hidden [B, K, H], items [B, K], -1 =
+        none): one row of the head each, so fitting never builds the [B, K, n_items] gains
+        of every item (thousands of items at every page position)."""
+        rows = items.clamp(min=0)
+        return (hidden * self.gain.weight[rows]).sum(dim=-1) + self.gain.bias[rows]
 
 
 def page_batch(prompts: list[list[int]], pages: list[list[int]], item_offset: int, pad_id: int, device=None):
@@ -125,5 +139,4 @@ def page_values(evaluator: LookaheadEvaluator, prompts, pages, item_offset: int,
     ids, mask, items, page_mask, first = page_batch(prompts, pages, item_offset, pad_id,
                                                     next(evaluator.parameters()).device)
     k = items.shape[1]
-    gains = evaluator(ids, mask)[:, first : first + k]
-    return prefix_values(gains, items, page_mask)
+    return prefix_values(evaluator.picked_gains(evaluator.hidden(ids, mask)[:, first : first + k], items), page_mask)
