@@ -82,13 +82,16 @@ def verdict(gain: dict | None) -> str:
 
 
 def best_line(table: dict, algorithms: list[str]) -> str:
-    """The algorithm with the best mean on each verdict metric."""
+    """The algorithm with the best mean on each verdict metric; equal means (e.g. every
+    algorithm published the SFT policy) are named as a tie, not as the first of them."""
     parts = []
     for metric in VERDICT_METRICS:
-        scored = [(table[a][metric]["mean"], a) for a in algorithms if metric in table.get(a, {})]
+        scored = {a: table[a][metric]["mean"] for a in algorithms if metric in table.get(a, {})}
         if scored:
-            mean, name = max(scored)
-            parts.append(f"{metric}: {name} ({mean:.4f} ± {table[name][metric]['std']:.4f})")
+            top = max(scored.values())
+            names = [a for a, mean in scored.items() if mean == top]
+            who = names[0] if len(names) == 1 else f"tie between {', '.join(names)}"
+            parts.append(f"{metric}: {who} ({top:.4f} ± {table[names[0]][metric]['std']:.4f})")
     return "Best algorithm on " + "; ".join(parts) + "." if parts else ""
 
 

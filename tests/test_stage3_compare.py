@@ -51,6 +51,8 @@ def test_summary_rows_gains_best_and_verdicts():
 def test_best_line_skips_a_metric_no_algorithm_has():
     table = {"ppo": {"hr@10": {"mean": 0.3, "std": 0.01}}}
     assert best_line(table, ["ppo"]) == "Best algorithm on hr@10: ppo (0.3000 ± 0.0100)."
+    tied = {name: {"hr@10": {"mean": 0.07, "std": 0.0, "n": 1}} for name in ("ppo", "dpo")}
+    assert best_line(tied, ["ppo", "dpo"]) == "Best algorithm on hr@10: tie between ppo, dpo (0.0700 ± 0.0000)."
 
 
 def test_done_facts_rate_and_optional_kl(tmp_path):
