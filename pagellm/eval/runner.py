@@ -335,10 +335,9 @@ def run_eval_stage(cfg: Config, run_dir: Path, split: str = "test", log=print) -
     stage3 = [name for name in lists if name in STAGE3_ALGORITHMS]
     if cfg.eval.kl_samples and stage3 and "sft" in lists:
         from pagellm.eval.divergence import kl_to_reference
-        from pagellm.models.policy import load_policy
-        from pagellm.vocab import PromptEncoder
+        from pagellm.vocab import PromptEncoder, load_tokenizer
 
-        _, tokenizer, layout = load_policy(run_dir / "sft", trainable=False)
+        tokenizer, layout = load_tokenizer(run_dir / "sft")  # prompts only: no model needed here
         encoder, n = PromptEncoder(tokenizer, layout), min(cfg.eval.kl_users, len(es.prompts))
         prompts = [encoder.encode_prompt(int(u), p) for u, p in zip(es.user_index[:n], es.prompts[:n])]
         for name in stage3:

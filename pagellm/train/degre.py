@@ -337,10 +337,9 @@ def _distill_loop(config: dict) -> None:
 def run_degre_stage(cfg: Config, run_dir: Path, log=print) -> dict:
     """Evaluator, mining, distillation and publishing (module doc); returns DONE's summary."""
     from pagellm.eval.probe import val_metric
-    from pagellm.models.policy import load_policy
     from pagellm.train.harness import HF_SUBDIR, fit
     from pagellm.train.stage3_publish import publish_epochs, sft_probe_score
-    from pagellm.vocab import PromptEncoder
+    from pagellm.vocab import PromptEncoder, load_tokenizer
 
     if not (run_dir / "sft" / "metrics.json").exists():
         raise FileNotFoundError(f"{run_dir}/sft not found: run `pagellm sft --run {run_dir}` first")
@@ -352,8 +351,7 @@ def run_degre_stage(cfg: Config, run_dir: Path, log=print) -> dict:
         log(f"[degre] evaluator: reusing {evaluator_metrics.parent}")
         ev = json.loads(evaluator_metrics.read_text())
     else:
-        _, tokenizer, layout = load_policy(run_dir / "sft", trainable=False)
-        ev = fit_evaluator(cfg, run_dir, PromptEncoder(tokenizer, layout), log)
+        ev = fit_evaluator(cfg, run_dir, PromptEncoder(*load_tokenizer(run_dir / "sft")), log)
     mined_info = out / "mined.json"
     if mined_info.exists() and (out / MINED_FILE).exists():
         log(f"[degre] mining: reusing {out / MINED_FILE}")
