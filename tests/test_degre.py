@@ -8,8 +8,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from served_page import assert_serves_its_stage3_policy
 
-from pagellm.config import load_config, save_config
+from pagellm.config import load_config
 from pagellm.data.pipeline import run_data_stage
 from pagellm.models.beam_mining import mine_pages
 from pagellm.models.lookahead import (
@@ -142,8 +143,6 @@ def test_degre_stage_publishes_a_distilled_policy_that_serve_reads(run_template,
 
     from safetensors.torch import load_file
 
-    from pagellm.serve.engine import PageEngine, find_policy
-    from pagellm.serve.schemas import PageRequest, parse_request
     from pagellm.train.degre import run_degre_stage
 
     run_dir = tmp_path / "run"
@@ -169,12 +168,4 @@ def test_degre_stage_publishes_a_distilled_policy_that_serve_reads(run_template,
     run_degre_stage(cfg, run_dir, log=lines.append)
     assert any("evaluator: reusing" in line for line in lines) and any("mining: reusing" in line for line in lines)
 
-    save_config(cfg, run_dir / "config.yaml")
-    assert find_policy(run_dir) == ("degre", out)
-    engine = PageEngine.load(run_dir, cfg, device="cpu")
-    request = parse_request(PageRequest, json.dumps({"user_id": engine.vocab.user_ids[0],
-                                                     "history": engine.vocab.item_ids[:3], "k": 5}),
-                            max_k=50, max_history=200)
-    page = engine.page(request)
-    assert page.fallback is None and len(page.item_ids) == 5 == len(set(page.item_ids))
-    assert not set(page.item_ids) & set(engine.vocab.item_ids[:3])
+    assert_serves_its_stage3_policy(run_dir, cfg, "degre")

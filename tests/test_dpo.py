@@ -8,8 +8,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from served_page import assert_serves_its_stage3_policy
 
-from pagellm.config import load_config, save_config
+from pagellm.config import load_config
 from pagellm.data.pipeline import run_data_stage
 from pagellm.models.decoding import constrained_logprobs
 from pagellm.models.policy import build_policy, load_policy, save_policy
@@ -150,8 +151,6 @@ def test_on_policy_pairs_are_the_best_and_worst_sampled_pages(run_template, tmp_
 def test_dpo_stage_publishes_a_policy_that_serve_reads(run_template, tmp_path):
     from safetensors.torch import load_file
 
-    from pagellm.serve.engine import PageEngine, find_policy
-    from pagellm.serve.schemas import PageRequest, parse_request
     from pagellm.train.dpo import run_dpo_stage
 
     run_dir = fresh_copy(run_template, tmp_path)
@@ -175,12 +174,4 @@ def test_dpo_stage_publishes_a_policy_that_serve_reads(run_template, tmp_path):
     assert dpo_w.keys() == sft_w.keys() and any(not torch.equal(dpo_w[k], sft_w[k]) for k in dpo_w)
 
     # `pagellm serve` finds it by the run config's algorithm and writes pages from it.
-    save_config(cfg, run_dir / "config.yaml")
-    assert find_policy(run_dir) == ("dpo", out)
-    engine = PageEngine.load(run_dir, cfg, device="cpu")
-    request = parse_request(PageRequest, json.dumps({"user_id": engine.vocab.user_ids[0],
-                                                     "history": engine.vocab.item_ids[:3], "k": 5}),
-                            max_k=50, max_history=200)
-    page = engine.page(request)
-    assert page.fallback is None and len(page.item_ids) == 5 == len(set(page.item_ids))
-    assert not set(page.item_ids) & set(engine.vocab.item_ids[:3])
+    assert_serves_its_stage3_policy(run_dir, cfg, "dpo")
