@@ -80,8 +80,10 @@ class LearnerActor:
         self.trained_ids: list[int] = []
         # Validation picks what is published (stage3.publish=best_val): the SFT policy's own
         # score is the bar (step 0), so stage 3 never publishes a policy worse on validation.
+        # Scored on the stage-3 half of the validation users: SFT picked its epoch on the other
+        # half, so its score here is not inflated by that pick (pagellm/eval/probe.py).
         self.probe = RankingProbe.from_data(Path(data_dir), PromptEncoder(self.tokenizer, self.layout),
-                                            self.cfg.data.page_len, self.cfg.sft.val_users)
+                                            self.cfg.data.page_len, self.cfg.sft.val_users, part="stage3")
         # Step 0 (the SFT weights) is scored before the first update, not here: a resumed
         # learner restores the history instead and would throw this probe away.
         self.val_history: list[dict] = []

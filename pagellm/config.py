@@ -139,6 +139,8 @@ class ProbedTraining(TrainCommon):
     (pagellm/eval/probe.py: greedy, constrained, as eval does); their NDCG@10 picks the
     published checkpoint and stops training early."""
 
+    # Users per probe half: SFT and stage 3 each score on their own half of the validation
+    # users (pagellm/eval/probe.py), so a half holds all of them only up to 2 × val_users.
     val_users: int = Field(2000, ge=1)
     patience: int = Field(3, ge=1)  # epochs without a better validation NDCG@10 before stopping
 

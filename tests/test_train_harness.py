@@ -300,3 +300,23 @@ def test_progress_line():
     line = format_progress("sft", 2, 10, 140, 700, {"loss": 2.3141}, rate=12.3)
     assert line == "[sft] epoch 2/10 step 140/700 loss 2.314 12.3 it/s eta 0:45"
     assert format_progress("rm", 1, 1, 0, 5, {}) == "[rm] epoch 1/1 step 0/5"
+
+
+def test_in_worker_runs_in_a_process_that_exits_after(ray_local):
+    """A model loaded for one scoring call must not stay in the driver or in a reused worker."""
+    import os
+    import time
+
+    import psutil
+
+    from pagellm.train.harness import in_worker
+
+    # A lambda travels by value: this test module is not importable in a worker.
+    pid = lambda: __import__("os").getpid()  # noqa: E731
+    first, second = in_worker(pid), in_worker(pid)
+    assert os.getpid() not in (first, second)
+    assert first != second  # not a reused worker
+    deadline = time.time() + 30
+    while psutil.pid_exists(first) and psutil.Process(first).status() != psutil.STATUS_ZOMBIE and time.time() < deadline:
+        time.sleep(0.2)
+    assert not psutil.pid_exists(first) or psutil.Process(first).status() == psutil.STATUS_ZOMBIE

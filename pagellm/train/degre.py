@@ -318,7 +318,8 @@ def _distill_loop(config: dict) -> None:
     rows = page_rows(encoder, mined["user_index"], mined["prompt"], mined["page"], 0.0, cfg.seed)
     data = TokenRows([MinedRow(r, float(w), [list(s) for s in p], [list(s) for s in q])
                       for r, w, p, q in zip(rows, mined["weight"], mined["proposals"], mined["soft"])])
-    probe = RankingProbe.from_data(run_dir / "data", encoder, cfg.data.page_len, train_cfg.val_users)
+    probe = RankingProbe.from_data(run_dir / "data", encoder, cfg.data.page_len, train_cfg.val_users,
+                                  part="stage3")
     mbs = micro_batch_size(train_cfg.batch_size, dist.get_world_size())
     pad = partial(collate_mined, pad_id=layout.pad_id, anchor=prompt_anchor(model), width=train_cfg.expand)
     loader = distributed_loader(data, mbs, shuffle=True, seed=cfg.seed, collate_fn=pad)

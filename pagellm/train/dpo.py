@@ -64,7 +64,8 @@ def _train_loop(config: dict) -> None:
     model, tokenizer, layout = load_policy(config["init_dir"], cfg.model, trainable=True)
     _no_dropout(model)
     encoder = PromptEncoder(tokenizer, layout)
-    probe = RankingProbe.from_data(Path(config["data_dir"]), encoder, cfg.data.page_len, train_cfg.val_users)
+    probe = RankingProbe.from_data(Path(config["data_dir"]), encoder, cfg.data.page_len, train_cfg.val_users,
+                                  part="stage3")
     pairs = pd.read_parquet(config["pairs_path"]).to_dict("records")
     pad = partial(collate, pad_id=layout.pad_id, anchor=prompt_anchor(model))
     loader = distributed_loader(TokenRows(pairs), micro_batch_size(train_cfg.batch_size, dist.get_world_size()),

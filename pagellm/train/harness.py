@@ -86,6 +86,19 @@ class FitResult:
         return f"{self.checkpoint_path}/{HF_SUBDIR}" if self.checkpoint_path else None
 
 
+def in_worker(fn: Callable[..., Any], *args, gpus: float = 0) -> Any:
+    """fn(*args) in a Ray worker process that exits when it returns (driver side).
+
+    For a model a stage loads only to score something after training: in the driver its
+    memory would outlive the call, because the allocator keeps a freed heap. A 1B reward
+    model's held-out scores left ~6.5 GB in the driver that way, enough to push PPO's three
+    1B actors past 24 GiB (docs/BENCHMARKS.md, "Llama-3.2-1B scale")."""
+    import ray
+
+    task = ray.remote(num_cpus=1, num_gpus=gpus, max_calls=1)(fn)
+    return ray.get(task.remote(*args))
+
+
 def _storage_path(run_dir: str | Path) -> str:
     text = str(run_dir)
     if "://" in text:  # a URI (s3://, gs://): Ray Train writes there through pyarrow

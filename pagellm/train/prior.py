@@ -16,6 +16,7 @@ import pandas as pd
 import torch
 
 from pagellm.models.page_prior import PagePrior, fit_page_prior, standardise
+from pagellm.train.harness import in_worker
 
 BATCH = 256  # prompts per forward pass of the SFT policy
 
@@ -59,8 +60,10 @@ def run_prior_fit(run_dir: Path, pairs: pd.DataFrame, val: np.ndarray, log=print
     chosen = [list(map(int, p)) for p in pairs["chosen"]]
     rejected = [list(map(int, p)) for p in pairs["rejected"]]
     width = max(max(map(len, chosen)), max(map(len, rejected)))
-    z_chosen, z_rejected = prompt_preferences(run_dir / "sft", pairs["user_index"].astype(int).tolist(),
-                                              [list(map(int, p)) for p in pairs["prompt"]], [chosen, rejected], width)
+    # The SFT policy is loaded in a worker that exits after, not in the driver (harness.in_worker).
+    z_chosen, z_rejected = in_worker(prompt_preferences, (run_dir / "sft").resolve(),
+                                     pairs["user_index"].astype(int).tolist(),
+                                     [list(map(int, p)) for p in pairs["prompt"]], [chosen, rejected], width)
     train = np.flatnonzero(~val)
     a, b, c = fit_page_prior(z_chosen[train], [chosen[i] for i in train], z_rejected[train],
                              [rejected[i] for i in train], quality, item_cat)

@@ -258,9 +258,7 @@ def write_report(metrics: dict, path: Path) -> None:
 
 def run_reward_stage(cfg: Config, run_dir: Path, log=print) -> dict:
     """Train (or resume) the reward model; writes <run>/reward/ and its metrics."""
-    import ray
-
-    from pagellm.train.harness import fit
+    from pagellm.train.harness import fit, in_worker
 
     run_dir = Path(run_dir)
     data_dir, sft_dir, out_dir = run_dir / "data", run_dir / "sft", run_dir / "reward"
@@ -286,11 +284,9 @@ def run_reward_stage(cfg: Config, run_dir: Path, log=print) -> dict:
     publish_dir(Path(result.best_checkpoint_path) / "hf", out_dir)
 
     held_out = pairs[val].reset_index(drop=True)
-    if rc.use_gpu:  # where the model was trained: the driver may have no GPU
-        task = ray.remote(num_cpus=1, num_gpus=1)(heldout_scores)
-        scores = ray.get(task.remote(str(out_dir.resolve()), held_out, "cuda", rc.batch_size))
-    else:  # a CPU model scores as fast here as in a task, without a fresh process to start
-        scores = heldout_scores(str(out_dir), held_out, "cpu", rc.batch_size)
+    # Where the model was trained (the driver may have no GPU), in a process that exits after.
+    scores = in_worker(heldout_scores, str(out_dir.resolve()), held_out, "cuda" if rc.use_gpu else "cpu",
+                       rc.batch_size, gpus=int(rc.use_gpu))
     history = result.history
     best = max(history, key=lambda r: r.get("val_loglik", float("-inf"))) if history else {}
     metrics = {

@@ -259,7 +259,7 @@ def _train_loop(config: dict) -> None:
         model, tokenizer, layout = build_policy(cfg.model, vocab, seed=cfg.seed)
     encoder = PromptEncoder(tokenizer, layout)
     evals = pd.read_parquet(data_dir / "eval.parquet")
-    probe = RankingProbe.from_data(data_dir, encoder, cfg.data.page_len, train_cfg.val_users)
+    probe = RankingProbe.from_data(data_dir, encoder, cfg.data.page_len, train_cfg.val_users, part="sft")
     # The validation loss is taken on the probe's users too: one sample, and on large data
     # a small share of an epoch's compute.
     val = evals[evals["user_index"].isin(probe.users)]

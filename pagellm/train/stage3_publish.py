@@ -21,13 +21,22 @@ from pagellm.runfolder import write_json
 
 def sft_probe_score(cfg: Config, run_dir: Path, val_users: int) -> dict[str, float]:
     """The SFT policy's validation record as the stage's own epochs are scored: the same
-    probe (its `val_users` sample), so epoch 0 and epoch n are compared on the same users."""
+    probe (its `val_users` sample of the stage-3 half), so epoch 0 and epoch n are compared
+    on the same users, none of which SFT selected its epoch on. Scored in a worker that
+    exits after (harness.in_worker), so the driver does not keep the policy's memory."""
+    from pagellm.train.harness import in_worker
+
+    return in_worker(_probe_sft, Path(run_dir).resolve(), cfg.data.page_len, val_users)
+
+
+def _probe_sft(run_dir: Path, page_len: int, val_users: int) -> dict[str, float]:
     from pagellm.models.policy import load_policy
     from pagellm.vocab import PromptEncoder
 
     model, tokenizer, layout = load_policy(run_dir / "sft", trainable=False)
     model.eval()
-    probe = RankingProbe.from_data(run_dir / "data", PromptEncoder(tokenizer, layout), cfg.data.page_len, val_users)
+    probe = RankingProbe.from_data(run_dir / "data", PromptEncoder(tokenizer, layout), page_len, val_users,
+                                  part="stage3")
     with torch.inference_mode():
         return {f"val_{k}": v for k, v in probe(model, layout).items()}
 
