@@ -218,8 +218,13 @@ class PPORun:
         return selection
 
     def shutdown(self) -> None:
-        for actor in [self.learner, self.broker, *self.rollouts, *self.rewarders]:
-            self.ray.kill(actor)
+        """Kill every actor of the run (before publishing, and again on the way out: the
+        second call finds none)."""
+        actors = [self.learner, self.broker, *self.rollouts, *self.rewarders]
+        self.learner, self.broker, self.rollouts, self.rewarders = None, None, [], []
+        for actor in actors:
+            if actor is not None:
+                self.ray.kill(actor)
 
 
 def run_ppo_stage(cfg: Config, run_dir: Path, log=print, stop_after: int | None = None) -> dict:
@@ -231,6 +236,11 @@ def run_ppo_stage(cfg: Config, run_dir: Path, log=print, stop_after: int | None 
     try:
         summary = run.train(stop_after)
         if summary["step"] >= cfg.ppo.steps:
+            # Publishing reads checkpoints from disk, and merges a LoRA policy in this process:
+            # free the actors first. At 1B on a 24 GiB box that merged copy next to the
+            # learner, rollout and reward actors is one copy too many (Ray's memory monitor
+            # killed the reward actor there, docs/BENCHMARKS.md "Llama-3.2-1B scale").
+            run.shutdown()
             chosen = run.finish()
             summary["seconds"] = round(time.perf_counter() - t0, 1)
             summary["published_step"] = chosen["published_step"]
