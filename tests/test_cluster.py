@@ -21,7 +21,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,6 +29,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from ports import free_ports
 from waiting import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -163,17 +163,8 @@ def _die_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _node_ports() -> list[str]:
-    """Every port a node opens, picked free, so nothing collides with other Ray instances."""
-    flags = ["--node-manager-port", "--object-manager-port", "--dashboard-agent-listen-port",
-             "--dashboard-agent-grpc-port", "--runtime-env-agent-port", "--metrics-export-port"]
-    return [arg for flag in flags for arg in (flag, str(_free_port()))]
+NODE_PORT_FLAGS = ("--node-manager-port", "--object-manager-port", "--dashboard-agent-listen-port",
+                   "--dashboard-agent-grpc-port", "--runtime-env-agent-port", "--metrics-export-port")
 
 
 class LoopbackCluster:
@@ -185,7 +176,11 @@ class LoopbackCluster:
         # cache, and one node's cleanup deletes the job's working dir under the other. Short,
         # because Ray's unix socket paths live under them and must stay under 108 bytes.
         self.temp_dirs = {name: Path(tempfile.mkdtemp(prefix="plr", dir="/tmp")) for name in ("head", "worker")}
-        self.gcs_port, self.dashboard_port = _free_port(), _free_port()
+        # Every port either node opens, picked at once so that none is picked twice.
+        ports = iter(free_ports(3 + 2 * len(NODE_PORT_FLAGS)))
+        self.gcs_port, self.dashboard_port, self.client_port = next(ports), next(ports), next(ports)
+        self.node_ports = {name: [arg for flag in NODE_PORT_FLAGS for arg in (flag, str(next(ports)))]
+                           for name in ("head", "worker")}
         self.address = f"http://127.0.0.1:{self.dashboard_port}"
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
         self.env.update(
@@ -205,14 +200,14 @@ class LoopbackCluster:
         with open(log, "w") as out:
             self.nodes.append(subprocess.Popen([RAY, "start", "--block", "--node-ip-address", "127.0.0.1",
                                                 "--num-cpus", "2", "--num-gpus", "0",
-                                                "--temp-dir", str(self.temp_dirs[name]), *args, *_node_ports()],
+                                                "--temp-dir", str(self.temp_dirs[name]), *args, *self.node_ports[name]],
                                                env=self.env, stdout=out, stderr=subprocess.STDOUT,
                                                start_new_session=True, preexec_fn=_die_with_parent))
 
     def start(self) -> None:
         self._start_node("head", ["--head", "--port", str(self.gcs_port), "--include-dashboard", "true",
                                   "--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.dashboard_port),
-                                  "--ray-client-server-port", str(_free_port()), "--disable-usage-stats"])
+                                  "--ray-client-server-port", str(self.client_port), "--disable-usage-stats"])
         self._wait(lambda: self.ray("job", "list", "--address", self.address, check=False).returncode == 0,
                    "the head's job server")
         self._start_node("worker", ["--address", f"127.0.0.1:{self.gcs_port}"])

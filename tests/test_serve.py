@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from pagellm.models.policy import build_policy, save_policy
 from pagellm.models.reward import reward_model_from_policy, save_reward_model
 from pagellm.serve.client import PageLLMError, get_page, score_page
 from pagellm.vocab import Vocab
+from ports import free_ports
 from waiting import RAY_NODE_START_TIMED_OUT, http_ok, wait_until
 
 pytestmark = pytest.mark.ray
@@ -28,12 +28,6 @@ pytestmark = pytest.mark.ray
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = ["data.simulator.users=40", "data.simulator.items=60", "data.simulator.categories=4",
          "data.simulator.interactions_per_user=20", "serve.max_k=20", "serve.max_history=30"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +51,7 @@ def served(ray_local, tmp_path_factory):
         (bare / part).parent.mkdir(parents=True, exist_ok=True)
         (bare / part).symlink_to(root / part)
 
-    port = _free_port()
+    (port,) = free_ports(1)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run_many([  # both replicas start in parallel
         serve.RunTarget(target=build_app(root, cfg), name="pagellm_test", route_prefix="/"),
@@ -295,13 +289,13 @@ def test_pagellm_serve_behind_haproxy_answers_pages(served, tmp_path):
     import sys
     import time
 
-    port = _free_port()
+    port, stats_port, metrics_port = free_ports(3)
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_SERVE_ENABLE_HA_PROXY")}
     env.update(RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S="0", PYTHONPATH=str(ROOT))
     # HAProxy's stats and metrics ports default to 8404 and 9101 on every interface: any other
     # HAProxy on the box (another run, or one a crashed Serve left behind) would make this
     # one fail to start. Free ports of its own keep the test independent of that.
-    env.update(RAY_SERVE_HAPROXY_STATS_PORT=str(_free_port()), RAY_SERVE_HAPROXY_METRICS_PORT=str(_free_port()))
+    env.update(RAY_SERVE_HAPROXY_STATS_PORT=str(stats_port), RAY_SERVE_HAPROXY_METRICS_PORT=str(metrics_port))
     log = tmp_path / "serve.log"
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 240
