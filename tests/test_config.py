@@ -88,6 +88,7 @@ def test_a_hits_only_reward_trains_no_reward_model():
      (["stage3.algorithm=grpo"], "jobs.ppo", "grpo", True),
      (["stage3.algorithm=dpo"], "jobs.dpo", "dpo", False),  # offline pairs: no reward model
      (["stage3.algorithm=dpo", "dpo.on_policy=true"], "jobs.dpo", "dpo", True),
+     (["stage3.algorithm=dpo", "dpo.on_policy=true", "dpo.ranker=next_item"], "jobs.dpo", "dpo", False),
      (["stage3.algorithm=degre"], "jobs.degre", "degre", False)],
 )
 def test_stage3_algorithm_picks_the_module_the_folder_and_whether_a_reward_model_is_trained(

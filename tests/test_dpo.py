@@ -16,7 +16,7 @@ from pagellm.models.decoding import constrained_logprobs
 from pagellm.models.policy import build_policy, load_policy, save_policy
 from pagellm.models.positions import prompt_anchor
 from pagellm.train.dpo_loss import dpo_loss, page_logprobs
-from pagellm.train.dpo_pairs import best_and_worst, build_pairs, reference_logprobs
+from pagellm.train.dpo_pairs import best_and_worst, build_pairs, ranking_page, reference_logprobs
 from pagellm.train.sft import collate, page_rows
 from pagellm.vocab import PromptEncoder, Vocab
 
@@ -54,6 +54,14 @@ def test_dpo_loss_by_hand():
 def test_best_and_worst_and_ties():
     best, worst, tie = best_and_worst(np.array([[0.1, 0.5, -1.0], [2.0, 2.0, 2.0]]))
     assert best.tolist() == [1, 0] and worst.tolist() == [2, 0] and tie.tolist() == [False, True]
+
+
+def test_ranking_page_is_the_best_unseen_items_best_first():
+    scores = np.log(np.array([0.05, 0.30, 0.10, 0.30, 0.20, 0.05]))
+    # Item 3 is excluded; 1 before 4 before 2; the tie of 0 and 5 goes to the lower index.
+    assert ranking_page(scores, {3}, 4) == [1, 4, 2, 0]
+    assert ranking_page(scores, set(), 2) == [1, 3]  # equal scores: lower index first
+    assert ranking_page(scores, {0, 1, 2, 3}, 5) == [4, 5]  # fewer unseen items than k
 
 
 @pytest.mark.parametrize("positions", ["start", "prompt_end"])
@@ -146,6 +154,37 @@ def test_on_policy_pairs_are_the_best_and_worst_sampled_pages(run_template, tmp_
     lines = []
     build_pairs(cfg, run_dir, log=lines.append)
     assert lines and lines[0].startswith("[dpo] reusing")
+
+
+def test_next_item_pairs_are_the_ranking_top_against_the_written_page(run_template, tmp_path):
+    """dpo.ranker=next_item: chosen = the top page_len of the SFT policy's own first-position
+    scores with the history excluded, rejected = its greedy page; no reward model needed."""
+    from pagellm.models.decoding import first_item_scores, generate_pages
+
+    run_dir = fresh_copy(run_template, tmp_path)
+    assert not (run_dir / "reward").exists()
+    cfg = load_config(None, SMALL + ["dpo.on_policy=true", "dpo.ranker=next_item"])
+    path, stats = build_pairs(cfg, run_dir, **QUIET)
+    pairs = pd.read_parquet(path)
+    evals = pd.read_parquet(run_dir / "data" / "eval.parquet")
+    assert stats["pages_generated"] == len(evals)
+    assert len(pairs) + stats["ties_skipped"] + stats["dropped"] == len(evals) and len(pairs) > 0
+    model, tok, layout = load_policy(run_dir / "sft", trainable=False)
+    model.eval()
+    enc = PromptEncoder(tok, layout)
+    history = dict(zip(evals["user_index"], evals["train_items"]))
+    for user, prompt, chosen, rejected, mass_c, mass_r in pairs[
+            ["user_index", "prompt", "chosen", "rejected", "score_chosen", "score_rejected"]].itertuples(index=False):
+        ids = [enc.encode_prompt(int(user), list(prompt))]
+        seen = {int(i) for i in history[user]}
+        with torch.no_grad():
+            scores = first_item_scores(model, layout, ids)[0].double().numpy()
+            greedy = generate_pages(model, layout, ids, k=cfg.data.page_len, exclude=[seen]).items[0]
+        scores[sorted(seen)] = -np.inf
+        top = np.argsort(-scores, kind="stable")[: cfg.data.page_len]
+        assert list(chosen) == top.tolist() and list(rejected) == list(greedy)
+        # The ranking's top holds at least as much next-item probability as any page.
+        assert mass_c >= mass_r - 1e-9 and mass_c == pytest.approx(np.exp(scores[top]).sum())
 
 
 def test_dpo_stage_publishes_a_policy_that_serve_reads(run_template, tmp_path):

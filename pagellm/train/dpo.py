@@ -101,7 +101,7 @@ def run_dpo_stage(cfg: Config, run_dir: Path, log=print) -> dict:
     sft_dir, data_dir = run_dir / "sft", run_dir / "data"
     if not (sft_dir / LAYOUT_FILE).exists():
         raise FileNotFoundError(f"{sft_dir}: no SFT policy; run `pagellm sft --run {run_dir}` first")
-    if cfg.dpo.on_policy and not (run_dir / "reward").is_dir():
+    if cfg.uses_reward_model() and not (run_dir / "reward").is_dir():
         raise FileNotFoundError(f"{run_dir}/reward not found: on-policy DPO ranks sampled pages with the reward "
                                 f"stage's output; run `pagellm reward --run {run_dir}` first")
     pairs_path, stats = build_pairs(cfg, run_dir, log)

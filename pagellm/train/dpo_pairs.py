@@ -5,7 +5,12 @@ On-policy pairs come from the SFT policy itself: for each user's latest training
 (PPO's `latest` prompts, pagellm/rl/prompts.py) it samples `dpo.samples_per_prompt` pages
 with the user's training history excluded, the ranker (`dpo.ranker`: the stage-2 reward
 R = R_c + R_f, or the page prior) scores them, and the best becomes chosen, the worst
-rejected. Either way the frozen SFT policy scores every chosen and rejected page once,
+rejected. With `dpo.ranker: next_item` the chosen page is instead the top `page_len` of the
+policy's own next-item ranking (its first-position item log-probs, history excluded), and
+the rejected one the page it writes greedily for the same prompt: on every real dataset the
+written page hits the held-out next item less often than that ranking does
+(docs/BENCHMARKS.md), and this pair teaches the writer what its ranking already holds.
+Either way the frozen SFT policy scores every chosen and rejected page once,
 here (`page_logprobs`, the likelihood the training loss uses), so the Ray Train workers
 hold one model, the policy. The result lands in `<run>/dpo/pairs.parquet` with a
 `pairs.json` saying how it was built; a resumed run with the same settings reuses it.
@@ -88,14 +93,56 @@ def make_ranker(cfg: Config, run_dir: Path, model, layout):
                                               item_cat).astype(np.float64)
 
 
+def ranking_page(scores: np.ndarray, exclude: set[int], k: int) -> list[int]:
+    """The k best items of one prompt's [n_items] next-item scores, best first, never one of
+    `exclude` (ties broken by item index, so the page is deterministic)."""
+    scores = np.array(scores, dtype=np.float64, copy=True)
+    if exclude:
+        scores[sorted(exclude)] = -np.inf
+    order = np.lexsort((np.arange(len(scores)), -scores))[:k]
+    return [int(i) for i in order if np.isfinite(scores[i])]
+
+
+def next_item_pairs(cfg: Config, model, tokenizer, layout, rows, log=print) -> tuple[pd.DataFrame, dict]:
+    """`dpo.ranker: next_item` (module doc): per prompt, chosen = the ranking page, rejected =
+    the greedy page; a prompt whose two pages are the same list is a tie and skipped."""
+    from pagellm.models.decoding import first_item_scores, generate_pages
+
+    encoder = PromptEncoder(tokenizer, layout)
+    k = cfg.data.page_len
+    log(f"[dpo] {len(rows):,} training prompts: the top {k} of the SFT policy's next-item ranking "
+        f"against the page it writes greedily")
+    out, ties = [], 0
+    for a in range(0, len(rows), _BATCH):
+        batch = rows[a : a + _BATCH]
+        ids = [encoder.encode_prompt(user, prompt) for user, prompt, _, _ in batch]
+        with torch.inference_mode():
+            written = generate_pages(model, layout, ids, k=k, mode="greedy", exclude=[r[2] for r in batch]).items
+            scores = first_item_scores(model, layout, ids).double().cpu().numpy()
+        for (user, prompt, banned, _), row_scores, greedy in zip(batch, scores, written):
+            ranked = ranking_page(row_scores, set(banned), k)
+            if ranked == list(greedy):
+                ties += 1
+                continue
+            mass = lambda page: float(np.exp(row_scores[page]).sum())  # noqa: E731 - expected hits under the ranking
+            out.append((user, ON_POLICY, prompt, ranked, list(greedy), mass(ranked), mass(list(greedy))))
+    pairs = pd.DataFrame(out, columns=["user_index", "family", "prompt", "chosen", "rejected", "score_chosen",
+                                       "score_rejected"])
+    stats = {"pages_generated": len(rows), "ties_skipped": ties}
+    log(f"[dpo] {len(pairs):,} pairs ({ties:,} prompt(s) skipped: the written page already is the ranking's top)")
+    return pairs, stats
+
+
 def sample_pairs(cfg: Config, run_dir: Path, model, tokenizer, layout, log=print) -> tuple[pd.DataFrame, dict]:
     """On-policy pairs (module doc) and {pages_generated, ties_skipped}."""
     from pagellm.models.decoding import generate_pages
 
     from pagellm.rl.prompts import prompt_rows
 
-    encoder = PromptEncoder(tokenizer, layout)
     latest = prompt_rows(cfg, run_dir, "latest")
+    if cfg.dpo.ranker == "next_item":
+        return next_item_pairs(cfg, model, tokenizer, layout, latest, log)
+    encoder = PromptEncoder(tokenizer, layout)
     users, prompts, exclude = ([r[i] for r in latest] for i in range(3))
     samples = cfg.dpo.samples_per_prompt
     rank = make_ranker(cfg, run_dir, model, layout)
@@ -146,8 +193,10 @@ def reference_logprobs(model, tokenizer, layout, pairs: pd.DataFrame) -> tuple[n
 def pair_settings(cfg: Config) -> dict:
     """What the pairs depend on: a saved pairs file built otherwise is rebuilt."""
     if cfg.dpo.on_policy:
-        return {"on_policy": True, "ranker": cfg.dpo.ranker, "samples_per_prompt": cfg.dpo.samples_per_prompt,
-                "seed": cfg.seed, "page_len": cfg.data.page_len}
+        settings = {"on_policy": True, "ranker": cfg.dpo.ranker, "seed": cfg.seed, "page_len": cfg.data.page_len}
+        if cfg.dpo.ranker != "next_item":  # the next-item pairs sample nothing
+            settings["samples_per_prompt"] = cfg.dpo.samples_per_prompt
+        return settings
     return {"on_policy": False, "families": cfg.dpo.families}
 
 

@@ -1,0 +1,217 @@
+"""The data, model, SFT, reward, evaluation and serving sections of the config tree."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from pagellm.config.base import Strict, one_of
+from pagellm.eval.baselines.params import BASELINE_PARAMS, BASELINES
+
+
+class SimulatorConfig(Strict):
+    users: int = Field(400, ge=2)
+    items: int = Field(300, ge=10)
+    categories: int = Field(12, ge=1)
+    latent_dim: int = Field(8, ge=1)
+    interactions_per_user: int = Field(40, ge=5)
+    taste_drift: float = Field(0.05, ge=0.0)
+    rating_noise: float = Field(0.5, ge=0.0)
+    popularity_exponent: float = Field(1.0, ge=0.0)
+    satiation: float = Field(0.5, ge=0.0, le=1.0)
+
+
+class DataConfig(Strict):
+    source: Literal["simulator", "amazon", "movielens", "sequence", "csv", "parquet"] = "simulator"
+    path: str | None = None
+    items_path: str | None = None
+    # Generic CSV/Parquet: canonical name -> column name in the file.
+    columns: dict[str, str] = Field(default_factory=dict)
+    # Valid rating range; None takes the reader's own (MovieLens 0.5-5, Amazon 1-5).
+    rating_scale: tuple[float, float] | None = None
+    positive_threshold: float = 3.0  # positive: rating > this
+    negative_threshold: float = 3.0  # non-preferred: rating < this
+    kcore: int = Field(0, ge=0)  # min interactions per user and per item; 0 = off
+    split: Literal["chrono", "random", "leave_one_out"] = "chrono"
+    split_ratios: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    history_len: int = Field(20, ge=1)
+    page_len: int = Field(10, ge=2)
+    category_cap: float = Field(0.4, gt=0.0, le=1.0)
+    # Order of the golden page: "rating" (the paper: rating, then item mean rating) or
+    # "time" (the order the user went on to interact in; what next-item protocols such as
+    # leave-one-out reward on implicit feedback, where ratings are all alike).
+    page_order: Literal["rating", "time"] = "rating"
+    # Which label of an item's category path feeds diversity: "leaf", "top" or an index.
+    category_level: str = "leaf"
+    ranking_swaps: int = Field(2, ge=1)
+    # Rating-graded reward pairs (family "rating", pagellm/data/pages.py::rating_pair): the
+    # higher- vs lower-rated half of a window of the user's own positives, when their mean
+    # ratings differ by at least rating_gap. Needs explicit ratings.
+    rating_pairs: bool = False
+    rating_gap: float = Field(1.0, gt=0.0)
+    sft_windows: int = Field(1, ge=1)  # SFT rows per user (earlier cut points of the history)
+    max_users: int | None = None
+    simulator: SimulatorConfig = Field(default_factory=SimulatorConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> "DataConfig":
+        if abs(sum(self.split_ratios) - 1.0) > 1e-6:
+            raise ValueError(f"data.split_ratios must sum to 1, got {self.split_ratios}")
+        if self.source != "simulator" and not self.path:
+            raise ValueError(f"data.path is required for data.source={self.source!r}")
+        return self
+
+
+class LoraConfig(Strict):
+    enabled: bool = False
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] | str = "all-linear"
+
+
+class ModelConfig(Strict):
+    # A hub name, a local directory, or "config" for random init from `arch` + `init`.
+    name: str = "config"
+    arch: Literal["gpt2", "llama"] = "gpt2"
+    # Config fields for random init (e.g. n_layer, n_embd); merged over the arch defaults.
+    init: dict[str, Any] = Field(default_factory=dict)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # Put the user's own token in the prompt. Off, the prompt is the history alone: on
+    # sparse (5-core) data most user tokens are seen in a handful of rows and learn noise.
+    # The token rows stay in the vocabulary either way (the loss never scores them).
+    user_tokens: bool = True
+    # Where position ids start (pagellm/models/positions.py): "prompt_end" anchors the end of
+    # the prompt at half the context, so a learned position means "how recent".
+    positions: Literal["start", "prompt_end"] = "start"
+
+
+class TrainCommon(Strict):
+    epochs: int = Field(1, ge=0)
+    lr: float = Field(1e-4, gt=0)
+    batch_size: int = Field(32, ge=1)
+    weight_decay: float = 0.0
+    warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0)
+    grad_clip: float = 1.0
+    workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    zero_stage: int = Field(0, ge=0, le=3)
+    log_every: int = Field(20, ge=1)
+
+
+class ProbedTraining(TrainCommon):
+    """A Ray Train stage whose epochs are scored by writing pages for validation users
+    (pagellm/eval/probe.py: greedy, constrained, as eval does); their NDCG@10 picks the
+    published checkpoint and stops training early."""
+
+    # Users per probe half: SFT and stage 3 each score on their own half of the validation
+    # users (pagellm/eval/probe.py), so a half holds all of them only up to 2 × val_users.
+    val_users: int = Field(2000, ge=1)
+    patience: int = Field(3, ge=1)  # epochs without a better validation NDCG@10 before stopping
+
+
+class SFTConfig(ProbedTraining):
+    epochs: int = 10
+    lr: float = 2e-5
+    meta_epochs: int = Field(0, ge=0)  # next-item pre-training on whole training histories
+    meta_lr: float = 5e-5
+    meta_history: int = Field(50, ge=2)  # the last this-many training positives per meta row
+    user_dropout: float = Field(0.1, ge=0.0, le=1.0)  # share of rows repeated without the user token
+    # Softmax over item tokens only at item positions (SASRec's cross-entropy over items),
+    # with the page's constraints (items already on the page or in the prompt masked) in the
+    # page phase; false = cross-entropy over the whole vocabulary, the plain LM loss.
+    item_loss: bool = True
+    # Page-phase target at each position: "sequence" = the golden page's next item (teacher
+    # forcing), "set" = any golden item not yet placed (log of their summed probability),
+    # so the order of the page is the model's own confidence.
+    page_loss: Literal["sequence", "set"] = "sequence"
+
+
+class RewardConfig(TrainCommon):
+    epochs: int = 5
+    lr: float = 1e-5
+    batch_size: int = 64
+    heads: Literal["sum", "coarse", "fine"] = "sum"
+    val_fraction: float = Field(0.1, gt=0.0, lt=1.0)
+    patience: int = Field(2, ge=1)
+    # The heads start from scratch on a trained backbone: they learn at lr x this.
+    head_lr_mult: float = Field(10.0, gt=0.0)
+    # The fine head's r_k adds the backbone's own logit for item k (pagellm/models/reward.py);
+    # false leaves it out, so R cannot reward "what the SFT policy would write" as such.
+    logit_term: bool = True
+    # Also fit the page prior (pagellm/models/page_prior.py: SFT preference, item quality and
+    # a category discount, three parameters, Bradley-Terry on the same pairs); cheap.
+    page_prior: bool = True
+
+
+class EvalConfig(Strict):
+    """The page a model is judged on is `data.page_len` items long (the first items of its
+    `list_len`-item list); there is no separate evaluation page length."""
+
+    list_len: int = Field(100, ge=10)
+    exclude_history: bool = True
+    max_users: int | None = None
+    batch_size: int = 64
+    baselines: list[Annotated[str, one_of("baseline", BASELINES)]] = Field(
+        default_factory=lambda: ["popularity", "sasrec"])
+    sasrec: dict[str, Any] = Field(default_factory=dict)  # overrides of SASRec's defaults
+    # On the simulator: pages sampled per user from the SFT policy to measure how well the
+    # reward tracks true utility (the `reward_fidelity` block, pagellm/eval/fidelity.py); 0 = off.
+    fidelity_samples: int = Field(8, ge=0)
+    # Pages sampled per user (of the first kl_users) from each stage-3 policy to measure its
+    # KL to the SFT policy (pagellm/eval/divergence.py), the same way for every algorithm; 0 = off.
+    kl_samples: int = Field(4, ge=0)
+    kl_users: int = Field(500, ge=1)
+    # HR@k% (docs METRICS.md): random pages per user each model's page is ranked against.
+    # METRICS.md's definition uses 10,000; the default trades that for evaluation time (the
+    # judge values users x N pages). 0 = off.
+    hr_pct_pages: int = Field(1000, ge=0)
+
+    @field_validator("hr_pct_pages")
+    @classmethod
+    def _enough_for_one_percent(cls, n: int) -> int:
+        if 0 < n < 100:
+            raise ValueError(f"HR@1% needs at least 100 random pages per user, got {n}; use 0 to turn it off")
+        return n
+
+    @field_validator("fidelity_samples")
+    @classmethod
+    def _two_or_none(cls, n: int) -> int:
+        if n == 1:
+            raise ValueError("a within-user correlation needs at least 2 samples per user; use 0 to turn it off")
+        return n
+
+    @field_validator("baselines")
+    @classmethod
+    def _distinct(cls, names: list[str]) -> list[str]:
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"baselines listed more than once: {', '.join(twice)}")
+        return names
+
+    @field_validator("sasrec")
+    @classmethod
+    def _known_sasrec_params(cls, params: dict[str, Any]) -> dict[str, Any]:
+        unknown = sorted(set(params) - set(BASELINE_PARAMS["sasrec"]))
+        if unknown:
+            raise ValueError(f"unknown SASRec parameter(s) {', '.join(unknown)}; "
+                             f"allowed: {', '.join(BASELINE_PARAMS['sasrec'])}")
+        return params
+
+
+class ServeConfig(Strict):
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_k: int = Field(50, ge=1)
+    max_history: int = Field(200, ge=1)
+    max_batch_size: int = 16
+    batch_wait_timeout_s: float = 0.005
+    num_replicas: int | Literal["auto"] = 1
+    autoscaling: dict[str, Any] = Field(default_factory=dict)
+    # The HTTP front end (pagellm/serve/ingress.py): Serve's Python proxy, or Serve's HAProxy
+    # ingress (replicas answer HTTP themselves behind HAProxy; on 2 cores the ingress itself
+    # costs 0.7 instead of ~7 ms per request, docs/BENCHMARKS.md).
+    ingress: Literal["proxy", "haproxy"] = "proxy"
+    access_log: bool = True  # one log line per request (replica logs; streamed to the driver)
