@@ -24,7 +24,10 @@ Writes OUT/stage3.md and OUT/stage3.json:
 - the relative change over SFT paired by seed (bench/quality.py `paired_gains`);
 - the best algorithm on sim_utility and on hr@10, and per algorithm a verdict on each: "beats
   SFT" when its mean paired gain exceeds one std of that gain, "worse" below minus one std,
-  "no change" between (with one seed there is no spread: "1 seed").
+  "no change" between (with one seed there is no spread: "1 seed");
+- per algorithm, the users only it hits and only SFT hits (hr@10), pooled over seeds, with
+  McNemar's exact p-value (`paired_users`): the test that says whether a gain of a few users
+  is more than chance, which the seed-level verdict cannot on a small test set.
 """
 
 from __future__ import annotations
@@ -68,6 +71,47 @@ def run_algorithm(seed_dir: Path, algorithm: str, sets: list[str], fresh: bool) 
     if not any(s.startswith("reward.") for s in sets):
         share_reward(seed_dir, variant_dir)
     return done_facts(variant_dir / algorithm) | row
+
+
+def paired_users(seed_dirs: list[Path], algorithms: list[str], metric: str = "hr@10") -> dict[str, dict]:
+    """Per algorithm, its per-user `metric` hits against SFT's on the same users, pooled over
+    the seeds whose eval wrote per-user rows (pagellm/eval/paired.py): {only_a (users only
+    the algorithm hits), only_b (only SFT), p_value, seeds}. Seed-level spread cannot say
+    whether +2 users of 670 is anything; this can."""
+    import pandas as pd
+
+    from pagellm.eval.paired import discordant, mcnemar
+    from pagellm.eval.runner import PER_USER_FILE
+
+    out = {}
+    for algorithm in algorithms:
+        only_a = only_b = seeds = 0
+        for seed_dir in seed_dirs:
+            path = seed_dir / "variants" / algorithm / "eval" / PER_USER_FILE
+            if not path.exists():  # a run evaluated before eval wrote per-user rows
+                continue
+            rows = pd.read_parquet(path, columns=["model", "user_index", metric])
+            ours = rows[rows["model"] == algorithm].set_index("user_index")[metric]
+            sft = rows[rows["model"] == "sft"].set_index("user_index")[metric].reindex(ours.index)
+            if sft.isna().any():
+                raise ValueError(f"{path}: SFT has no {metric} for some of {algorithm}'s users")
+            a, b = discordant(ours.to_numpy(), sft.to_numpy())
+            only_a, only_b, seeds = only_a + a, only_b + b, seeds + 1
+        if seeds:
+            out[algorithm] = mcnemar(only_a, only_b) | {"seeds": seeds}
+    return out
+
+
+def paired_table(paired: dict[str, dict], metric: str = "hr@10") -> str:
+    """The Markdown of paired_users' result ("" when no run wrote per-user rows)."""
+    if not paired:
+        return ""
+    lines = [f"Per user, paired with SFT on {metric} (pooled over seeds; McNemar's exact test, "
+             "pagellm/eval/paired.py):", "",
+             "| algorithm | users only it hits | users only SFT hits | p | seeds |", "|---|---|---|---|---|"]
+    for a, r in paired.items():
+        lines.append(f"| {a} | {r['only_a']} | {r['only_b']} | {r['p_value']:.3f} | {r['seeds']} |")
+    return "\n".join(lines) + "\n"
 
 
 def verdict(gain: dict | None) -> str:
@@ -156,10 +200,13 @@ def main(argv: list[str] | None = None) -> None:
     first = next(iter(per_seed.values()))
     title = args.title or f"Stage 3 on {args.config} ({first['dataset']}, {first['users']:,} test users)"
     text, table, gains = summarise(per_seed, args.algorithms, title)
+    paired = paired_users([args.out / f"seed{s}" for s in args.seeds], args.algorithms)
+    text += "\n" + paired_table(paired) if paired else ""
     (args.out / "stage3.md").write_text(text)
     (args.out / "stage3.json").write_text(json.dumps(
         {"config": args.config, "overrides": args.overrides, "algorithm_sets": sets, "seeds": args.seeds,
-         "aggregate": table, "gains_over_sft": gains, "per_seed": {str(s): r for s, r in per_seed.items()}}, indent=1))
+         "aggregate": table, "gains_over_sft": gains, "paired_hr@10": paired,
+         "per_seed": {str(s): r for s, r in per_seed.items()}}, indent=1))
     print(text, flush=True)
     print(f"[stage3] wrote {args.out / 'stage3.md'} and stage3.json", flush=True)
 

@@ -346,6 +346,13 @@ def test_tiny_pipeline_submitted_to_a_two_node_cluster(loopback_cluster, tmp_pat
     assert (run / "eval" / "report.md").exists()
     _check_eval_scored_the_published_policies(run, metrics)
     _check_reward_fidelity_judged_the_pages_eval_scored(metrics)
+    # Per-user rows (pagellm/eval/paired.py compares models on them) average to the means.
+    import pandas as pd
+
+    rows = pd.read_parquet(run / "eval" / "per_user.parquet")
+    for name in ("sft", "ppo"):
+        for key in ("hr@10", "ndcg@10", "sim_utility"):
+            assert rows.loc[rows["model"] == name, key].mean() == pytest.approx(metrics["models"][name][key], abs=1e-6)
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["run_dir"] == str(run) and saved["ppo"]["steps"] == 2
 

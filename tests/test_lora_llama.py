@@ -11,13 +11,14 @@ import json
 import math
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 
 from pagellm.config import load_config, save_config
 from pagellm.data.pipeline import run_data_stage
 from pagellm.eval.metrics import tail_items_from_counts
-from pagellm.eval.runner import load_eval_set, policy_output, run_eval_stage, score_model
+from pagellm.eval.runner import PER_USER_FILE, load_eval_set, policy_output, run_eval_stage, score_model
 from pagellm.models.decoding import generate_pages
 from pagellm.models.policy import load_policy
 from pagellm.train.sft import run_sft_stage
@@ -107,3 +108,12 @@ def test_eval_scored_the_trained_adapter(lora_run):
     with torch.no_grad(), model.disable_adapter():
         base = generate_pages(model.eval(), layout, prompts, k=cfg.eval.list_len, exclude=es.exclude).items
     assert base != out.lists
+    # eval/per_user.parquet: every model's page per user, whose hits average to the reported means.
+    rows = pd.read_parquet(run_dir / "eval" / PER_USER_FILE)
+    assert sorted(rows["model"].unique()) == ["popularity", "sft"]
+    sft_rows = rows[rows["model"] == "sft"]
+    assert sft_rows["user_index"].tolist() == list(es.user_index)
+    assert [list(p) for p in sft_rows["page"]] == [lst[: cfg.data.page_len] for lst in out.lists]
+    for model_name, model_rows in rows.groupby("model"):
+        for key in ("hr@10", "ndcg@10"):
+            assert model_rows[key].mean() == pytest.approx(metrics["models"][model_name][key], abs=1e-9)

@@ -8,7 +8,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 
-from stage3_compare import best_line, done_facts, share_reward, summarise, verdict  # noqa: E402
+from stage3_compare import (best_line, done_facts, paired_table, paired_users, share_reward, summarise,  # noqa: E402
+                            verdict)
 
 
 def _seed(sft: float, ppo: float, dpo: float, hr_sft: float, hr_ppo: float, hr_dpo: float) -> dict:
@@ -71,3 +72,26 @@ def test_the_first_trained_reward_model_is_shared(tmp_path):
     (variant / "reward" / "metrics.json").write_text('{"other": 1}')
     share_reward(seed, variant)  # the seed keeps the one it has
     assert (seed / "reward" / "metrics.json").read_text() == "{}"
+
+
+def test_paired_users_pools_discordant_users_over_seeds(tmp_path):
+    """Seed 0: the algorithm alone hits users 1 and 2, SFT alone user 3; seed 1: the algorithm
+    alone hits user 5. Pooled 3 vs 1; a seed evaluated without per-user rows is left out."""
+    import pandas as pd
+
+    def rows(seed, ppo_hits, sft_hits):
+        folder = tmp_path / f"seed{seed}" / "variants" / "ppo" / "eval"
+        folder.mkdir(parents=True)
+        users = list(range(len(ppo_hits)))
+        pd.DataFrame({"model": ["ppo"] * len(users) + ["sft"] * len(users), "user_index": users[::-1] + users,
+                      "hr@10": ppo_hits[::-1] + sft_hits}).to_parquet(folder / "per_user.parquet")
+
+    rows(0, [1, 1, 1, 0, 0], [1, 0, 0, 1, 0])
+    rows(1, [0, 0, 0, 0, 0, 1], [0, 0, 0, 0, 0, 0])
+    (tmp_path / "seed2" / "variants" / "ppo" / "eval").mkdir(parents=True)
+    paired = paired_users([tmp_path / f"seed{s}" for s in range(3)], ["ppo", "dpo"])
+    assert set(paired) == {"ppo"}  # dpo has no per-user rows anywhere
+    assert paired["ppo"]["only_a"] == 3 and paired["ppo"]["only_b"] == 1 and paired["ppo"]["seeds"] == 2
+    assert paired["ppo"]["p_value"] == pytest.approx(10 / 16)  # P(|X - 2| >= 1), X ~ Bin(4, 1/2)
+    table = paired_table(paired)
+    assert "| ppo | 3 | 1 | 0.625 | 2 |" in table and paired_table({}) == ""

@@ -294,8 +294,32 @@ def policy_dirs(run_dir: Path) -> dict[str, Path]:
     return found
 
 
+PER_USER_FILE = "per_user.parquet"
+
+
+def per_user_outcomes(lists: dict[str, list[list[int]]], es: EvalSet, page_len: int, sim_ctx) -> pd.DataFrame:
+    """One row per (model, user): the page, its hr/ndcg@page_len and, on the simulator, its
+    true utility. The means equal metrics.json's; the rows let two models be compared on
+    the same users (pagellm/eval/paired.py), which seed-level means cannot do on small sets."""
+    from pagellm.eval.metrics import hr_at_k, ndcg_at_k
+
+    frames = []
+    for name, model_lists in lists.items():
+        pages = [[int(i) for i in lst[:page_len]] for lst in model_lists]
+        frame = pd.DataFrame({
+            "model": name, "user_index": np.asarray(es.user_index, dtype=np.int64), "page": pages,
+            f"hr@{page_len}": [hr_at_k(p, t, page_len) for p, t in zip(pages, es.targets)],
+            f"ndcg@{page_len}": [ndcg_at_k(p, t, page_len) for p, t in zip(pages, es.targets)]})
+        if sim_ctx is not None:
+            sim, item_ids, user_ids = sim_ctx[:3]
+            frame["sim_utility"] = sim_utilities(sim, es, item_ids, user_ids, pages)
+        frames.append(frame)
+    return pd.concat(frames, ignore_index=True)
+
+
 def run_eval_stage(cfg: Config, run_dir: Path, split: str = "test", log=print) -> dict:
-    """Evaluate baselines and the run's policies; writes eval/metrics.json, report.md, plots."""
+    """Evaluate baselines and the run's policies; writes eval/metrics.json, per_user.parquet,
+    report.md, plots."""
     from pagellm.eval.report import write_report
     from pagellm.runfolder import write_json
 
@@ -381,6 +405,7 @@ def run_eval_stage(cfg: Config, run_dir: Path, split: str = "test", log=print) -
                 cfg.eval.fidelity_samples, cfg.eval.batch_size, cfg.seed)
             log(fidelity_line(result["reward_fidelity"]))
     write_json(out_dir / "metrics.json", result)
+    per_user_outcomes(lists, es, cfg.data.page_len, sim_ctx).to_parquet(out_dir / PER_USER_FILE)
     write_report(result, run_dir, out_dir)
-    log(f"[eval] wrote {out_dir}/metrics.json, report.md and plots")
+    log(f"[eval] wrote {out_dir}/metrics.json, {PER_USER_FILE}, report.md and plots")
     return result

@@ -1,0 +1,37 @@
+"""Two models compared on the same users, user by user.
+
+A seed-level mean ± std says little on a small test set: on MovieLens (670 users, hr@10
+near 0.065) two policies differ by a handful of users, and three seeds give three noisy
+numbers. Pairing by user counts only the users whose outcome differs. For a hit metric
+that is McNemar's test: of the users exactly one model hits, how many are the first's; an
+exact two-sided binomial test of that split against 1/2 is the p-value. The counts can be
+pooled over seeds (every seed scores both models on the same users) before testing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from scipy.stats import binomtest
+
+
+def discordant(hits_a: Sequence[float], hits_b: Sequence[float]) -> tuple[int, int]:
+    """(users only model a hits, users only model b hits), from per-user 0/1 outcomes of
+    the same users in the same order."""
+    a, b = np.asarray(hits_a, dtype=float), np.asarray(hits_b, dtype=float)
+    if a.shape != b.shape:
+        raise ValueError(f"per-user outcomes of different lengths: {a.shape} vs {b.shape}")
+    if not np.isin(a, (0.0, 1.0)).all() or not np.isin(b, (0.0, 1.0)).all():
+        raise ValueError("per-user outcomes must be hits: 0 or 1")
+    return int(((a == 1) & (b == 0)).sum()), int(((a == 0) & (b == 1)).sum())
+
+
+def mcnemar(only_a: int, only_b: int) -> dict:
+    """Exact McNemar test of discordant counts: {only_a, only_b, p_value} (p = 1 when no
+    user differs)."""
+    if only_a < 0 or only_b < 0:
+        raise ValueError(f"discordant counts must be >= 0, got {only_a}, {only_b}")
+    n = only_a + only_b
+    p = binomtest(only_a, n, 0.5).pvalue if n else 1.0
+    return {"only_a": int(only_a), "only_b": int(only_b), "p_value": float(p)}
