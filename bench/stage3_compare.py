@@ -25,9 +25,11 @@ Writes OUT/stage3.md and OUT/stage3.json:
 - the best algorithm on sim_utility and on hr@10, and per algorithm a verdict on each: "beats
   SFT" when its mean paired gain exceeds one std of that gain, "worse" below minus one std,
   "no change" between (with one seed there is no spread: "1 seed");
-- per algorithm, the users only it hits and only SFT hits (hr@10), pooled over seeds, with
-  McNemar's exact p-value (`paired_users`): the test that says whether a gain of a few users
-  is more than chance, which the seed-level verdict cannot on a small test set.
+- per algorithm, paired with SFT user by user and pooled over seeds (`paired_users`): the
+  users only it hits and only SFT hits (hr@10) with McNemar's exact p-value, and on the
+  simulator the mean per-user change in true utility with a paired t-test: the tests that
+  say whether a gain of a few users is more than chance, which the seed-level verdict cannot
+  on a small test set.
 """
 
 from __future__ import annotations
@@ -73,44 +75,65 @@ def run_algorithm(seed_dir: Path, algorithm: str, sets: list[str], fresh: bool) 
     return done_facts(variant_dir / algorithm) | row
 
 
-def paired_users(seed_dirs: list[Path], algorithms: list[str], metric: str = "hr@10") -> dict[str, dict]:
-    """Per algorithm, its per-user `metric` hits against SFT's on the same users, pooled over
-    the seeds whose eval wrote per-user rows (pagellm/eval/paired.py): {only_a (users only
-    the algorithm hits), only_b (only SFT), p_value, seeds}. Seed-level spread cannot say
-    whether +2 users of 670 is anything; this can."""
+def pooled_outcomes(seed_dirs: list[Path], algorithm: str, metric: str) -> tuple[list, list, int]:
+    """(the algorithm's per-user `metric`, SFT's on the same users, seeds) concatenated over
+    the seeds whose eval wrote per-user rows holding `metric`."""
     import pandas as pd
 
-    from pagellm.eval.paired import discordant, mcnemar
     from pagellm.eval.runner import PER_USER_FILE
 
-    out = {}
+    ours_all, sft_all, seeds = [], [], 0
+    for seed_dir in seed_dirs:
+        path = seed_dir / "variants" / algorithm / "eval" / PER_USER_FILE
+        if not path.exists():  # a run evaluated before eval wrote per-user rows
+            continue
+        rows = pd.read_parquet(path)
+        if metric not in rows:
+            continue
+        ours = rows[rows["model"] == algorithm].set_index("user_index")[metric]
+        sft = rows[rows["model"] == "sft"].set_index("user_index")[metric].reindex(ours.index)
+        if sft.isna().any():
+            raise ValueError(f"{path}: SFT has no {metric} for some of {algorithm}'s users")
+        ours_all += ours.tolist()
+        sft_all += sft.tolist()
+        seeds += 1
+    return ours_all, sft_all, seeds
+
+
+def paired_users(seed_dirs: list[Path], algorithms: list[str]) -> dict[str, dict]:
+    """Per algorithm, against SFT on the same users, pooled over seeds (pagellm/eval/paired.py):
+    "hr@10" {only_a (users only the algorithm hits), only_b (only SFT), p_value, seeds} by
+    McNemar's exact test, and on the simulator "sim_utility" {mean_diff, se, p_value, users,
+    seeds} by a paired t-test. Seed-level spread cannot say whether +2 users of 670 is
+    anything; these can."""
+    from pagellm.eval.paired import discordant, mcnemar, paired_difference
+
+    out: dict[str, dict] = {}
     for algorithm in algorithms:
-        only_a = only_b = seeds = 0
-        for seed_dir in seed_dirs:
-            path = seed_dir / "variants" / algorithm / "eval" / PER_USER_FILE
-            if not path.exists():  # a run evaluated before eval wrote per-user rows
-                continue
-            rows = pd.read_parquet(path, columns=["model", "user_index", metric])
-            ours = rows[rows["model"] == algorithm].set_index("user_index")[metric]
-            sft = rows[rows["model"] == "sft"].set_index("user_index")[metric].reindex(ours.index)
-            if sft.isna().any():
-                raise ValueError(f"{path}: SFT has no {metric} for some of {algorithm}'s users")
-            a, b = discordant(ours.to_numpy(), sft.to_numpy())
-            only_a, only_b, seeds = only_a + a, only_b + b, seeds + 1
+        ours, sft, seeds = pooled_outcomes(seed_dirs, algorithm, "hr@10")
         if seeds:
-            out[algorithm] = mcnemar(only_a, only_b) | {"seeds": seeds}
+            out.setdefault(algorithm, {})["hr@10"] = mcnemar(*discordant(ours, sft)) | {"seeds": seeds}
+        ours, sft, seeds = pooled_outcomes(seed_dirs, algorithm, "sim_utility")
+        if seeds:
+            out.setdefault(algorithm, {})["sim_utility"] = paired_difference(ours, sft) | {"seeds": seeds}
     return out
 
 
-def paired_table(paired: dict[str, dict], metric: str = "hr@10") -> str:
+def paired_table(paired: dict[str, dict]) -> str:
     """The Markdown of paired_users' result ("" when no run wrote per-user rows)."""
     if not paired:
         return ""
-    lines = [f"Per user, paired with SFT on {metric} (pooled over seeds; McNemar's exact test, "
-             "pagellm/eval/paired.py):", "",
-             "| algorithm | users only it hits | users only SFT hits | p | seeds |", "|---|---|---|---|---|"]
+    utility = any("sim_utility" in r for r in paired.values())
+    head = "| algorithm | hr@10: users only it hits | only SFT hits | McNemar p |"
+    head += " sim_utility − SFT's (± se) | paired t p |" if utility else ""
+    lines = ["Per user, paired with SFT on the same users and pooled over seeds (pagellm/eval/paired.py):", "",
+             head + " seeds |", "|---" * (head.count("|") - 1 + 1) + "|"]
     for a, r in paired.items():
-        lines.append(f"| {a} | {r['only_a']} | {r['only_b']} | {r['p_value']:.3f} | {r['seeds']} |")
+        hr, util = r.get("hr@10"), r.get("sim_utility")
+        row = f"| {a} | " + (f"{hr['only_a']} | {hr['only_b']} | {hr['p_value']:.3f} |" if hr else "– | – | – |")
+        if utility:
+            row += f" {util['mean_diff']:+.4f} ± {util['se']:.4f} | {util['p_value']:.3g} |" if util else " – | – |"
+        lines.append(row + f" {max(x['seeds'] for x in r.values())} |")
     return "\n".join(lines) + "\n"
 
 
@@ -205,7 +228,7 @@ def main(argv: list[str] | None = None) -> None:
     (args.out / "stage3.md").write_text(text)
     (args.out / "stage3.json").write_text(json.dumps(
         {"config": args.config, "overrides": args.overrides, "algorithm_sets": sets, "seeds": args.seeds,
-         "aggregate": table, "gains_over_sft": gains, "paired_hr@10": paired,
+         "aggregate": table, "gains_over_sft": gains, "paired_with_sft": paired,
          "per_seed": {str(s): r for s, r in per_seed.items()}}, indent=1))
     print(text, flush=True)
     print(f"[stage3] wrote {args.out / 'stage3.md'} and stage3.json", flush=True)

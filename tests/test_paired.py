@@ -22,3 +22,16 @@ def test_mcnemar_exact_p_by_hand():
     assert mcnemar(46, 44)["p_value"] > 0.9
     assert mcnemar(0, 0) == {"only_a": 0, "only_b": 0, "p_value": 1.0}
     assert mcnemar(5, 0)["p_value"] == pytest.approx(2 / 32)
+
+
+def test_paired_difference_by_hand():
+    from pagellm.eval.paired import paired_difference
+
+    # Differences 1, 2, 3: mean 2, sd 1, se 1/sqrt(3), t = 2 sqrt(3) on 2 degrees of freedom.
+    r = paired_difference([2.0, 4.0, 6.0], [1.0, 2.0, 3.0])
+    assert r["mean_diff"] == pytest.approx(2.0) and r["se"] == pytest.approx(1 / 3 ** 0.5) and r["users"] == 3
+    t = 2 * 3 ** 0.5
+    assert r["p_value"] == pytest.approx(1 - t / (t * t + 2) ** 0.5)  # two-sided, t with 2 df
+    assert paired_difference([1.0, 1.0], [1.0, 1.0])["p_value"] == 1.0
+    with pytest.raises(ValueError, match="at least 2"):
+        paired_difference([1.0], [0.0])

@@ -83,15 +83,23 @@ def test_paired_users_pools_discordant_users_over_seeds(tmp_path):
         folder = tmp_path / f"seed{seed}" / "variants" / "ppo" / "eval"
         folder.mkdir(parents=True)
         users = list(range(len(ppo_hits)))
-        pd.DataFrame({"model": ["ppo"] * len(users) + ["sft"] * len(users), "user_index": users[::-1] + users,
-                      "hr@10": ppo_hits[::-1] + sft_hits}).to_parquet(folder / "per_user.parquet")
+        frame = pd.DataFrame({"model": ["ppo"] * len(users) + ["sft"] * len(users), "user_index": users[::-1] + users,
+                              "hr@10": ppo_hits[::-1] + sft_hits})
+        if seed == 0:  # a simulator run: per-user utility above SFT by 3, 2, 1, 2, 1 (users 0-4)
+            frame["sim_utility"] = [3.0, 2.0, 1.0, 3.0, 2.0][::-1] + [0.0, 0.0, 0.0, 1.0, 1.0]
+        frame.to_parquet(folder / "per_user.parquet")
 
     rows(0, [1, 1, 1, 0, 0], [1, 0, 0, 1, 0])
     rows(1, [0, 0, 0, 0, 0, 1], [0, 0, 0, 0, 0, 0])
     (tmp_path / "seed2" / "variants" / "ppo" / "eval").mkdir(parents=True)
     paired = paired_users([tmp_path / f"seed{s}" for s in range(3)], ["ppo", "dpo"])
     assert set(paired) == {"ppo"}  # dpo has no per-user rows anywhere
-    assert paired["ppo"]["only_a"] == 3 and paired["ppo"]["only_b"] == 1 and paired["ppo"]["seeds"] == 2
-    assert paired["ppo"]["p_value"] == pytest.approx(10 / 16)  # P(|X - 2| >= 1), X ~ Bin(4, 1/2)
+    hr = paired["ppo"]["hr@10"]
+    assert hr["only_a"] == 3 and hr["only_b"] == 1 and hr["seeds"] == 2
+    assert hr["p_value"] == pytest.approx(10 / 16)  # P(|X - 2| >= 1), X ~ Bin(4, 1/2)
+    util = paired["ppo"]["sim_utility"]  # seed 0 alone holds it; users aligned by index
+    assert util["seeds"] == 1 and util["users"] == 5
+    assert util["mean_diff"] == pytest.approx((1 + 2 + 3 + 2 + 1) / 5)
     table = paired_table(paired)
-    assert "| ppo | 3 | 1 | 0.625 | 2 |" in table and paired_table({}) == ""
+    assert "| ppo | 3 | 1 | 0.625 | +1.8000 ± 0.3742 |" in table and table.rstrip().endswith("| 2 |")
+    assert paired_table({}) == ""

@@ -35,3 +35,19 @@ def mcnemar(only_a: int, only_b: int) -> dict:
     n = only_a + only_b
     p = binomtest(only_a, n, 0.5).pvalue if n else 1.0
     return {"only_a": int(only_a), "only_b": int(only_b), "p_value": float(p)}
+
+
+def paired_difference(values_a: Sequence[float], values_b: Sequence[float]) -> dict:
+    """A continuous per-user outcome (e.g. the simulator's true utility) of two models on the
+    same users: {mean_diff (a − b), se, p_value (paired t-test, two-sided), users}."""
+    from scipy.stats import ttest_rel
+
+    a, b = np.asarray(values_a, dtype=float), np.asarray(values_b, dtype=float)
+    if a.shape != b.shape:
+        raise ValueError(f"per-user outcomes of different lengths: {a.shape} vs {b.shape}")
+    if len(a) < 2:
+        raise ValueError("a paired test needs at least 2 users")
+    d = a - b
+    se = float(d.std(ddof=1) / np.sqrt(len(d)))
+    p = 1.0 if se == 0 else float(ttest_rel(a, b).pvalue)
+    return {"mean_diff": float(d.mean()), "se": se, "p_value": p, "users": int(len(d))}
