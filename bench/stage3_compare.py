@@ -75,29 +75,30 @@ def run_algorithm(seed_dir: Path, algorithm: str, sets: list[str], fresh: bool) 
     return done_facts(variant_dir / algorithm) | row
 
 
-def pooled_outcomes(seed_dirs: list[Path], algorithm: str, metric: str) -> tuple[list, list, int]:
-    """(the algorithm's per-user `metric`, SFT's on the same users, seeds) concatenated over
-    the seeds whose eval wrote per-user rows holding `metric`."""
+PAIRED_METRICS = ("hr@10", "sim_utility")  # per-user outcomes compared with SFT's (sim_utility: simulator runs)
+
+
+def pooled_outcomes(seed_dirs: list[Path], algorithm: str) -> dict[str, tuple[list, list, int]]:
+    """metric -> (the algorithm's per-user values, SFT's on the same users, seeds) for each of
+    PAIRED_METRICS, concatenated over the seeds whose eval wrote per-user rows holding it."""
     import pandas as pd
 
     from pagellm.eval.runner import PER_USER_FILE
 
-    ours_all, sft_all, seeds = [], [], 0
+    pooled: dict[str, tuple[list, list, int]] = {}
     for seed_dir in seed_dirs:
         path = seed_dir / "variants" / algorithm / "eval" / PER_USER_FILE
         if not path.exists():  # a run evaluated before eval wrote per-user rows
             continue
         rows = pd.read_parquet(path)
-        if metric not in rows:
-            continue
-        ours = rows[rows["model"] == algorithm].set_index("user_index")[metric]
-        sft = rows[rows["model"] == "sft"].set_index("user_index")[metric].reindex(ours.index)
-        if sft.isna().any():
-            raise ValueError(f"{path}: SFT has no {metric} for some of {algorithm}'s users")
-        ours_all += ours.tolist()
-        sft_all += sft.tolist()
-        seeds += 1
-    return ours_all, sft_all, seeds
+        ours = rows[rows["model"] == algorithm].set_index("user_index")
+        sft = rows[rows["model"] == "sft"].set_index("user_index").reindex(ours.index)
+        for metric in (m for m in PAIRED_METRICS if m in rows):
+            if sft[metric].isna().any():
+                raise ValueError(f"{path}: SFT has no {metric} for some of {algorithm}'s users")
+            a, b, seeds = pooled.get(metric, ([], [], 0))
+            pooled[metric] = (a + ours[metric].tolist(), b + sft[metric].tolist(), seeds + 1)
+    return pooled
 
 
 def paired_users(seed_dirs: list[Path], algorithms: list[str]) -> dict[str, dict]:
@@ -108,26 +109,26 @@ def paired_users(seed_dirs: list[Path], algorithms: list[str]) -> dict[str, dict
     anything; these can."""
     from pagellm.eval.paired import discordant, mcnemar, paired_difference
 
+    tests = {"hr@10": lambda ours, sft: mcnemar(*discordant(ours, sft)), "sim_utility": paired_difference}
     out: dict[str, dict] = {}
     for algorithm in algorithms:
-        ours, sft, seeds = pooled_outcomes(seed_dirs, algorithm, "hr@10")
-        if seeds:
-            out.setdefault(algorithm, {})["hr@10"] = mcnemar(*discordant(ours, sft)) | {"seeds": seeds}
-        ours, sft, seeds = pooled_outcomes(seed_dirs, algorithm, "sim_utility")
-        if seeds:
-            out.setdefault(algorithm, {})["sim_utility"] = paired_difference(ours, sft) | {"seeds": seeds}
+        pooled = pooled_outcomes(seed_dirs, algorithm)
+        if pooled:
+            out[algorithm] = {metric: tests[metric](ours, sft) | {"seeds": seeds}
+                              for metric, (ours, sft, seeds) in pooled.items()}
     return out
 
 
 def paired_table(paired: dict[str, dict]) -> str:
-    """The Markdown of paired_users' result ("" when no run wrote per-user rows)."""
+    """The Markdown of paired_users' result, after a blank line ("" when no run wrote
+    per-user rows)."""
     if not paired:
         return ""
     utility = any("sim_utility" in r for r in paired.values())
     head = "| algorithm | hr@10: users only it hits | only SFT hits | McNemar p |"
     head += " sim_utility − SFT's (± se) | paired t p |" if utility else ""
-    lines = ["Per user, paired with SFT on the same users and pooled over seeds (pagellm/eval/paired.py):", "",
-             head + " seeds |", "|---" * (head.count("|") - 1 + 1) + "|"]
+    lines = ["", "Per user, paired with SFT on the same users and pooled over seeds (pagellm/eval/paired.py):", "",
+             head + " seeds |", "|---" * head.count("|") + "|"]
     for a, r in paired.items():
         hr, util = r.get("hr@10"), r.get("sim_utility")
         row = f"| {a} | " + (f"{hr['only_a']} | {hr['only_b']} | {hr['p_value']:.3f} |" if hr else "– | – | – |")
@@ -224,7 +225,7 @@ def main(argv: list[str] | None = None) -> None:
     title = args.title or f"Stage 3 on {args.config} ({first['dataset']}, {first['users']:,} test users)"
     text, table, gains = summarise(per_seed, args.algorithms, title)
     paired = paired_users([args.out / f"seed{s}" for s in args.seeds], args.algorithms)
-    text += "\n" + paired_table(paired) if paired else ""
+    text += paired_table(paired)
     (args.out / "stage3.md").write_text(text)
     (args.out / "stage3.json").write_text(json.dumps(
         {"config": args.config, "overrides": args.overrides, "algorithm_sets": sets, "seeds": args.seeds,

@@ -13,15 +13,21 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-from scipy.stats import binomtest
+from scipy.stats import binomtest, ttest_rel
+
+
+def _same_users(values_a: Sequence[float], values_b: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    """Both models' per-user outcomes as arrays, checked to cover the same number of users."""
+    a, b = np.asarray(values_a, dtype=float), np.asarray(values_b, dtype=float)
+    if a.shape != b.shape:
+        raise ValueError(f"per-user outcomes of different lengths: {a.shape} vs {b.shape}")
+    return a, b
 
 
 def discordant(hits_a: Sequence[float], hits_b: Sequence[float]) -> tuple[int, int]:
     """(users only model a hits, users only model b hits), from per-user 0/1 outcomes of
     the same users in the same order."""
-    a, b = np.asarray(hits_a, dtype=float), np.asarray(hits_b, dtype=float)
-    if a.shape != b.shape:
-        raise ValueError(f"per-user outcomes of different lengths: {a.shape} vs {b.shape}")
+    a, b = _same_users(hits_a, hits_b)
     if not np.isin(a, (0.0, 1.0)).all() or not np.isin(b, (0.0, 1.0)).all():
         raise ValueError("per-user outcomes must be hits: 0 or 1")
     return int(((a == 1) & (b == 0)).sum()), int(((a == 0) & (b == 1)).sum())
@@ -40,11 +46,7 @@ def mcnemar(only_a: int, only_b: int) -> dict:
 def paired_difference(values_a: Sequence[float], values_b: Sequence[float]) -> dict:
     """A continuous per-user outcome (e.g. the simulator's true utility) of two models on the
     same users: {mean_diff (a − b), se, p_value (paired t-test, two-sided), users}."""
-    from scipy.stats import ttest_rel
-
-    a, b = np.asarray(values_a, dtype=float), np.asarray(values_b, dtype=float)
-    if a.shape != b.shape:
-        raise ValueError(f"per-user outcomes of different lengths: {a.shape} vs {b.shape}")
+    a, b = _same_users(values_a, values_b)
     if len(a) < 2:
         raise ValueError("a paired test needs at least 2 users")
     d = a - b

@@ -95,7 +95,9 @@ def make_ranker(cfg: Config, run_dir: Path, model, layout):
 
 def ranking_page(scores: np.ndarray, exclude: set[int], k: int) -> list[int]:
     """The k best items of one prompt's [n_items] next-item scores, best first, never one of
-    `exclude` (ties broken by item index, so the page is deterministic)."""
+    `exclude` (ties broken by item index, so the page is deterministic). Not
+    pagellm.eval.baselines.rank, whose argpartition leaves the order of tied items unset:
+    a pair file must come out the same on every rebuild."""
     scores = np.array(scores, dtype=np.float64, copy=True)
     if exclude:
         scores[sorted(exclude)] = -np.inf
@@ -120,12 +122,13 @@ def next_item_pairs(cfg: Config, model, tokenizer, layout, rows, log=print) -> t
             written = generate_pages(model, layout, ids, k=k, mode="greedy", exclude=[r[2] for r in batch]).items
             scores = first_item_scores(model, layout, ids).double().cpu().numpy()
         for (user, prompt, banned, _), row_scores, greedy in zip(batch, scores, written):
-            ranked = ranking_page(row_scores, set(banned), k)
-            if ranked == list(greedy):
+            ranked, greedy = ranking_page(row_scores, set(banned), k), list(greedy)
+            if ranked == greedy:
                 ties += 1
                 continue
-            mass = lambda page: float(np.exp(row_scores[page]).sum())  # noqa: E731 - expected hits under the ranking
-            out.append((user, ON_POLICY, prompt, ranked, list(greedy), mass(ranked), mass(list(greedy))))
+            # Each page's score: its next-item probability mass, the hits expected under the ranking.
+            out.append((user, ON_POLICY, prompt, ranked, greedy, float(np.exp(row_scores[ranked]).sum()),
+                        float(np.exp(row_scores[greedy]).sum())))
     pairs = pd.DataFrame(out, columns=["user_index", "family", "prompt", "chosen", "rejected", "score_chosen",
                                        "score_rejected"])
     stats = {"pages_generated": len(rows), "ties_skipped": ties}
