@@ -48,3 +48,29 @@ def test_bad_part_and_too_few_users_fail_clearly(tmp_path):
         RankingProbe.from_data(tmp_path, _Encoder(), 10, users=5, part="ppo")
     with pytest.raises(ValueError, match="1 user\\(s\\) with validation positives"):
         RankingProbe.from_data(tmp_path, _Encoder(), 10, users=5, part="sft")
+
+
+def test_the_ranking_scores_are_the_top_of_the_first_positions_item_scores():
+    """full_* score the k best items of the policy's first page position, the user's
+    excluded items never among them; worked out by hand from the model's own scores."""
+    import torch
+
+    from pagellm.config import load_config
+    from pagellm.models.decoding import first_item_scores
+    from pagellm.models.policy import build_policy
+    from pagellm.vocab import PromptEncoder, Vocab
+
+    cfg = load_config(None, ["model.init.n_layer=1", "model.init.n_embd=32"]).model
+    model, tok, layout = build_policy(cfg, Vocab.build(["u0", "u1"], [f"i{i}" for i in range(30)]), seed=0)
+    model.eval()
+    enc = PromptEncoder(tok, layout)
+    prompts = [enc.encode_prompt(0, [1, 2]), enc.encode_prompt(1, [3])]
+    order = [torch.argsort(s, descending=True).tolist() for s in first_item_scores(model, layout, prompts)]
+    # User 0: its best item is excluded, so its second best ranks first (NDCG 1). User 1:
+    # the target is its 11th best item, outside the top 10 (NDCG and HR 0).
+    exclude = [{order[0][0]}, set()]
+    targets = [[order[0][1]], [order[1][10]]]
+    probe = RankingProbe({0, 1}, prompts, exclude, targets, page_len=10)
+    scores = probe(model, layout)
+    assert scores["full_ndcg@10"] == pytest.approx(0.5) and scores["full_hr@10"] == pytest.approx(0.5)
+    assert 0.0 <= scores["ndcg@10"] <= scores["hr@10"] <= 1.0

@@ -104,19 +104,24 @@ def _check_policy(run_dir):
     assert len(set(pages)) == 5 and all(0 <= i < vocab.n_items for i in pages)
 
 
-@pytest.mark.parametrize("zero,meta", [(2, 1), (3, 0)])
-def test_sft_on_two_workers(data_run, tmp_path, zero, meta):
+@pytest.mark.parametrize("zero,meta,own,distill", [(2, 1, 0.0, 1.0), (3, 0, 0.5, 0.0)])
+def test_sft_on_two_workers(data_run, tmp_path, zero, meta, own, distill):
     import shutil
 
     run_dir = tmp_path / "run"
     shutil.copytree(data_run, run_dir)
-    cfg = load_config(None, SMALL + [f"sft.zero_stage={zero}", f"sft.meta_epochs={meta}"])
+    # own: half of each batch written by the policy itself, on two ZeRO-3 ranks at once;
+    # distill: the meta checkpoint, frozen, teaches every page position its ranking.
+    cfg = load_config(None, SMALL + [f"sft.zero_stage={zero}", f"sft.meta_epochs={meta}", f"sft.own_prefix={own}",
+                                     f"sft.page_loss={'set' if own else 'sequence'}", f"sft.rank_distill={distill}"])
     metrics = run_sft_stage(cfg, run_dir, log=lambda *_: None)
     saved = json.loads((run_dir / "sft" / "metrics.json").read_text())
     assert saved["history"]["sft"][0]["epoch"] == 1 and "val_loss" in saved["history"]["sft"][0]
     assert ("meta" in saved["history"]) == bool(meta)
     # Every epoch is judged by the pages the policy writes for validation users.
     assert all(0.0 <= h["val_ndcg@10"] <= h["val_hr@10"] for phase in saved["history"].values() for h in phase)
+    # ... and by its next-item ranking (what the meta phase selects on).
+    assert all(0.0 <= h["val_full_ndcg@10"] <= h["val_full_hr@10"] for phase in saved["history"].values() for h in phase)
     # The published weights are the chosen checkpoint's, byte for byte.
     from safetensors.torch import load_file
 
@@ -166,44 +171,174 @@ def test_item_token_loss_is_the_constrained_page_likelihood():
     assert torch.allclose(item_token_loss(model, batch, layout), -item_logps.mean(), atol=1e-5)
 
 
-def test_the_published_policy_is_the_best_validation_checkpoint_not_the_last(tmp_path, monkeypatch):
-    """Selection across both phases: whichever epoch of meta or page training has the best
-    validation NDCG@10 is what lands in <run>/sft, and metrics.json says which."""
+def _fake_sft_fits(tmp_path, monkeypatch, scores: dict[str, dict[str, list[float]]]):
+    """Stand in for harness.fit: each run's epochs carry the given validation scores, and
+    its best checkpoint is picked by the `checkpoint_score` the stage asks for, as Ray
+    Train's CheckpointConfig does. Returns what each run was asked (score, init dir)."""
     import pagellm.train.harness as harness
     from pagellm.train.harness import FitResult
 
-    (tmp_path / "data").mkdir()
+    (tmp_path / "data").mkdir(exist_ok=True)
     (tmp_path / "data" / "sft.parquet").write_text("")  # the stage checks the data exists
-    runs = {}
-    for name, scores in {"sft_meta": [0.10, 0.30, 0.20], "sft": [0.25, 0.28, 0.27]}.items():
-        history = []
-        for epoch, score in enumerate(scores, start=1):
-            ckpt = tmp_path / "ray_train" / name / f"checkpoint_epoch{epoch:03d}"
-            (ckpt / "hf").mkdir(parents=True)
-            (ckpt / "hf" / "which.txt").write_text(f"{name} epoch {epoch}")
-            history.append({"epoch": epoch, "val_ndcg@10": score, "val_loss": 1.0})
-        best = max(range(3), key=lambda i: scores[i]) + 1
-        runs[name] = FitResult(metrics=history[-1], history=history,
-                               checkpoint_path=str(tmp_path / "ray_train" / name / "checkpoint_epoch003"),
-                               best_checkpoint_path=str(tmp_path / "ray_train" / name / f"checkpoint_epoch{best:03d}"))
-    seen_init = {}
+    asked = {}
 
     def fake_fit(loop_fn, loop_config, train_cfg, run_dir, name, checkpoint_score=None, **_):
-        assert checkpoint_score == ("val_ndcg@10", "max")
-        seen_init[name] = loop_config.get("init_dir")
-        return runs[name]
+        history = []
+        for epoch, values in enumerate(zip(*scores[name].values()), start=1):
+            ckpt = tmp_path / "ray_train" / name / f"checkpoint_epoch{epoch:03d}"
+            (ckpt / "hf").mkdir(parents=True, exist_ok=True)
+            (ckpt / "hf" / "which.txt").write_text(f"{name} epoch {epoch}")
+            history.append({"epoch": epoch, "val_loss": 1.0, **dict(zip(scores[name], values))})
+        key, order = checkpoint_score
+        best = (max if order == "max" else min)(history, key=lambda h: h[key])["epoch"]
+        asked[name] = (checkpoint_score, loop_config.get("init_dir"))
+        return FitResult(metrics=history[-1], history=history,
+                         checkpoint_path=str(tmp_path / "ray_train" / name / f"checkpoint_epoch{len(history):03d}"),
+                         best_checkpoint_path=str(tmp_path / "ray_train" / name / f"checkpoint_epoch{best:03d}"))
 
     monkeypatch.setattr(harness, "fit", fake_fit)
+    return asked
+
+
+def test_the_published_policy_is_the_best_validation_checkpoint_not_the_last(tmp_path, monkeypatch):
+    """Selection across both phases: whichever epoch of meta or page training has the best
+    validation NDCG@10 is what lands in <run>/sft, and metrics.json says which."""
+    scores = {"sft_meta": {"val_ndcg@10": [0.10, 0.30, 0.20]}, "sft": {"val_ndcg@10": [0.25, 0.28, 0.27]}}
+    asked = _fake_sft_fits(tmp_path, monkeypatch, scores)
     cfg = load_config(None, ["sft.meta_epochs=3", "sft.epochs=3"])
+    assert cfg.sft.meta_select == "page"
     metrics = run_sft_stage(cfg, tmp_path, log=lambda *_: None)
+    assert asked["sft_meta"][0] == asked["sft"][0] == ("val_ndcg@10", "max")
     # The page phase starts from the best meta epoch, and the best of all (meta epoch 2,
     # 0.30 > the page phase's best 0.28) is published, not the last checkpoint of either.
-    assert seen_init["sft"].endswith("sft_meta/checkpoint_epoch002/hf")
+    assert asked["sft"][1].endswith("sft_meta/checkpoint_epoch002/hf")
     assert (tmp_path / "sft" / "which.txt").read_text() == "sft_meta epoch 2"
     assert metrics["published"]["phase"] == "meta" and metrics["published"]["epoch"] == 2
 
-    runs["sft"].history[1]["val_ndcg@10"] = 0.35  # now page epoch 2 is the best of all
-    runs["sft"] = runs["sft"].__class__(**{**runs["sft"].__dict__,
-                                           "best_checkpoint_path": str(tmp_path / "ray_train" / "sft" / "checkpoint_epoch002")})
+    scores["sft"]["val_ndcg@10"][1] = 0.35  # now page epoch 2 is the best of all
     run_sft_stage(cfg, tmp_path, log=lambda *_: None)
     assert (tmp_path / "sft" / "which.txt").read_text() == "sft epoch 2"
+
+
+def test_the_meta_phase_is_selected_by_its_ranking_and_competes_by_its_page(tmp_path, monkeypatch):
+    """sft.meta_select=ranking: the next-item phase keeps the epoch whose
+    next-item ranking validates best, the page phase starts from it, and it is published
+    only if its written page beats the page phase's."""
+    scores = {"sft_meta": {"val_ndcg@10": [0.10, 0.30, 0.20], "val_full_ndcg@10": [0.20, 0.25, 0.40]},
+              "sft": {"val_ndcg@10": [0.21, 0.24, 0.22], "val_full_ndcg@10": [0.5, 0.5, 0.5]}}
+    asked = _fake_sft_fits(tmp_path, monkeypatch, scores)
+    cfg = load_config(None, ["sft.meta_epochs=3", "sft.epochs=3", "sft.meta_select=ranking"])
+    metrics = run_sft_stage(cfg, tmp_path, log=lambda *_: None)
+    assert asked["sft_meta"][0] == ("val_full_ndcg@10", "max") and asked["sft"][0] == ("val_ndcg@10", "max")
+    assert asked["sft"][1].endswith("sft_meta/checkpoint_epoch003/hf")
+    # Meta epoch 3 writes pages scoring 0.20 < the page phase's best 0.24: the page phase
+    # is published, although meta epoch 2 wrote better pages (it is not the kept checkpoint).
+    assert (tmp_path / "sft" / "which.txt").read_text() == "sft epoch 2"
+    assert metrics["published"]["phase"] == "sft" and metrics["published"]["val_ndcg@10"] == 0.24
+
+    scores["sft"]["val_ndcg@10"] = [0.10, 0.15, 0.12]  # now the kept meta epoch writes the best page
+    metrics = run_sft_stage(cfg, tmp_path, log=lambda *_: None)
+    assert (tmp_path / "sft" / "which.txt").read_text() == "sft_meta epoch 3"
+    assert metrics["published"]["phase"] == "meta" and metrics["published"]["epoch"] == 3
+
+
+def test_own_prefix_rows_condition_on_the_greedy_page_and_target_the_golden_items_left():
+    """sft.own_prefix: a row is rewritten on the page greedy decoding writes for its prompt
+    (prompt items excluded), cut to the golden page's length; position t's targets are the
+    golden items not among the written items 0..t-1, and it blocks the prompt and those."""
+    from pagellm.models.decoding import generate_pages
+    from pagellm.train.sft import own_prefix_rows
+
+    cfg = load_config(None, ["model.init.n_layer=1", "model.init.n_embd=32"]).model
+    model, tok, layout = build_policy(cfg, Vocab.build(["u0"], [f"i{i}" for i in range(12)]), seed=0)
+    model.eval()
+    enc = PromptEncoder(tok, layout)
+    written = generate_pages(model, layout, [enc.encode_prompt(0, [1, 2])], k=12, exclude=[[1, 2]]).items[0]
+    # A golden page holding the greedy page's 2nd item and two items it never writes first.
+    golden = [written[1]] + [i for i in range(12) if i not in (1, 2) and i not in written[:3]][:2]
+    rows = page_rows(enc, [0, 0], [[1, 2], [1, 2]], [golden, golden[:2]], 0.0, 0, page_loss="set")
+    out = own_prefix_rows(model, layout, enc, rows)
+    for row, gold in zip(out, [golden, golden[:2]]):
+        page = written[: len(gold)]
+        assert row.ids == enc.encode_prompt(0, [1, 2]) + enc.encode_page(page)
+        assert row.prompt_len == rows[0].prompt_len and row.labels[row.prompt_len:] == enc.encode_page(page)
+        assert row.blocked == [[1, 2] + page[:t] for t in range(len(page) + 1)]
+    # Position 0: all three golden items; 1: still all three (the first guess is not one);
+    # 2: the two left once the golden written[1] is placed; <eos>: none.
+    assert out[0].targets == [golden, golden, golden[1:], []]
+    assert out[1].targets == [golden[:2], golden[:2], []]
+
+
+def test_own_prefix_needs_set_targets():
+    from pagellm.config import ConfigError
+
+    with pytest.raises(ConfigError, match="own_prefix"):
+        load_config(None, ["sft.own_prefix=0.5", "sft.page_loss=sequence"])
+    assert load_config(None, ["sft.own_prefix=0.5", "sft.page_loss=set"]).sft.own_prefix == 0.5
+
+
+def test_the_meta_phase_can_be_selected_by_its_held_out_loss(tmp_path, monkeypatch):
+    """sft.meta_select=loss: the lowest validation loss of the next-item phase
+    is kept and starts the page phase; publishing still compares written pages."""
+    scores = {"sft_meta": {"val_ndcg@10": [0.30, 0.10, 0.20], "val_loss": [5.0, 4.0, 4.5]},
+              "sft": {"val_ndcg@10": [0.15, 0.12, 0.11]}}
+    asked = _fake_sft_fits(tmp_path, monkeypatch, scores)
+    cfg = load_config(None, ["sft.meta_epochs=3", "sft.epochs=3", "sft.meta_select=loss"])
+    metrics = run_sft_stage(cfg, tmp_path, log=lambda *_: None)
+    assert asked["sft_meta"][0] == ("val_loss", "min")
+    assert asked["sft"][1].endswith("sft_meta/checkpoint_epoch002/hf")
+    assert metrics["published"]["phase"] == "sft" and metrics["published"]["epoch"] == 1
+
+
+def test_validation_history_rows_score_only_the_held_out_items():
+    """The meta phase's validation loss is the held-out items' cross-entropy alone: the
+    training items of the same history are in the training rows already."""
+    from pagellm.train.sft import IGNORE, history_rows
+
+    cfg = load_config(None, ["model.init.n_layer=1", "model.init.n_embd=32"]).model
+    _, tok, layout = build_policy(cfg, Vocab.build(["u0", "u1"], [f"i{i}" for i in range(9)]), seed=0)
+    enc = PromptEncoder(tok, layout)
+    full = history_rows(enc, [0, 1], [[1, 2, 3, 4], [5, 6, 7]], 50)
+    held = history_rows(enc, [0, 1], [[1, 2, 3, 4], [5, 6, 7]], 50, scored=[1, 2])
+    assert [r.targets for r in full] == [[[2], [3], [4]], [[6], [7]]]
+    assert [r.targets for r in held] == [[[4]], [[6], [7]]]
+    assert held[0].ids == full[0].ids
+    assert [t for t in held[0].labels if t != IGNORE] == [layout.item_token(4)]
+
+
+def test_item_loss_with_ranking_adds_the_weighted_kl_to_the_item_loss():
+    """sft.rank_distill's step: the item loss, plus weight × the ranking KL, which is zero at
+    each row's first page position when the teacher is the student itself."""
+    import copy
+
+    from pagellm.models.positions import prompt_anchor
+    from pagellm.train.rank_distill import ranking_kl, row_starts
+    from pagellm.train.sft import _labelled_hidden, collate, item_logits, item_loss_terms, item_loss_with_ranking
+    from pagellm.train.sft import item_token_loss
+
+    cfg = load_config(None, ["model.init.n_layer=1", "model.init.n_embd=32"]).model
+    model, tok, layout = build_policy(cfg, Vocab.build(["u0", "u1"], [f"i{i}" for i in range(9)]), seed=0)
+    model.eval()
+    teacher = copy.deepcopy(model)
+    rows = page_rows(PromptEncoder(tok, layout), [0, 1], [[1, 2, 3], [4]], [[5, 6], [7, 8, 0]], 0.0, 0, "set")
+    batch = collate(rows, layout.pad_id, anchor=prompt_anchor(model))
+    assert batch["label_rows"].tolist() == [0, 0, 0, 1, 1, 1, 1]  # two items + eos, three items + eos
+    total, extra = item_loss_with_ranking(model, teacher, batch, layout, weight=2.0)
+    hidden, _ = _labelled_hidden(model, batch)
+    logits = item_logits(model, hidden, layout)
+    _, positions = item_loss_terms(logits, batch["targets"], batch["blocked"])
+    starts, row_of = row_starts(batch["label_rows"])
+    kl = float(ranking_kl(logits, logits[starts], row_of, batch["blocked"], positions))
+    assert float(total) == pytest.approx(float(item_token_loss(model, batch, layout)) + 2.0 * kl, rel=1e-5)
+    assert extra["rank_kl"] == pytest.approx(kl, rel=1e-5) and kl > 0
+    assert float(ranking_kl(logits, logits[starts], row_of, batch["blocked"], starts)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_rank_distill_needs_a_next_item_phase_to_be_its_teacher():
+    from pagellm.config import ConfigError
+
+    with pytest.raises(ConfigError, match="rank_distill"):
+        load_config(None, ["sft.rank_distill=1.0", "sft.meta_epochs=0"])
+    with pytest.raises(ConfigError, match="rank_distill"):
+        load_config(None, ["sft.rank_distill=1.0", "sft.meta_epochs=2", "sft.item_loss=false"])
+    assert load_config(None, ["sft.rank_distill=1.0", "sft.meta_epochs=2"]).sft.rank_distill == 1.0

@@ -118,6 +118,14 @@ class SFTConfig(ProbedTraining):
     meta_epochs: int = Field(0, ge=0)  # next-item pre-training on whole training histories
     meta_lr: float = 5e-5
     meta_history: int = Field(50, ge=2)  # the last this-many training positives per meta row
+    # What early-stops the next-item phase and picks the checkpoint the page phase starts
+    # from: "page" = validation NDCG@10 of the page it writes greedily, "ranking" = of the
+    # top 10 of its next-item scores (its own task, as SASRec is validated), "loss" = the
+    # held-out validation items' cross-entropy. Either way the published checkpoint is the
+    # best written page of either phase. On Musical Instruments (~700 probe users) "ranking"
+    # and "loss" stopped at epochs 3-4 in two seeds of three and lost to "page"
+    # (docs/BENCHMARKS.md).
+    meta_select: Literal["page", "ranking", "loss"] = "page"
     user_dropout: float = Field(0.1, ge=0.0, le=1.0)  # share of rows repeated without the user token
     # Softmax over item tokens only at item positions (SASRec's cross-entropy over items),
     # with the page's constraints (items already on the page or in the prompt masked) in the
@@ -127,6 +135,25 @@ class SFTConfig(ProbedTraining):
     # forcing), "set" = any golden item not yet placed (log of their summed probability),
     # so the order of the page is the model's own confidence.
     page_loss: Literal["sequence", "set"] = "sequence"
+    # Share of each page-phase batch written on the policy's own greedy page instead of the
+    # golden one, the targets at each position being the golden items not yet on it
+    # (pagellm/train/sft.py own_prefix_rows): training conditions on what decoding does.
+    # Needs page_loss=set (a teacher-forced target has no meaning after a wrong guess).
+    own_prefix: float = Field(0.0, ge=0.0, le=1.0)
+    # Weight of the KL that pulls every page position toward the next-item ranking of the
+    # model the page phase starts from (frozen), over the items still allowed there
+    # (pagellm/train/rank_distill.py): the written page keeps what the next-item phase
+    # learned. Needs item_loss and a next-item phase to be the teacher.
+    rank_distill: float = Field(0.0, ge=0.0)
+
+    @model_validator(mode="after")
+    def _page_options_fit(self):
+        if self.own_prefix > 0 and self.page_loss != "set":
+            raise ValueError(f"sft.own_prefix={self.own_prefix} needs sft.page_loss=set, got {self.page_loss!r}")
+        if self.rank_distill > 0 and not (self.item_loss and self.meta_epochs > 0):
+            raise ValueError(f"sft.rank_distill={self.rank_distill} needs sft.item_loss=true and sft.meta_epochs > 0 "
+                             "(the next-item phase's checkpoint is the teacher)")
+        return self
 
 
 class RewardConfig(TrainCommon):

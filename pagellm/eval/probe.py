@@ -58,25 +58,42 @@ class RankingProbe:
                    [es.exclude[i] for i in keep], [es.targets[i] for i in keep], page_len)
 
     def __call__(self, model, layout, batch_size: int = 256) -> dict[str, float]:
+        """`ndcg@k` / `hr@k` of the written pages (what selects), and `full_ndcg@k` /
+        `full_hr@k` of the top k of the first page position's item scores (the policy as a
+        next-item ranker, eval's `full/*`; what the next-item phase selects on)."""
+        import torch
+
         from pagellm.eval.metrics import hr_at_k, ndcg_at_k
-        from pagellm.models.decoding import generate_pages
+        from pagellm.models.decoding import exclusion_mask, first_item_scores, generate_pages
 
-        pages: list[list[int]] = []
-        for a in range(0, len(self.prompts), batch_size):
-            pages += generate_pages(model, layout, self.prompts[a : a + batch_size], k=self.page_len,
-                                    exclude=self.exclude[a : a + batch_size]).items
         k = min(10, self.page_len)
-        return {f"ndcg@{k}": float(np.mean([ndcg_at_k(p, t, k) for p, t in zip(pages, self.targets)])),
-                f"hr@{k}": float(np.mean([hr_at_k(p, t, k) for p, t in zip(pages, self.targets)]))}
+        pages: list[list[int]] = []
+        ranked: list[list[int]] = []
+        for a in range(0, len(self.prompts), batch_size):
+            prompts, exclude = self.prompts[a : a + batch_size], self.exclude[a : a + batch_size]
+            pages += generate_pages(model, layout, prompts, k=self.page_len, exclude=exclude).items
+            scores = first_item_scores(model, layout, prompts)
+            scores = scores.masked_fill(exclusion_mask(exclude, len(prompts), layout.n_items, scores.device),
+                                        float("-inf"))
+            ranked += torch.topk(scores, min(k, layout.n_items), dim=-1).indices.tolist()
+
+        def mean(metric, lists) -> float:
+            return float(np.mean([metric(p, t, k) for p, t in zip(lists, self.targets)]))
+
+        return {f"ndcg@{k}": mean(ndcg_at_k, pages), f"hr@{k}": mean(hr_at_k, pages),
+                f"full_ndcg@{k}": mean(ndcg_at_k, ranked), f"full_hr@{k}": mean(hr_at_k, ranked)}
 
 
-def val_metric(page_len: int) -> str:
-    """The history key SFT and PPO select on (SFT also stops on it)."""
-    return f"val_ndcg@{min(10, page_len)}"
+def val_metric(page_len: int, ranking: bool = False) -> str:
+    """The history key SFT and PPO select on (SFT also stops on it): the written pages'
+    NDCG@10, or with `ranking` the next-item ranking's (`full_ndcg@10`)."""
+    return f"val_{'full_' if ranking else ''}ndcg@{min(10, page_len)}"
 
 
-def best_record(history: list[dict], metric: str) -> dict | None:
-    """The record (an epoch of SFT, a checkpoint of PPO) with the highest `metric`, the first
-    of equals (so the earlier one wins a tie), None if no record has it."""
+def best_record(history: list[dict], metric: str, order: str = "max") -> dict | None:
+    """The record (an epoch of SFT, a checkpoint of PPO) with the highest `metric` (lowest
+    with order="min"), the first of equals (so the earlier one wins a tie), None if no
+    record has it."""
     scored = [h for h in history if metric in h]
-    return max(scored, key=lambda h: h[metric]) if scored else None
+    pick = max if order == "max" else min
+    return pick(scored, key=lambda h: h[metric]) if scored else None

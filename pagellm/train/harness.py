@@ -254,13 +254,15 @@ def restore_loop_state(engine) -> LoopState:
         return LoopState(**json.loads((Path(local) / STATE_FILE).read_text()))
 
 
-def patience_exhausted(history: list[dict[str, Any]], key: str, patience: int) -> bool:
+def patience_exhausted(history: list[dict[str, Any]], key: str, patience: int, order: str = "max") -> bool:
     """Early stopping for `run_epochs(should_stop=...)`: True once `patience` epochs have
-    passed since the best `key` (higher is better); never without a `key` value."""
+    passed since the best `key` (higher is better, or lower with order="min"); never
+    without a `key` value."""
     values = [record[key] for record in history if key in record]
     if not values:
         return False
-    best = max(range(len(values)), key=values.__getitem__)  # the first of equals
+    pick = max if order == "max" else min
+    best = pick(range(len(values)), key=values.__getitem__)  # the first of equals
     return len(values) - 1 - best >= patience
 
 

@@ -12,8 +12,10 @@ prompt's items and the items already placed are masked: the loss is the negative
 log-likelihood constrained decoding gives the golden page.
 
 After every epoch the policy writes greedy, constrained pages for a fixed sample of
-validation users (`RankingProbe`); their NDCG@10 early-stops each run and picks what is
-published: the best-validation checkpoint of either run lands in <run>/sft/, and
+validation users and ranks every item for them by its first page position (`RankingProbe`).
+The pages' NDCG@10 early-stops the page run; the meta run stops on what sft.meta_select
+names (its pages, its ranking, or the held-out items' loss). What is published is the best
+written page of either run: that checkpoint lands in <run>/sft/, and
 <run>/sft/metrics.json["published"] names it. Each worker builds the same model from the
 same seed; DeepSpeed shards it (ZeRO from config).
 """
@@ -97,21 +99,54 @@ def page_rows(encoder: PromptEncoder, users, prompts, pages, user_dropout: float
     return rows
 
 
-def history_rows(encoder: PromptEncoder, users, histories, max_items: int) -> list[Row]:
+def own_prefix_rows(model, layout, encoder: PromptEncoder, rows: list[Row]) -> list[Row]:
+    """Page rows (`set` targets) rewritten on the policy's own greedy page (sft.own_prefix).
+
+    Teacher forcing conditions position t on golden items 0..t-1, but decoding conditions it
+    on the model's own guesses, mostly wrong on held-out data: a policy trained only on
+    golden prefixes reads its first guess as a hit and fills the page with its neighbours,
+    and the written page loses to its own next-item ranking (docs/BENCHMARKS.md). Here the
+    prefix is what greedy decoding writes (the prompt's items excluded, as in training) and
+    position t's targets are the golden items not on it yet: after a wrong guess every
+    golden item is still the answer. Greedy pages are prefix-consistent, so one pass of the
+    longest page serves every row."""
+    from pagellm.models.decoding import generate_pages
+
+    prompts = [row.ids[: row.prompt_len] for row in rows]
+    golden = [row.targets[0] for row in rows]  # under `set`, position 0's targets are the whole page
+    banned = [row.blocked[0] for row in rows]  # the prompt's items
+    with torch.no_grad():
+        written = generate_pages(model, layout, prompts, k=max(len(g) for g in golden), exclude=banned).items
+    out = []
+    for row, prompt, page, gold, ban in zip(rows, prompts, written, golden, banned):
+        page = page[: len(gold)]
+        targets = [[g for g in gold if g not in page[:t]] for t in range(len(page))] + [[]]
+        blocked = [ban + page[:t] for t in range(len(page) + 1)]
+        page_ids = encoder.encode_page(page)
+        out.append(Row(prompt + page_ids, [IGNORE] * len(prompt) + page_ids, targets, blocked, row.prompt_len))
+    return out
+
+
+def history_rows(encoder: PromptEncoder, users, histories, max_items: int, scored=None) -> list[Row]:
     """Meta pre-training rows: SASRec's task on the policy's own prompt format.
 
     The history but its last item is the prompt and the last item is a one-item page, so
     every history item after the first predicts the next one and the prompt's end (where
-    every page starts) predicts the last; no item is masked, as in SASRec."""
+    every page starts) predicts the last; no item is masked, as in SASRec.
+    `scored`: per row, how many of its last items carry a loss (validation rows score only
+    the held-out items: their training items are in the training rows already)."""
     layout = encoder.layout
     rows = []
-    for user, items in zip(users, histories):
+    for n, (user, items) in enumerate(zip(users, histories)):
         items = [int(i) for i in list(items)[-max_items:]]
         if len(items) < 2:
             continue
         ids = encoder.encode_prompt(int(user), items[:-1]) + [layout.item_token(items[-1])]
         labels = [t if layout.is_item_token(t) else IGNORE for t in ids]
         labels[labels.index(layout.item_token(items[0]))] = IGNORE  # nothing before it to predict from
+        if scored is not None:
+            keep = [i for i, t in enumerate(labels) if t != IGNORE][-int(scored[n]):] if scored[n] else []
+            labels = [t if i in keep else IGNORE for i, t in enumerate(labels)]
         targets = [[layout.token_to_item(t)] for t in labels if t != IGNORE]
         rows.append(Row(ids, labels, targets, [[] for _ in targets], len(ids) - 1))
     return rows
@@ -129,7 +164,7 @@ def collate(batch: list[Row], pad_id: int, anchor: int | None = None):
     input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
     attention = torch.zeros((len(batch), width), dtype=torch.long)
-    targets, blocked, base = [], [], 0
+    targets, blocked, label_rows, base = [], [], [], 0
     for r, row in enumerate(batch):
         input_ids[r, : len(row.ids)] = torch.tensor(row.ids)
         labels[r, : len(row.labels)] = torch.tensor(row.labels)
@@ -139,6 +174,7 @@ def collate(batch: list[Row], pad_id: int, anchor: int | None = None):
             raise ValueError(f"row {r}: {n_labels} labelled tokens but {len(row.targets)} target lists")
         targets += _coo(row.targets, base)
         blocked += _coo(row.blocked, base)
+        label_rows += [r] * n_labels
         base += n_labels
 
     def pairs(coo):
@@ -146,7 +182,8 @@ def collate(batch: list[Row], pad_id: int, anchor: int | None = None):
 
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention,
             "position_ids": position_ids(attention, [row.prompt_len for row in batch], anchor),
-            "targets": pairs(targets), "blocked": pairs(blocked)}
+            "targets": pairs(targets), "blocked": pairs(blocked),
+            "label_rows": torch.tensor(label_rows, dtype=torch.long)}  # the row of each labelled token
 
 
 def _labelled_hidden(model, batch: dict):
@@ -216,6 +253,22 @@ def item_token_loss(model, batch: dict, layout, reduction: str = "mean") -> torc
     return losses.mean() if reduction == "mean" else losses.sum()
 
 
+def item_loss_with_ranking(model, teacher, batch: dict, layout, weight: float):
+    """The item loss plus `weight` × the KL from `teacher`'s next-item ranking at every page
+    item position (sft.rank_distill, pagellm/train/rank_distill.py); one student forward."""
+    from pagellm.train.rank_distill import ranking_kl, row_starts
+
+    hidden, _ = _labelled_hidden(model, batch)
+    logits = item_logits(getattr(model, "module", model), hidden, layout)
+    losses, positions = item_loss_terms(logits, batch["targets"], batch["blocked"])
+    starts, row_of = row_starts(batch["label_rows"])
+    with torch.no_grad():
+        teacher_hidden, _ = _labelled_hidden(teacher, batch)
+        teacher_first = item_logits(teacher, teacher_hidden[starts], layout)
+    kl = ranking_kl(logits, teacher_first, row_of, batch["blocked"], positions)
+    return losses.mean() + weight * kl, {"rank_kl": float(kl)}
+
+
 def count_loss_terms(batch: dict, item_loss: bool) -> int:
     """How many terms `item_token_loss` / `target_token_loss` sum over (for a val mean)."""
     if item_loss:
@@ -267,7 +320,7 @@ def _train_loop(config: dict) -> None:
         rows = history_rows(encoder, evals["user_index"], evals["train_positives"], train_cfg.meta_history)
         val_rows = history_rows(encoder, val["user_index"],
                                 [list(a) + list(b) for a, b in zip(val["train_positives"], val["val_items"])],
-                                train_cfg.meta_history)
+                                train_cfg.meta_history, scored=[len(v) for v in val["val_items"]])
     else:
         sft = pd.read_parquet(data_dir / "sft.parquet")
         rows = page_rows(encoder, sft["user_index"], sft["prompt"], sft["target"], train_cfg.user_dropout, cfg.seed,
@@ -277,14 +330,29 @@ def _train_loop(config: dict) -> None:
     world = dist.get_world_size()
     mbs = micro_batch_size(train_cfg.batch_size, world)
     pad = partial(collate, pad_id=layout.pad_id, anchor=prompt_anchor(model))
-    loader = distributed_loader(TokenRows(rows), mbs, shuffle=True, seed=cfg.seed, collate_fn=pad)
+    own = train_cfg.own_prefix if phase == "sft" else 0.0
+    # With own prefixes the rows are rewritten by the model being trained, so batches stay
+    # rows until the step (every rank rewrites as many rows: its batch is as long).
+    loader = distributed_loader(TokenRows(rows), mbs, shuffle=True, seed=cfg.seed, collate_fn=list if own else pad)
     val_loader = distributed_loader(TokenRows(val_rows), mbs, shuffle=False, collate_fn=pad)
     epochs = train_cfg.meta_epochs if phase == "meta" else train_cfg.epochs
+    # sft.rank_distill: the page phase's starting point, frozen (copied before DeepSpeed
+    # wraps and, under ZeRO-3, partitions the model), is the ranking's teacher.
+    teacher = _frozen_copy(model) if phase == "sft" and train_cfg.rank_distill > 0 else None
     engine = build_engine(model, None, train_cfg, len(loader) * epochs, train_cfg.use_gpu)
     loss_fn = make_loss(train_cfg, layout)
 
+    if teacher is not None:
+        teacher.to(engine.device)
+
     def step(eng, batch):
-        return loss_fn(eng, {k: v.to(eng.device) for k, v in batch.items()})
+        if own:  # the batch order is shuffled each epoch, so its first rows are a random share
+            n = round(own * len(batch))
+            batch = pad(own_prefix_rows(eng.module, layout, encoder, batch[:n]) + batch[n:])
+        batch = {k: v.to(eng.device) for k, v in batch.items()}
+        if teacher is not None:
+            return item_loss_with_ranking(eng, teacher, batch, layout, train_cfg.rank_distill)
+        return loss_fn(eng, batch)
 
     def evaluate(eng) -> dict[str, float]:
         # Every rank writes the same pages (ZeRO-3 gathers weights collectively), so the
@@ -294,10 +362,27 @@ def _train_loop(config: dict) -> None:
     def save_fn(module, state_dict, out_dir):
         save_policy(module, tokenizer, layout, out_dir, state_dict=state_dict)
 
-    metric = val_metric(cfg.data.page_len)
+    key, order = selection(cfg, phase)
     run_epochs(engine, loader, step, epochs=epochs, name=f"sft:{phase}" if phase == "meta" else "sft",
                save_fn=save_fn, eval_fn=evaluate, log_every=train_cfg.log_every,
-               should_stop=lambda history: patience_exhausted(history, metric, train_cfg.patience))
+               should_stop=lambda history: patience_exhausted(history, key, train_cfg.patience, order))
+
+
+def selection(cfg: Config, phase: str) -> tuple[str, str]:
+    """(validation key, "max" | "min") that early-stops `phase` and picks its best
+    checkpoint: the written page's NDCG@10; in the meta phase, by sft.meta_select, the
+    validation loss, the next-item ranking's NDCG@10 or the page's (config doc)."""
+    if phase == "meta" and cfg.sft.meta_select == "loss":
+        return "val_loss", "min"
+    return val_metric(cfg.data.page_len, ranking=phase == "meta" and cfg.sft.meta_select == "ranking"), "max"
+
+
+def _frozen_copy(model):
+    import copy
+
+    teacher = copy.deepcopy(model).eval()
+    teacher.requires_grad_(False)
+    return teacher
 
 
 def _phase_config(cfg: Config, phase: str) -> SFTConfig:
@@ -315,23 +400,26 @@ def run_sft_stage(cfg: Config, run_dir: Path, log=print) -> dict:
     if not (data_dir / "sft.parquet").exists():
         raise FileNotFoundError(f"{data_dir}/sft.parquet not found: run `pagellm data --run {run_dir}` first")
     base = {"cfg": cfg.model_dump(mode="json"), "data_dir": str(data_dir.resolve())}
-    metric = val_metric(cfg.data.page_len)
-    score = (metric, "max")
+    metric, _ = selection(cfg, "sft")
     history: dict[str, list] = {}
     candidates: list[tuple[str, dict, str]] = []  # (phase, best epoch record, its hf dir)
     init_dir = None
     if cfg.sft.meta_epochs > 0:
-        log(f"[sft] meta pre-training up to {cfg.sft.meta_epochs} epoch(s) on training histories")
+        meta_key = selection(cfg, "meta")
+        log(f"[sft] meta pre-training up to {cfg.sft.meta_epochs} epoch(s) on training histories, "
+            f"early-stopped on {meta_key[0]}")
         meta = fit(_train_loop, {**base, "phase": "meta"}, _phase_config(cfg, "meta"), run_dir, name="sft_meta",
-                   checkpoint_score=score)
+                   checkpoint_score=meta_key)
         init_dir = f"{meta.best_checkpoint_path}/{HF_SUBDIR}"
         history["meta"] = meta.history
-        candidates.append(("meta", best_record(meta.history, metric), init_dir))
+        # Its best epoch by its own metric is the checkpoint kept; it competes for
+        # publishing by the written page's score like the page phase's.
+        candidates.append(("meta", best_record(meta.history, *meta_key), init_dir))
     if cfg.sft.epochs > 0:
         log(f"[sft] fine-tuning on golden pages: up to {cfg.sft.epochs} epoch(s), {cfg.sft.workers} worker(s), "
             f"ZeRO-{cfg.sft.zero_stage}, {cfg.sft.page_loss} targets")
         result = fit(_train_loop, {**base, "phase": "sft", "init_dir": init_dir}, cfg.sft, run_dir, name="sft",
-                     checkpoint_score=score)
+                     checkpoint_score=(metric, "max"))
         history["sft"] = result.history
         candidates.append(("sft", best_record(result.history, metric), f"{result.best_checkpoint_path}/{HF_SUBDIR}"))
     candidates = [c for c in candidates if c[1] is not None]
