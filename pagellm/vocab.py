@@ -128,6 +128,14 @@ class TokenLayout:
     # so one vocabulary serves both settings.
     user_tokens: bool = True
 
+    def drop_tail(self) -> None:
+        """Prompts end with the history's last item (model.prompt_tail false): the page's first
+        item is then predicted where every later history item is, SASRec's read-out, instead
+        of at the template's closing words, a position the next-item phase trains once per
+        user (docs/BENCHMARKS.md, Beauty)."""
+        self.tail_ids = []
+        self.empty_ids = list(self.head_ids)  # an empty history: the head's last token predicts
+
     def item_token(self, index):
         """Token id(s) of item index(es); works on ints and tensors."""
         return self.item_offset + index

@@ -5,7 +5,14 @@ import math
 import pytest
 import torch
 
-from pagellm.train.rank_distill import ranking_kl, row_starts
+from pagellm.train.rank_distill import ranking_kl as _ranking_kl
+from pagellm.train.rank_distill import row_starts
+from pagellm.train.sft import constrained_log_softmax
+
+
+def ranking_kl(student_logits, teacher, row_of, blocked, positions):
+    """The KL from raw student logits: the step hands it the constrained softmax it took."""
+    return _ranking_kl(constrained_log_softmax(student_logits, blocked), teacher, row_of, blocked, positions)
 
 
 def test_row_starts_find_each_rows_first_position_and_number_the_rows():

@@ -63,6 +63,33 @@ def test_history_rows_predict_every_item_but_the_first_and_the_last_after_the_pr
     assert history_rows(enc, [0], [[3]], max_items=50) == []  # nothing to predict
 
 
+def test_without_the_prompt_tail_the_page_is_read_out_where_history_items_are(tmp_path):
+    """model.prompt_tail=false: the prompt ends with the last history item, so a meta row
+    trains its last item from the same kind of position as every other (SASRec's read-out),
+    the page's first item follows the history, and the layout survives a save/load."""
+    from pagellm.models.policy import save_policy
+
+    vocab = Vocab.build([f"u{i}" for i in range(3)], [f"i{i}" for i in range(9)])
+    model_cfg = load_config(None, SMALL + ["model.prompt_tail=false"]).model
+    model, tok, layout = build_policy(model_cfg, vocab, seed=0)
+    enc = PromptEncoder(tok, layout)
+    assert layout.tail_ids == []
+    assert enc.encode_prompt(0, [3, 4])[-2:] == [layout.item_offset + 3, layout.item_offset + 4]
+    (row,) = history_rows(enc, [0], [[3, 4, 5]], max_items=50)
+    assert row.ids[-3:] == [layout.item_offset + i for i in (3, 4, 5)] and row.targets == [[4], [5]]
+    (page,) = page_rows(enc, [0], [[3, 4]], [[5, 6]], user_dropout=0.0, seed=0)
+    assert page.ids[page.prompt_len - 1] == layout.item_offset + 4  # history's last item, then the page
+    assert enc.encode_prompt(0, []) == layout.prefix_ids + [layout.user_offset] + layout.head_ids
+    save_policy(model, tok, layout, tmp_path)
+    _, _, loaded = load_policy(tmp_path, model_cfg)
+    assert loaded.tail_ids == [] and loaded.empty_ids == layout.head_ids
+    pages = generate_pages(model, layout, [enc.encode_prompt(0, [3, 4]), enc.encode_prompt(1, [])], k=3,
+                           exclude=[{3, 4}, set()]).items
+    assert all(len(p) == 3 and len(set(p)) == 3 for p in pages) and not {3, 4} & set(pages[0])
+    # The default keeps the paper's template, closing words and all.
+    assert build_policy(load_config(None, SMALL).model, vocab, seed=0)[2].tail_ids
+
+
 def test_item_loss_terms_by_hand():
     from pagellm.train.sft import item_loss_terms
 
@@ -313,7 +340,8 @@ def test_item_loss_with_ranking_adds_the_weighted_kl_to_the_item_loss():
 
     from pagellm.models.positions import prompt_anchor
     from pagellm.train.rank_distill import ranking_kl, row_starts
-    from pagellm.train.sft import _labelled_hidden, collate, item_logits, item_loss_terms, item_loss_with_ranking
+    from pagellm.train.sft import _labelled_hidden, collate, constrained_log_softmax, item_logits, item_loss_terms
+    from pagellm.train.sft import item_loss_with_ranking
     from pagellm.train.sft import item_token_loss
 
     cfg = load_config(None, ["model.init.n_layer=1", "model.init.n_embd=32"]).model
@@ -328,10 +356,11 @@ def test_item_loss_with_ranking_adds_the_weighted_kl_to_the_item_loss():
     logits = item_logits(model, hidden, layout)
     _, positions = item_loss_terms(logits, batch["targets"], batch["blocked"])
     starts, row_of = row_starts(batch["label_rows"])
-    kl = float(ranking_kl(logits, logits[starts], row_of, batch["blocked"], positions))
+    logp = constrained_log_softmax(logits, batch["blocked"])
+    kl = float(ranking_kl(logp, logits[starts], row_of, batch["blocked"], positions))
     assert float(total) == pytest.approx(float(item_token_loss(model, batch, layout)) + 2.0 * kl, rel=1e-5)
     assert extra["rank_kl"] == pytest.approx(kl, rel=1e-5) and kl > 0
-    assert float(ranking_kl(logits, logits[starts], row_of, batch["blocked"], starts)) == pytest.approx(0.0, abs=1e-6)
+    assert float(ranking_kl(logp, logits[starts], row_of, batch["blocked"], starts)) == pytest.approx(0.0, abs=1e-6)
 
 
 def test_rank_distill_needs_a_next_item_phase_to_be_its_teacher():

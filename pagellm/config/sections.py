@@ -86,6 +86,11 @@ class ModelConfig(Strict):
     # Where position ids start (pagellm/models/positions.py): "prompt_end" anchors the end of
     # the prompt at half the context, so a learned position means "how recent".
     positions: Literal["start", "prompt_end"] = "start"
+    # End the prompt with the template's closing words ("The user will interact with :"), as
+    # the paper does. Off, the page follows the history's last item directly, so its first
+    # item is read out where next-item training scores every history item (SASRec's
+    # read-out); the closing words' position is otherwise trained once per user.
+    prompt_tail: bool = True
 
 
 class TrainCommon(Strict):

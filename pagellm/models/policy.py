@@ -71,6 +71,8 @@ def build_policy(
     else:
         model, tokenizer, layout = _from_pretrained(model_cfg.name, vocab, seed, dtype)
     layout.user_tokens = model_cfg.user_tokens
+    if not model_cfg.prompt_tail:
+        layout.drop_tail()
     set_positions(model, model_cfg.positions)
     if model_cfg.lora.enabled:
         model = apply_lora(model, model_cfg.lora, layout)

@@ -30,15 +30,16 @@ def row_starts(label_rows: torch.Tensor) -> torch.Tensor:
     return change.nonzero().squeeze(1), change.long().cumsum(0) - 1
 
 
-def ranking_kl(student_logits: torch.Tensor, teacher_first: torch.Tensor, row_of: torch.Tensor,
+def ranking_kl(student_logp: torch.Tensor, teacher_first: torch.Tensor, row_of: torch.Tensor,
                blocked: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """Mean KL_p over `positions` (module doc). student_logits [P, n_items] at every
+    """Mean KL_p over `positions` (module doc). student_logp [P, n_items]: the student's
+    constrained log-probabilities (`sft.constrained_log_softmax`, `blocked` masked) at every
     labelled position; teacher_first [R, n_items], the teacher's logits at each row's first
     page position; row_of [P] the row number of each position; blocked [2, *] (position,
     item) pairs masked at that position."""
     from pagellm.train.sft import constrained_log_softmax
 
-    logp = constrained_log_softmax(student_logits, blocked)[positions]
+    logp = student_logp[positions]
     logq = constrained_log_softmax(teacher_first[row_of].detach(), blocked)[positions]
     q = logq.exp()
     allowed = q > 0  # blocked items: q = 0 and log π = -inf, whose product must read 0

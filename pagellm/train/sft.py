@@ -3,8 +3,9 @@
 Two Ray Train runs, each resumable and early-stopped on its own:
   meta  (optional, sft.meta_epochs > 0): next-item prediction over each user's training
         history written as a prompt (SASRec's task in the policy's format): every history
-        item after the first is a target, and the last is predicted right after the prompt
-        template, where every page starts.
+        item after the first is a target, and the last is predicted at the prompt's end,
+        where every page starts (the template's closing words, or with
+        model.prompt_tail=false the history item before it, like every other target).
   sft   the page objective: prompt → golden page, loss on the page's items (`sequence`:
         item t; `set`: any golden item not yet placed).
 With sft.item_loss the softmax at each target is over item tokens only, and on a page the
@@ -235,7 +236,11 @@ def item_loss_terms(logits: torch.Tensor, targets: torch.Tensor, blocked: torch.
     positions that have targets; returns (losses, positions). Plain math, unit-tested.
 
     logits [P, n_items]; targets, blocked: [2, *] (position, item) index pairs."""
-    logp = constrained_log_softmax(logits, blocked)
+    return target_nll(constrained_log_softmax(logits, blocked), targets)
+
+
+def target_nll(logp: torch.Tensor, targets: torch.Tensor):
+    """`item_loss_terms` from already constrained log-probabilities logp [P, n_items]."""
     picked = logp[targets[0], targets[1]]
     positions = torch.unique(targets[0])
     # log-sum-exp per position, stable: shift by each position's largest target logprob.
@@ -259,13 +264,14 @@ def item_loss_with_ranking(model, teacher, batch: dict, layout, weight: float):
     from pagellm.train.rank_distill import ranking_kl, row_starts
 
     hidden, _ = _labelled_hidden(model, batch)
-    logits = item_logits(getattr(model, "module", model), hidden, layout)
-    losses, positions = item_loss_terms(logits, batch["targets"], batch["blocked"])
+    # One constrained softmax serves the item loss and the KL.
+    logp = constrained_log_softmax(item_logits(getattr(model, "module", model), hidden, layout), batch["blocked"])
+    losses, positions = target_nll(logp, batch["targets"])
     starts, row_of = row_starts(batch["label_rows"])
     with torch.no_grad():
         teacher_hidden, _ = _labelled_hidden(teacher, batch)
         teacher_first = item_logits(teacher, teacher_hidden[starts], layout)
-    kl = ranking_kl(logits, teacher_first, row_of, batch["blocked"], positions)
+    kl = ranking_kl(logp, teacher_first, row_of, batch["blocked"], positions)
     return losses.mean() + weight * kl, {"rank_kl": float(kl)}
 
 
