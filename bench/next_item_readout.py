@@ -1,0 +1,145 @@
+"""Where the policy's next-item ranking is read out, and with which optimiser (diagnosis).
+
+Trains the policy, built as the SFT stage builds it, on the next-item phase's rows
+(`pagellm.train.sft.history_rows`) with a plain torch loop, and after each epoch ranks all
+items for the SFT probe's validation users (history excluded) at two places of one forward:
+  tail: the prompt's end, where pages start and the probe and eval read (`tail_*`)
+  item: the last history item, SASRec's read-out (`item_*`; only when the prompt has
+        closing words, `model.prompt_tail: true`)
+`--opt sasrec` swaps in SASRec's optimiser (Adam (0.9, 0.98), no weight decay, constant lr,
+no clipping); `--sasrec` trains the SASRec baseline instead, validated on the same users.
+Needs a finished data stage (`pagellm data`). docs/BENCHMARKS.md (Beauty) has the results:
+
+    python bench/next_item_readout.py --config configs/beauty-loo.yaml --data runs/beauty/data \
+        --epochs 30 --set model.prompt_tail=true --out runs/readout_tail.jsonl
+"""
+import argparse
+import json
+import math
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from pagellm.config.loading import load_config
+from pagellm.eval.metrics import hr_at_k, ndcg_at_k
+from pagellm.eval.probe import RankingProbe
+from pagellm.models.decoding import left_pad
+from pagellm.models.policy import build_policy
+from pagellm.models.positions import prompt_anchor
+from pagellm.train.engine import weight_decay_groups
+from pagellm.train.sft import collate, history_rows, item_logits, item_token_loss
+from pagellm.vocab import PromptEncoder, Vocab
+
+ap = argparse.ArgumentParser()
+ap.add_argument("--config", required=True)
+ap.add_argument("--data", required=True)
+ap.add_argument("--epochs", type=int, default=20)
+ap.add_argument("--opt", default="current", choices=["current", "sasrec"])
+ap.add_argument("--lr", type=float, default=None)
+ap.add_argument("--sasrec", action="store_true")
+ap.add_argument("--set", action="append", default=[])
+ap.add_argument("--out", required=True)
+args = ap.parse_args()
+torch.set_num_threads(2)
+cfg = load_config(args.config, args.set)
+data_dir = Path(args.data)
+vocab = Vocab.from_parquet(data_dir / "vocab.parquet")
+torch.manual_seed(cfg.seed)
+model, tokenizer, layout = build_policy(cfg.model, vocab, seed=cfg.seed)
+encoder = PromptEncoder(tokenizer, layout)
+probe = RankingProbe.from_data(data_dir, encoder, cfg.data.page_len, cfg.sft.val_users, part="sft")
+evals = pd.read_parquet(data_dir / "eval.parquet")
+log = open(args.out, "w")
+
+
+def emit(rec):
+    print(json.dumps(rec), flush=True)
+    log.write(json.dumps(rec) + "\n")
+    log.flush()
+
+
+def metrics(ranked):
+    return {"ndcg": float(np.mean([ndcg_at_k(r, t, 10) for r, t in zip(ranked, probe.targets)])),
+            "hr": float(np.mean([hr_at_k(r, t, 10) for r, t in zip(ranked, probe.targets)]))}
+
+
+if args.sasrec:
+    from pagellm.eval.baselines.sasrec import SASRec
+    es_users = sorted(probe.users)
+    by_user = evals.set_index("user_index")
+    vh = [list(by_user.loc[u, "train_positives"]) for u in es_users]
+    vt = [list(by_user.loc[u, "val_items"]) for u in es_users]
+    m = SASRec({"epochs": args.epochs, "patience": 100, "verbose": True})
+    m.fit([list(s) for s in evals["train_positives"] if len(s)], len(pd.read_parquet(data_dir / "items.parquet")), vh, vt)
+    for r in m.training_log:
+        emit({"model": "sasrec", **r})
+    sys.exit(0)
+
+tail_len = len(layout.tail_ids)
+
+
+@torch.no_grad()
+def probe_eval():
+    model.eval()
+    ranked = {n: [] for n in (("tail", "item") if tail_len else ("tail",))}
+    for a in range(0, len(probe.prompts), 256):
+        prompts, exclude = probe.prompts[a:a + 256], probe.exclude[a:a + 256]
+        ids, mask, pos = left_pad(prompts, layout.pad_id, "cpu", prompt_anchor(model))
+        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, output_hidden_states=True, logits_to_keep=1)
+        h = out.hidden_states[-1]
+        for name, col in (("tail", -1), ("item", -1 - tail_len)) if tail_len else (("tail", -1),):
+            s = item_logits(model, h[:, col], layout)
+            for r, ex in enumerate(exclude):
+                if ex:
+                    s[r, list(ex)] = float("-inf")
+            ranked[name] += torch.topk(s, 10, dim=-1).indices.tolist()
+    model.train()
+    return {f"{k}_{m}": v for k, r in ranked.items() for m, v in metrics(r).items()}
+
+
+rows = history_rows(encoder, evals["user_index"], evals["train_positives"], cfg.sft.meta_history)
+pad = partial(collate, pad_id=layout.pad_id, anchor=prompt_anchor(model))
+bs = cfg.sft.batch_size
+steps_per_epoch = math.ceil(len(rows) / bs)
+total = steps_per_epoch * args.epochs
+lr = args.lr or (cfg.sft.meta_lr if args.opt != "sasrec" else 1e-3)
+if args.opt == "current":
+    opt = torch.optim.AdamW(weight_decay_groups(model, cfg.sft.weight_decay), lr=lr, betas=(0.9, 0.95))
+else:
+    opt = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.9, 0.98))
+warm = round(cfg.sft.warmup_ratio * total)
+
+
+def lr_at(step):
+    if args.opt == "sasrec":
+        return lr
+    if step < warm:
+        return lr * (step + 1) / max(1, warm)
+    return lr * max(0.0, (total - step) / max(1, total - warm))
+
+
+rng = np.random.default_rng(cfg.seed)
+step = 0
+emit({"epoch": 0, **probe_eval(), "opt": args.opt, "lr": lr, "set": args.set})
+for epoch in range(1, args.epochs + 1):
+    t0 = time.perf_counter()
+    order = rng.permutation(len(rows))
+    tot = 0.0
+    for b in range(steps_per_epoch):
+        batch = pad([rows[i] for i in order[b * bs:(b + 1) * bs]])
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step)
+        loss = item_token_loss(model, batch, layout)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if args.opt != "sasrec":
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step += 1
+        tot += float(loss.detach())
+    emit({"epoch": epoch, "loss": tot / steps_per_epoch, "sec": time.perf_counter() - t0, **probe_eval()})
