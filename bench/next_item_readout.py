@@ -28,9 +28,10 @@ import torch
 from pagellm.config.loading import load_config
 from pagellm.eval.metrics import hr_at_k, ndcg_at_k
 from pagellm.eval.probe import RankingProbe
-from pagellm.models.decoding import left_pad
+from pagellm.models.decoding import exclusion_mask, left_pad
 from pagellm.models.policy import build_policy
 from pagellm.models.positions import prompt_anchor
+from pagellm.train.deepspeed_config import train_ds_config
 from pagellm.train.engine import weight_decay_groups
 from pagellm.train.sft import collate, history_rows, item_logits, item_token_loss
 from pagellm.vocab import PromptEncoder, Vocab
@@ -94,9 +95,7 @@ def probe_eval():
         h = out.hidden_states[-1]
         for name, col in (("tail", -1), ("item", -1 - tail_len)) if tail_len else (("tail", -1),):
             s = item_logits(model, h[:, col], layout)
-            for r, ex in enumerate(exclude):
-                if ex:
-                    s[r, list(ex)] = float("-inf")
+            s = s.masked_fill(exclusion_mask(exclude, len(prompts), layout.n_items, s.device), float("-inf"))
             ranked[name] += torch.topk(s, 10, dim=-1).indices.tolist()
     model.train()
     return {f"{k}_{m}": v for k, r in ranked.items() for m, v in metrics(r).items()}
@@ -109,22 +108,23 @@ steps_per_epoch = math.ceil(len(rows) / bs)
 total = steps_per_epoch * args.epochs
 lr = args.lr or (cfg.sft.meta_lr if args.opt != "sasrec" else 1e-3)
 if args.opt == "current":
-    opt = torch.optim.AdamW(weight_decay_groups(model, cfg.sft.weight_decay), lr=lr, betas=(0.9, 0.95))
-else:
+    # The SFT stage's own optimiser and schedule: the DeepSpeed config build_engine builds,
+    # run on a plain torch AdamW and DeepSpeed's scheduler class.
+    from deepspeed.runtime.lr_schedules import WarmupDecayLR
+
+    ds = train_ds_config(zero_stage=0, micro_batch_size=bs, grad_clip=cfg.sft.grad_clip, lr=lr,
+                         weight_decay=cfg.sft.weight_decay, warmup_steps=round(cfg.sft.warmup_ratio * total),
+                         total_steps=total)
+    o = ds["optimizer"]["params"]
+    opt = torch.optim.AdamW(weight_decay_groups(model, o["weight_decay"]), lr=o["lr"], betas=tuple(o["betas"]),
+                            eps=o["eps"])
+    schedule = WarmupDecayLR(opt, **ds["scheduler"]["params"])
+    clip = ds["gradient_clipping"]
+else:  # SASRec's (pagellm/eval/baselines/sasrec.py): Adam, constant lr, no clipping
     opt = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.9, 0.98))
-warm = round(cfg.sft.warmup_ratio * total)
-
-
-def lr_at(step):
-    if args.opt == "sasrec":
-        return lr
-    if step < warm:
-        return lr * (step + 1) / max(1, warm)
-    return lr * max(0.0, (total - step) / max(1, total - warm))
-
+    schedule, clip = None, 0.0
 
 rng = np.random.default_rng(cfg.seed)
-step = 0
 emit({"epoch": 0, **probe_eval(), "opt": args.opt, "lr": lr, "set": args.set})
 for epoch in range(1, args.epochs + 1):
     t0 = time.perf_counter()
@@ -132,14 +132,13 @@ for epoch in range(1, args.epochs + 1):
     tot = 0.0
     for b in range(steps_per_epoch):
         batch = pad([rows[i] for i in order[b * bs:(b + 1) * bs]])
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step)
         loss = item_token_loss(model, batch, layout)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        if args.opt != "sasrec":
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        if clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         opt.step()
-        step += 1
+        if schedule is not None:
+            schedule.step()
         tot += float(loss.detach())
     emit({"epoch": epoch, "loss": tot / steps_per_epoch, "sec": time.perf_counter() - t0, **probe_eval()})
