@@ -138,9 +138,11 @@ def test_sft_on_two_workers(data_run, tmp_path, zero, meta, own, distill):
     run_dir = tmp_path / "run"
     shutil.copytree(data_run, run_dir)
     # own: half of each batch written by the policy itself, on two ZeRO-3 ranks at once;
-    # distill: the meta checkpoint, frozen, teaches every page position its ranking.
+    # distill: the meta checkpoint, frozen, teaches every page position its ranking, with
+    # half the training histories replayed among the page rows.
     cfg = load_config(None, SMALL + [f"sft.zero_stage={zero}", f"sft.meta_epochs={meta}", f"sft.own_prefix={own}",
-                                     f"sft.page_loss={'set' if own else 'sequence'}", f"sft.rank_distill={distill}"])
+                                     f"sft.page_loss={'set' if own else 'sequence'}", f"sft.rank_distill={distill}",
+                                     f"sft.history_replay={0.5 if distill else 0.0}"])
     metrics = run_sft_stage(cfg, run_dir, log=lambda *_: None)
     saved = json.loads((run_dir / "sft" / "metrics.json").read_text())
     assert saved["history"]["sft"][0]["epoch"] == 1 and "val_loss" in saved["history"]["sft"][0]
@@ -361,6 +363,70 @@ def test_item_loss_with_ranking_adds_the_weighted_kl_to_the_item_loss():
     assert float(total) == pytest.approx(float(item_token_loss(model, batch, layout)) + 2.0 * kl, rel=1e-5)
     assert extra["rank_kl"] == pytest.approx(kl, rel=1e-5) and kl > 0
     assert float(ranking_kl(logp, logits[starts], row_of, batch["blocked"], starts)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_replayed_history_rows_are_distilled_at_their_own_positions():
+    """sft.history_replay: in a batch of page and history rows, the item loss is the mean
+    over every labelled position of both; page positions learn the teacher's ranking (as
+    without history rows) and history positions the teacher's prediction at each position,
+    which is zero when the teacher is the student."""
+    import copy
+
+    from pagellm.models.positions import prompt_anchor
+    from pagellm.train.sft import collate, item_loss_with_ranking, item_token_loss, replay_sample
+
+    cfg = load_config(None, ["model.init.n_layer=1", "model.init.n_embd=32"]).model
+    model, tok, layout = build_policy(cfg, Vocab.build(["u0", "u1"], [f"i{i}" for i in range(9)]), seed=0)
+    model.eval()
+    enc = PromptEncoder(tok, layout)
+    pages = page_rows(enc, [0, 1], [[1, 2, 3], [4]], [[5, 6], [7, 8, 0]], 0.0, 0, "set")
+    history = history_rows(enc, [0, 1], [[3, 1, 4, 1, 5], [2, 6, 5]], 50)
+    assert [r.page for r in pages] == [True, True] and [r.page for r in history] == [False, False]
+    anchor = prompt_anchor(model)
+    mixed = collate([history[0]] + pages + [history[1]], layout.pad_id, anchor=anchor)
+    only_pages, only_history = collate(pages, layout.pad_id, anchor=anchor), collate(history, layout.pad_id, anchor=anchor)
+    assert mixed["page_rows"].tolist() == [False, True, True, False]
+
+    same = copy.deepcopy(model)
+    _, extra = item_loss_with_ranking(model, same, only_history, layout, weight=3.0, replayed=True)
+    assert extra["replay_kl"] == pytest.approx(0.0, abs=1e-6)
+
+    teacher = copy.deepcopy(model)
+    teacher.transformer.wte.weight.data.normal_()  # a teacher unlike the student
+    total, extra = item_loss_with_ranking(model, teacher, mixed, layout, weight=3.0, replayed=True)
+    _, pages_alone = item_loss_with_ranking(model, teacher, only_pages, layout, 3.0)
+    _, history_alone = item_loss_with_ranking(model, teacher, only_history, layout, 3.0, replayed=True)
+    assert "replay_kl" not in pages_alone and history_alone["rank_kl"] == 0.0
+    assert extra["rank_kl"] == pytest.approx(pages_alone["rank_kl"], rel=1e-5) and extra["rank_kl"] > 0
+    assert extra["replay_kl"] == pytest.approx(history_alone["replay_kl"], rel=1e-5) and extra["replay_kl"] > 0
+    expected = float(item_token_loss(model, mixed, layout).detach()) + 3.0 * (extra["rank_kl"] + extra["replay_kl"])
+    assert float(total.detach()) == pytest.approx(expected, rel=1e-5)
+    # The replayed share is a fixed sample: the same rows for the same seed, all at 1.0.
+    many = history * 50
+    assert replay_sample(many, 1.0, 0) == many
+    half = replay_sample(many, 0.5, 0)
+    assert half == replay_sample(many, 0.5, 0) and 30 < len(half) < 70
+
+
+def test_own_prefix_rewrites_the_page_rows_of_its_share_and_leaves_history_rows_alone():
+    from pagellm.config import ConfigError
+    from pagellm.train.sft import own_prefix_batch, own_prefix_rows
+
+    cfg = load_config(None, ["model.init.n_layer=1", "model.init.n_embd=32"]).model
+    model, tok, layout = build_policy(cfg, Vocab.build(["u0", "u1"], [f"i{i}" for i in range(12)]), seed=0)
+    model.eval()
+    enc = PromptEncoder(tok, layout)
+    pages = page_rows(enc, [0, 1, 0], [[1, 2], [3], [4]], [[5, 6, 7], [8, 9, 10], [11, 0]], 0.0, 0, "set")
+    history = history_rows(enc, [0], [[3, 1, 4, 1, 5]], 50)
+    batch = [pages[0], history[0], pages[1], pages[2]]
+    out = own_prefix_batch(model, layout, enc, batch, share=0.5)  # the first two rows: a page and a history
+    written = own_prefix_rows(model, layout, enc, [pages[0]])
+    assert out == written + [history[0], pages[1], pages[2]]
+    assert own_prefix_batch(model, layout, enc, [history[0], pages[1]], share=0.5) == [history[0], pages[1]]
+    # ZeRO-3 ranks must decode in step, which mixed batches cannot promise: refused at load.
+    with pytest.raises(ConfigError, match="history_replay"):
+        load_config(None, ["sft.own_prefix=0.5", "sft.page_loss=set", "sft.history_replay=0.5",
+                           "sft.zero_stage=3", "sft.workers=2"])
 
 
 def test_rank_distill_needs_a_next_item_phase_to_be_its_teacher():

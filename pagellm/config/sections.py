@@ -150,11 +150,23 @@ class SFTConfig(ProbedTraining):
     # (pagellm/train/rank_distill.py): the written page keeps what the next-item phase
     # learned. Needs item_loss and a next-item phase to be the teacher.
     rank_distill: float = Field(0.0, ge=0.0)
+    # Share of the next-item phase's rows (each user's training history, a fixed seeded
+    # sample) mixed into every page-phase epoch. They take the item loss, and with
+    # rank_distill each of their positions is pulled toward the teacher's prediction at that
+    # position: the next-item model the page reads from is kept while positions 2-10 learn
+    # the page (without it, Beauty's validation ranking fell 15 % in the page phase's first
+    # epoch; docs/BENCHMARKS.md). own_prefix rewrites page rows only.
+    history_replay: float = Field(0.0, ge=0.0, le=1.0)
 
     @model_validator(mode="after")
     def _page_options_fit(self):
         if self.own_prefix > 0 and self.page_loss != "set":
             raise ValueError(f"sft.own_prefix={self.own_prefix} needs sft.page_loss=set, got {self.page_loss!r}")
+        if self.own_prefix > 0 and self.history_replay > 0 and self.zero_stage == 3 and self.workers > 1:
+            # Under ZeRO-3 every forward gathers weights collectively, so the ranks must decode
+            # in step; with history rows mixed in, their batches hold different numbers of pages.
+            raise ValueError("sft.own_prefix with sft.history_replay is not supported under sft.zero_stage=3 on "
+                             "several workers (the ranks would write different numbers of pages)")
         if self.rank_distill > 0 and not (self.item_loss and self.meta_epochs > 0):
             raise ValueError(f"sft.rank_distill={self.rank_distill} needs sft.item_loss=true and sft.meta_epochs > 0 "
                              "(the next-item phase's checkpoint is the teacher)")

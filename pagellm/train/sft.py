@@ -10,7 +10,9 @@ Two Ray Train runs, each resumable and early-stopped on its own:
         item t; `set`: any golden item not yet placed).
 With sft.item_loss the softmax at each target is over item tokens only, and on a page the
 prompt's items and the items already placed are masked: the loss is the negative
-log-likelihood constrained decoding gives the golden page.
+log-likelihood constrained decoding gives the golden page. With sft.history_replay the
+page phase also trains on the meta phase's rows, so the next-item model it reads from is
+kept while the page is learned.
 
 After every epoch the policy writes greedy, constrained pages for a fixed sample of
 validation users and ranks every item for them by its first page position (`RankingProbe`).
@@ -73,6 +75,7 @@ class Row(NamedTuple):
     targets: list[list[int]]
     blocked: list[list[int]]
     prompt_len: int  # tokens before the page (a meta row's page is its last item)
+    page: bool = True  # a prompt → page row; False: a next-item history row (history_rows)
 
 
 def page_rows(encoder: PromptEncoder, users, prompts, pages, user_dropout: float, seed: int,
@@ -128,6 +131,16 @@ def own_prefix_rows(model, layout, encoder: PromptEncoder, rows: list[Row]) -> l
     return out
 
 
+def own_prefix_batch(model, layout, encoder: PromptEncoder, batch: list[Row], share: float) -> list[Row]:
+    """A step's rows with its first `share` rewritten by `own_prefix_rows` (the batch order
+    is shuffled each epoch, so they are a random share); replayed history rows
+    (sft.history_replay) among them have no page to rewrite and stay as they are."""
+    n = round(share * len(batch))
+    rewrite = [row for row in batch[:n] if row.page]
+    kept = [row for row in batch[:n] if not row.page] + batch[n:]
+    return (own_prefix_rows(model, layout, encoder, rewrite) if rewrite else []) + kept
+
+
 def history_rows(encoder: PromptEncoder, users, histories, max_items: int, scored=None) -> list[Row]:
     """Meta pre-training rows: SASRec's task on the policy's own prompt format.
 
@@ -149,8 +162,16 @@ def history_rows(encoder: PromptEncoder, users, histories, max_items: int, score
             keep = [i for i, t in enumerate(labels) if t != IGNORE][-int(scored[n]):] if scored[n] else []
             labels = [t if i in keep else IGNORE for i, t in enumerate(labels)]
         targets = [[layout.token_to_item(t)] for t in labels if t != IGNORE]
-        rows.append(Row(ids, labels, targets, [[] for _ in targets], len(ids) - 1))
+        rows.append(Row(ids, labels, targets, [[] for _ in targets], len(ids) - 1, page=False))
     return rows
+
+
+def replay_sample(rows: list[Row], share: float, seed: int) -> list[Row]:
+    """A fixed, seeded `share` of `rows` (sft.history_replay), in their original order."""
+    if share >= 1.0:
+        return list(rows)
+    keep = np.random.default_rng(seed).random(len(rows)) < share
+    return [row for row, k in zip(rows, keep) if k]
 
 
 def _coo(lists: list[list[int]], base: int) -> list[tuple[int, int]]:
@@ -184,7 +205,8 @@ def collate(batch: list[Row], pad_id: int, anchor: int | None = None):
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention,
             "position_ids": position_ids(attention, [row.prompt_len for row in batch], anchor),
             "targets": pairs(targets), "blocked": pairs(blocked),
-            "label_rows": torch.tensor(label_rows, dtype=torch.long)}  # the row of each labelled token
+            "label_rows": torch.tensor(label_rows, dtype=torch.long),  # the row of each labelled token
+            "page_rows": torch.tensor([row.page for row in batch], dtype=torch.bool)}
 
 
 def _labelled_hidden(model, batch: dict):
@@ -258,9 +280,12 @@ def item_token_loss(model, batch: dict, layout, reduction: str = "mean") -> torc
     return losses.mean() if reduction == "mean" else losses.sum()
 
 
-def item_loss_with_ranking(model, teacher, batch: dict, layout, weight: float):
+def item_loss_with_ranking(model, teacher, batch: dict, layout, weight: float, replayed: bool = False):
     """The item loss plus `weight` × the KL from `teacher`'s next-item ranking at every page
-    item position (sft.rank_distill, pagellm/train/rank_distill.py); one student forward."""
+    item position (sft.rank_distill, pagellm/train/rank_distill.py); one student forward.
+    A replayed history row (sft.history_replay) is no page: each of its positions is pulled
+    toward the teacher's prediction at that same position instead, so the next-item model
+    the page reads from stays the one that was distilled. `replayed`: report that KL too."""
     from pagellm.train.rank_distill import ranking_kl, row_starts
 
     hidden, _ = _labelled_hidden(model, batch)
@@ -268,11 +293,21 @@ def item_loss_with_ranking(model, teacher, batch: dict, layout, weight: float):
     logp = constrained_log_softmax(item_logits(getattr(model, "module", model), hidden, layout), batch["blocked"])
     losses, positions = target_nll(logp, batch["targets"])
     starts, row_of = row_starts(batch["label_rows"])
+    on_page = batch["page_rows"][batch["label_rows"]]  # [P]: the position is on a page row
+    # Where each position's teacher distribution is read: its row's first page position, or
+    # (history rows) the position itself; the teacher's output layer runs there only.
+    read = torch.where(on_page, starts[row_of], torch.arange(len(row_of), device=row_of.device))
+    needed, source = read.unique(return_inverse=True)
     with torch.no_grad():
         teacher_hidden, _ = _labelled_hidden(teacher, batch)
-        teacher_first = item_logits(teacher, teacher_hidden[starts], layout)
-    kl = ranking_kl(logp, teacher_first, row_of, batch["blocked"], positions)
-    return losses.mean() + weight * kl, {"rank_kl": float(kl)}
+        teacher_logits = item_logits(teacher, teacher_hidden[needed], layout)
+
+    def kl_at(where):
+        return ranking_kl(logp, teacher_logits, source, batch["blocked"], where) if where.numel() else logp.new_zeros(())
+
+    page_kl, replay_kl = kl_at(positions[on_page[positions]]), kl_at(positions[~on_page[positions]])
+    extra = {"rank_kl": float(page_kl.detach())} | ({"replay_kl": float(replay_kl.detach())} if replayed else {})
+    return losses.mean() + weight * (page_kl + replay_kl), extra
 
 
 def count_loss_terms(batch: dict, item_loss: bool) -> int:
@@ -333,6 +368,9 @@ def _train_loop(config: dict) -> None:
                          train_cfg.page_loss)
         val_rows = page_rows(encoder, val["user_index"], val["prompt_val"],
                              [v[: cfg.data.page_len] for v in val["val_items"]], 0.0, cfg.seed, train_cfg.page_loss)
+        if train_cfg.history_replay > 0:
+            rows += replay_sample(history_rows(encoder, evals["user_index"], evals["train_positives"],
+                                               train_cfg.meta_history), train_cfg.history_replay, cfg.seed)
     world = dist.get_world_size()
     mbs = micro_batch_size(train_cfg.batch_size, world)
     pad = partial(collate, pad_id=layout.pad_id, anchor=prompt_anchor(model))
@@ -352,12 +390,12 @@ def _train_loop(config: dict) -> None:
         teacher.to(engine.device)
 
     def step(eng, batch):
-        if own:  # the batch order is shuffled each epoch, so its first rows are a random share
-            n = round(own * len(batch))
-            batch = pad(own_prefix_rows(eng.module, layout, encoder, batch[:n]) + batch[n:])
+        if own:
+            batch = pad(own_prefix_batch(eng.module, layout, encoder, batch, own))
         batch = {k: v.to(eng.device) for k, v in batch.items()}
         if teacher is not None:
-            return item_loss_with_ranking(eng, teacher, batch, layout, train_cfg.rank_distill)
+            return item_loss_with_ranking(eng, teacher, batch, layout, train_cfg.rank_distill,
+                                          replayed=train_cfg.history_replay > 0)
         return loss_fn(eng, batch)
 
     def evaluate(eng) -> dict[str, float]:
