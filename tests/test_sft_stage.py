@@ -27,7 +27,7 @@ def test_page_rows_take_loss_on_the_page_only_and_add_user_free_copies():
     enc, layout = encoder()
     rows = page_rows(enc, [1, 2], [[0, 1], [2]], [[5, 6], [7]], user_dropout=1.0, seed=0)
     assert len(rows) == 4  # every row again without its user token
-    ids, labels, targets, blocked, prompt_len = rows[0]
+    ids, labels, targets, blocked, prompt_len, is_page = rows[0]
     page = [layout.item_offset + 5, layout.item_offset + 6, layout.eos_id]
     assert ids[-3:] == page and labels[-3:] == page
     assert all(label == IGNORE for label in labels[:-3])
@@ -36,7 +36,7 @@ def test_page_rows_take_loss_on_the_page_only_and_add_user_free_copies():
     # page so far masked; <eos> has no item target.
     assert targets == [[5], [6], []]
     assert blocked == [[0, 1], [0, 1, 5], [0, 1, 5, 6]]
-    assert prompt_len == len(ids) - 3
+    assert prompt_len == len(ids) - 3 and is_page
 
 
 def test_set_page_rows_accept_any_item_not_yet_placed():
