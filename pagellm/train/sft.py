@@ -357,8 +357,11 @@ def _train_loop(config: dict) -> None:
     # The validation loss is taken on the probe's users too: one sample, and on large data
     # a small share of an epoch's compute.
     val = evals[evals["user_index"].isin(probe.users)]
+    # The next-item phase's training rows; sft.history_replay replays these same rows.
+    next_item_rows = partial(history_rows, encoder, evals["user_index"], evals["train_positives"],
+                             train_cfg.meta_history)
     if phase == "meta":
-        rows = history_rows(encoder, evals["user_index"], evals["train_positives"], train_cfg.meta_history)
+        rows = next_item_rows()
         val_rows = history_rows(encoder, val["user_index"],
                                 [list(a) + list(b) for a, b in zip(val["train_positives"], val["val_items"])],
                                 train_cfg.meta_history, scored=[len(v) for v in val["val_items"]])
@@ -369,8 +372,7 @@ def _train_loop(config: dict) -> None:
         val_rows = page_rows(encoder, val["user_index"], val["prompt_val"],
                              [v[: cfg.data.page_len] for v in val["val_items"]], 0.0, cfg.seed, train_cfg.page_loss)
         if train_cfg.history_replay > 0:
-            rows += replay_sample(history_rows(encoder, evals["user_index"], evals["train_positives"],
-                                               train_cfg.meta_history), train_cfg.history_replay, cfg.seed)
+            rows += replay_sample(next_item_rows(), train_cfg.history_replay, cfg.seed)
     world = dist.get_world_size()
     mbs = micro_batch_size(train_cfg.batch_size, world)
     pad = partial(collate, pad_id=layout.pad_id, anchor=prompt_anchor(model))
