@@ -127,6 +127,9 @@ class TokenLayout:
     # False: prompts never carry the user token (model.user_tokens); the rows still exist,
     # so one vocabulary serves both settings.
     user_tokens: bool = True
+    # model.ranking_prior: weight of the first page position's item logits added to every
+    # later position's when pages are decoded or scored (pagellm/models/decoding.py).
+    ranking_prior: float = 0.0
 
     def drop_tail(self) -> None:
         """Prompts end with the history's last item (model.prompt_tail false): the page's first

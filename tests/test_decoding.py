@@ -108,12 +108,18 @@ def test_batched_left_padded_decoding_equals_one_by_one(arch, gpt2):
         assert batch.attention_mask[row].sum() == len(prompt) + K + 1
 
 
-def reference_greedy(model, layout, prompt, k, exclude):
-    """No cache, no padding, constraints in plain Python: an independent reading of the rule."""
+def reference_greedy(model, layout, prompt, k, exclude, prior: float = 0.0):
+    """No cache, no padding, constraints in plain Python: an independent reading of the rule.
+    `prior`: model.ranking_prior, the first step's item logits added at every later step."""
     seq, used, items, logps = list(prompt), set(), [], []
+    item_ids = slice(layout.item_offset, layout.item_offset + layout.n_items)
     for t in range(k + 1):
         with torch.no_grad():
-            logits = model(input_ids=torch.tensor([seq])).logits[0, -1]
+            logits = model(input_ids=torch.tensor([seq])).logits[0, -1].clone()
+        if t == 0:
+            first = logits[item_ids].clone()
+        else:
+            logits[item_ids] += prior * first
         allowed = [i for i in range(layout.n_items) if i not in used and i not in exclude] if t < k else []
         ids = [layout.item_token(i) for i in allowed] or [layout.eos_id]
         logp = torch.log_softmax(logits[ids], dim=-1)
@@ -135,6 +141,32 @@ def test_kv_cache_decoding_equals_a_no_cache_reference(gpt2):
         items, logps = reference_greedy(model, layout, prompt, K, exclude[row])
         assert batch.items[row] == items
         torch.testing.assert_close(batch.logprobs[row], torch.tensor(logps), atol=1e-5, rtol=0)
+
+
+def test_the_ranking_prior_adds_the_first_steps_item_logits_to_every_later_step(gpt2):
+    """model.ranking_prior: greedy pages follow the rule above, the learner's teacher-forced
+    logprobs are the rollout's (stage 3 trains the policy it samples), the first step is the
+    plain ranking, and a dominant prior writes the ranking's top K."""
+    model, plain, enc = gpt2
+    layout = dataclasses.replace(plain, ranking_prior=1.5)
+    prompts, exclude = prompts_of(enc, HISTORIES), [set(h) for h in HISTORIES]
+    batch = generate_pages(model, layout, prompts, K, exclude=exclude)
+    for row, prompt in enumerate(prompts):
+        items, logps = reference_greedy(model, layout, prompt, K, exclude[row], prior=1.5)
+        assert batch.items[row] == items
+        torch.testing.assert_close(batch.logprobs[row], torch.tensor(logps), atol=1e-5, rtol=0)
+    assert batch.items != generate_pages(model, plain, prompts, K, exclude=exclude).items  # it changes pages
+    sampled = generate_pages(model, layout, prompts * 2, K, mode="sample", exclude=exclude * 2,
+                             generator=torch.Generator().manual_seed(3))
+    logp = constrained_logprobs(model, layout, prompts * 2, sampled.response_ids, exclude * 2, k=K)[0]
+    torch.testing.assert_close(logp, sampled.logprobs, atol=1e-5, rtol=0)
+
+    scores = first_item_scores(model, layout, prompts)
+    torch.testing.assert_close(scores, first_item_scores(model, plain, prompts))
+    for row, ex in enumerate(exclude):
+        scores[row, list(ex)] = float("-inf")
+    dominant = generate_pages(model, dataclasses.replace(plain, ranking_prior=1e6), prompts, K, exclude=exclude)
+    assert dominant.items == scores.topk(K, dim=1).indices.tolist()
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])

@@ -166,3 +166,15 @@ def test_dtype_resolution_and_bad_init_fields():
     assert resolve_dtype("float16") == torch.float16
     with pytest.raises(ValueError, match=r"\['n_layers'\] are not GPT2Config fields"):
         build_policy(ModelConfig(name="config", arch="gpt2", init={"n_layers": 2}), vocab(), seed=0)
+
+
+def test_the_ranking_prior_is_saved_with_the_policy(tmp_path):
+    """model.ranking_prior is part of what the policy is: every later reader (eval, serve,
+    stage 3) decodes with the weight it was built and selected with."""
+    cfg = ModelConfig(name="config", arch="gpt2", init=TINY["gpt2"], ranking_prior=2.0)
+    model, tok, layout = build_policy(cfg, vocab(), seed=0)
+    assert layout.ranking_prior == 2.0
+    save_policy(model, tok, layout, tmp_path / "sft")
+    assert load_policy(tmp_path / "sft", trainable=False)[2].ranking_prior == 2.0
+    assert build_policy(ModelConfig(name=str(tmp_path / "sft")), vocab(), seed=0)[2].ranking_prior == 2.0
+    assert build_policy(ModelConfig(name="config", arch="gpt2", init=TINY["gpt2"]), vocab(), seed=0)[2].ranking_prior == 0

@@ -91,6 +91,13 @@ class ModelConfig(Strict):
     # item is read out where next-item training scores every history item (SASRec's
     # read-out); the closing words' position is otherwise trained once per user.
     prompt_tail: bool = True
+    # Decoding adds this weight x the page's first-position item logits (the policy's own
+    # next-item ranking) to every later position's: a product of experts of the page model
+    # and its ranking (pagellm/models/decoding.py). Written greedily, later positions
+    # condition on placed items that are mostly misses; the ranking does not. Every reader
+    # of page probabilities (eval, serve, stage 3, the probe) decodes the same policy.
+    # Fixed when the policy is built and saved with it (TokenLayout), like prompt_tail.
+    ranking_prior: float = Field(0.0, ge=0.0)
 
 
 class TrainCommon(Strict):

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pagellm.models.decoding import _EvalMode, _forward, _step_logprobs, exclusion_mask, left_pad
+from pagellm.models.decoding import _EvalMode, _forward, _step_logprobs, exclusion_mask, first_item_logits, left_pad
 from pagellm.models.positions import position_ids, prompt_anchor
 
 
@@ -66,8 +66,11 @@ def mine_pages(policy, evaluator, layout, prompts: list[list[int]], exclude: lis
             blocked = base_blocked[[p for p, _ in rows]].clone()
             for r, (p, b) in enumerate(rows):
                 blocked[r, beams[p][b].items] = True
-            logp = _step_logprobs(_last_logits(policy, row_prompts, prefix, layout.pad_id), layout, blocked, t, k,
-                                  1.0)[:, :n]
+            logits = _last_logits(policy, row_prompts, prefix, layout.pad_id)
+            if t == 0:  # one row per prompt: its first position, for model.ranking_prior
+                first = first_item_logits(logits, layout)
+            row_first = None if first is None else first[[p for p, _ in rows]]
+            logp = _step_logprobs(logits, layout, blocked, t, k, 1.0, row_first)[:, :n]
             width = min(expand, int((~blocked).sum(dim=1).min()))
             if width < 1:
                 raise ValueError(f"step {t}: a prompt has no item left to place (k={k} too large for its exclusions)")

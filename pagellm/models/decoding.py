@@ -91,15 +91,29 @@ def exclusion_mask(exclude, batch: int, n_items: int, device) -> torch.Tensor:
     return mask.to(device)
 
 
+def first_item_logits(logits: torch.Tensor, layout: TokenLayout) -> torch.Tensor | None:
+    """The item logits [N, n_items] of a page's first position, which model.ranking_prior
+    adds to every later position's; None when the policy has no ranking prior."""
+    if not layout.ranking_prior:
+        return None
+    return logits[:, layout.item_offset : layout.item_offset + layout.n_items].float()
+
+
 def _step_logprobs(
-    logits: torch.Tensor, layout: TokenLayout, blocked: torch.Tensor, t: int, k: int, temperature: float
+    logits: torch.Tensor, layout: TokenLayout, blocked: torch.Tensor, t: int, k: int, temperature: float,
+    first: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Constrained log-probabilities over [item_0..item_{n-1}, eos] at position t.
 
-    logits [N, V]; blocked [N, n_items] (used or excluded). Returns [N, n_items + 1].
+    logits [N, V]; blocked [N, n_items] (used or excluded); `first`: the page's first
+    position's item logits (first_item_logits), added with weight layout.ranking_prior from
+    t = 1 on: the page model times its own next-item ranking. Returns [N, n_items + 1].
     """
     lo, hi = layout.item_offset, layout.item_offset + layout.n_items
-    scores = torch.cat([logits[:, lo:hi], logits[:, layout.eos_id : layout.eos_id + 1]], dim=-1).float()
+    items = logits[:, lo:hi].float()
+    if first is not None and t > 0:
+        items = items + layout.ranking_prior * first
+    scores = torch.cat([items, logits[:, layout.eos_id : layout.eos_id + 1].float()], dim=-1)
     scores = scores / temperature
     items_ok = ~blocked if t < k else torch.zeros_like(blocked)
     eos_ok = ~items_ok.any(dim=-1, keepdim=True)
@@ -197,8 +211,9 @@ def _token_by_token(model, layout, ids, mask, positions, blocked, k, temperature
     blocked = blocked.clone()
     out = _forward(model, ids, mask, positions)
     past, last_pos = out.past_key_values, positions[:, -1:]
+    first = first_item_logits(out.logits[:, -1], layout)
     for t in range(k + 1):
-        logp = _step_logprobs(out.logits[:, -1], layout, blocked, t, k, temperature)
+        logp = _step_logprobs(out.logits[:, -1], layout, blocked, t, k, temperature, first)
         if mode == "greedy":
             choice = logp.argmax(dim=-1)
         else:
@@ -280,8 +295,9 @@ def constrained_logprobs(
     slot = torch.where(is_item, resp - layout.item_offset, torch.full_like(resp, layout.n_items))
     rows = torch.arange(batch, device=device)
     logps, entropies = [], []
+    first = first_item_logits(logits[:, 0], layout)
     for t in range(width):
-        step = _step_logprobs(logits[:, t], layout, blocked, t, k, temperature)
+        step = _step_logprobs(logits[:, t], layout, blocked, t, k, temperature, first)
         logps.append(step[rows, slot[:, t]])
         entropies.append(_entropy(step))
         item_rows = is_item[:, t]

@@ -71,6 +71,7 @@ def build_policy(
     else:
         model, tokenizer, layout = _from_pretrained(model_cfg.name, vocab, seed, dtype)
     layout.user_tokens = model_cfg.user_tokens
+    layout.ranking_prior = model_cfg.ranking_prior
     if not model_cfg.prompt_tail:
         layout.drop_tail()
     set_positions(model, model_cfg.positions)
