@@ -60,16 +60,17 @@ def mine_pages(policy, evaluator, layout, prompts: list[list[int]], exclude: lis
     with _EvalMode(policy), _EvalMode(evaluator):
         for t in range(k):
             rows = [(p, b) for p, bs in enumerate(beams) for b in range(len(bs))]
-            row_prompts = [prompts[p] for p, _ in rows]
+            owner = [p for p, _ in rows]  # the prompt of each row
+            row_prompts = [prompts[p] for p in owner]
             prefix = torch.tensor([[layout.item_token(i) for i in beams[p][b].items] for p, b in rows],
                                   dtype=torch.long, device=device).reshape(len(rows), t)
-            blocked = base_blocked[[p for p, _ in rows]].clone()
+            blocked = base_blocked[owner].clone()
             for r, (p, b) in enumerate(rows):
                 blocked[r, beams[p][b].items] = True
             logits = _last_logits(policy, row_prompts, prefix, layout.pad_id)
             if t == 0:  # one row per prompt: its first position, for model.ranking_prior
                 first = first_item_logits(logits, layout)
-            row_first = None if first is None else first[[p for p, _ in rows]]
+            row_first = None if first is None else first[owner]
             logp = _step_logprobs(logits, layout, blocked, t, k, 1.0, row_first)[:, :n]
             width = min(expand, int((~blocked).sum(dim=1).min()))
             if width < 1:
