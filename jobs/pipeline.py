@@ -55,6 +55,16 @@ def stage_module(cfg, stage: str) -> str:
     return f"jobs.{STAGE3_JOBS[cfg.stage3.algorithm] if stage == 'stage3' else stage}"
 
 
+def warn_saved_policy(sft_dir, cfg) -> None:
+    """Say which model fields the existing SFT policy keeps against the config: they are
+    fixed when the policy is built, so every later stage reads the saved values."""
+    from pagellm.models.policy import layout_mismatches
+    from pagellm.vocab import TokenLayout
+
+    for line in layout_mismatches(TokenLayout.load(sft_dir), cfg.model):
+        print(f"[run] warning: {line}; later stages use the saved value (--from sft rebuilds it)", flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = stage_parser("run", __doc__)
     parser.add_argument("--from", dest="start", choices=STAGES + list(STAGE3_JOBS), default=None,
@@ -72,6 +82,8 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             if is_done(folder, cfg, stage) and stage not in redo:
                 print(f"[run] {stage}: already done in {folder.root}, skipping", flush=True)
+                if stage == "sft":
+                    warn_saved_policy(stage_dir(folder, cfg, stage), cfg)
                 continue
             if stage in redo:
                 clear(folder, cfg, stage)

@@ -11,7 +11,7 @@ from test_vocab import gpt2_style_tokenizer, llama_style_tokenizer
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from pagellm.config import ModelConfig
-from pagellm.models.policy import build_policy, load_policy, resolve_dtype, save_policy
+from pagellm.models.policy import build_policy, layout_mismatches, load_policy, resolve_dtype, save_policy
 from pagellm.vocab import PromptEncoder, Vocab
 
 TINY = {
@@ -178,3 +178,10 @@ def test_the_ranking_prior_is_saved_with_the_policy(tmp_path):
     assert load_policy(tmp_path / "sft", trainable=False)[2].ranking_prior == 2.0
     assert build_policy(ModelConfig(name=str(tmp_path / "sft")), vocab(), seed=0)[2].ranking_prior == 2.0
     assert build_policy(ModelConfig(name="config", arch="gpt2", init=TINY["gpt2"]), vocab(), seed=0)[2].ranking_prior == 0
+    # A config that asks for another weight than the saved policy has is said so, field by field.
+    saved = load_policy(tmp_path / "sft", trainable=False)[2]
+    assert layout_mismatches(saved, cfg) == []
+    asked = cfg.model_copy(update={"ranking_prior": 3.0, "prompt_tail": False})
+    assert layout_mismatches(saved, asked) == [
+        "model.ranking_prior is 3.0 in the config but 2.0 in the saved policy",
+        "model.prompt_tail is False in the config but True in the saved policy"]

@@ -268,6 +268,16 @@ def save_policy(
     return directory
 
 
+def layout_mismatches(layout: TokenLayout, model_cfg: ModelConfig) -> list[str]:
+    """The model fields fixed when a policy was built (saved in its TokenLayout) that differ
+    from `model_cfg`, one sentence each. A run whose policy already exists keeps the saved
+    values, so `--set model.ranking_prior=...` on it would otherwise be ignored unseen."""
+    saved = {"user_tokens": layout.user_tokens, "ranking_prior": layout.ranking_prior,
+             "prompt_tail": bool(layout.tail_ids)}
+    return [f"model.{key} is {getattr(model_cfg, key)} in the config but {value} in the saved policy"
+            for key, value in saved.items() if getattr(model_cfg, key) != value]
+
+
 def load_policy(
     directory: str | Path,
     model_cfg: ModelConfig | None = None,
