@@ -151,7 +151,9 @@ def verdict(gain: dict | None) -> str:
 
 def best_line(table: dict, algorithms: list[str]) -> str:
     """The algorithm with the best mean on each verdict metric; equal means (e.g. every
-    algorithm published the SFT policy) are named as a tie, not as the first of them."""
+    algorithm published the SFT policy) are named as a tie, not as the first of them, and a
+    best mean no higher than SFT's says so: an algorithm that published the SFT policy in
+    every seed is not the best one."""
     parts = []
     for metric in VERDICT_METRICS:
         scored = {a: table[a][metric]["mean"] for a in algorithms if metric in table.get(a, {})}
@@ -159,7 +161,11 @@ def best_line(table: dict, algorithms: list[str]) -> str:
             top = max(scored.values())
             names = [a for a, mean in scored.items() if mean == top]
             who = names[0] if len(names) == 1 else f"tie between {', '.join(names)}"
-            parts.append(f"{metric}: {who} ({top:.4f} ± {table[names[0]][metric]['std']:.4f})")
+            part = f"{metric}: {who} ({top:.4f} ± {table[names[0]][metric]['std']:.4f})"
+            sft = table.get("sft", {}).get(metric, {}).get("mean")
+            if sft is not None and top <= sft:
+                part = f"{metric}: none above SFT ({sft:.4f}; best {who}, {top:.4f})"
+            parts.append(part)
     return "Best algorithm on " + "; ".join(parts) + "." if parts else ""
 
 

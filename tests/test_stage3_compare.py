@@ -54,6 +54,10 @@ def test_best_line_skips_a_metric_no_algorithm_has():
     assert best_line(table, ["ppo"]) == "Best algorithm on hr@10: ppo (0.3000 ± 0.0100)."
     tied = {name: {"hr@10": {"mean": 0.07, "std": 0.0, "n": 1}} for name in ("ppo", "dpo")}
     assert best_line(tied, ["ppo", "dpo"]) == "Best algorithm on hr@10: tie between ppo, dpo (0.0700 ± 0.0000)."
+    # Level with SFT (DeGRe published the SFT policy in every seed) is not "best".
+    level = {"sft": {"hr@10": {"mean": 0.12, "std": 0.002}}, "degre": {"hr@10": {"mean": 0.12, "std": 0.002}},
+             "dpo": {"hr@10": {"mean": 0.119, "std": 0.001}}}
+    assert best_line(level, ["dpo", "degre"]) == "Best algorithm on hr@10: none above SFT (0.1200; best degre, 0.1200)."
 
 
 def test_done_facts_rate_and_optional_kl(tmp_path):
