@@ -68,8 +68,10 @@ def test_ranking_page_is_the_best_unseen_items_best_first():
 def test_policy_and_reference_score_pages_with_the_constrained_decoding_likelihood(positions):
     """The per-row summed item terms the training step takes, and the driver's reference
     log-probs, both equal the summed constrained decoding logprobs of the same pages
-    (prompt items excluded), row by row, on rows of different lengths in one batch."""
-    cfg = load_config(None, ["model.init.n_layer=1", "model.init.n_embd=32", f"model.positions={positions}"]).model
+    (prompt items excluded), row by row, on rows of different lengths in one batch, with
+    model.ranking_prior on: DPO moves the distribution decoding reads."""
+    cfg = load_config(None, ["model.init.n_layer=1", "model.init.n_embd=32", f"model.positions={positions}",
+                             "model.ranking_prior=2.0"]).model
     vocab = Vocab.build(["u0", "u1", "u2"], [f"i{i}" for i in range(12)])
     model, tok, layout = build_policy(cfg, vocab, seed=0)
     model.eval()

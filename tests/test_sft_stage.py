@@ -181,12 +181,14 @@ def test_target_token_loss_equals_the_models_own_loss(arch):
 
 def test_item_token_loss_is_the_constrained_page_likelihood():
     """The page-phase item loss equals the mean negative log-probability that constrained
-    decoding (prompt items excluded) gives each golden item: training and decoding agree."""
+    decoding (prompt items excluded) gives each golden item: training and decoding agree.
+    The loss trains the page model itself, so the agreement is with decoding without
+    model.ranking_prior (DPO's page likelihood, which applies it, is tested in test_dpo)."""
     from pagellm.models.decoding import constrained_logprobs
     from pagellm.models.positions import prompt_anchor
     from pagellm.train.sft import collate, item_token_loss
 
-    cfg = load_config(None, ["model.init.n_layer=1", "model.init.n_embd=32"]).model
+    cfg = load_config(None, ["model.init.n_layer=1", "model.init.n_embd=32", "model.ranking_prior=0"]).model
     vocab = Vocab.build(["u0", "u1"], [f"i{i}" for i in range(9)])
     model, tok, layout = build_policy(cfg, vocab, seed=0)
     model.eval()
@@ -437,3 +439,18 @@ def test_rank_distill_needs_a_next_item_phase_to_be_its_teacher():
     with pytest.raises(ConfigError, match="rank_distill"):
         load_config(None, ["sft.rank_distill=1.0", "sft.meta_epochs=2", "sft.item_loss=false"])
     assert load_config(None, ["sft.rank_distill=1.0", "sft.meta_epochs=2"]).sft.rank_distill == 1.0
+
+
+def test_with_ranking_prior_adds_the_rows_first_logits_to_later_page_positions_only():
+    """By hand: a page row's later positions get w x its first position's logits; its first
+    position, a replayed history row's positions and a policy without a prior are unchanged."""
+    from types import SimpleNamespace
+
+    from pagellm.train.sft import with_ranking_prior
+
+    logits = torch.arange(10, dtype=torch.float32).reshape(5, 2)  # positions 0-2: a page; 3-4: a history
+    batch = {"label_rows": torch.tensor([0, 0, 0, 1, 1]), "page_rows": torch.tensor([True, False])}
+    mixed = with_ranking_prior(logits, batch, SimpleNamespace(ranking_prior=2.0))
+    expected = torch.tensor([[0.0, 1.0], [2 + 0.0, 3 + 2.0], [4 + 0.0, 5 + 2.0], [6.0, 7.0], [8.0, 9.0]])
+    assert torch.equal(mixed, expected)
+    assert with_ranking_prior(logits, batch, SimpleNamespace(ranking_prior=0.0)) is logits

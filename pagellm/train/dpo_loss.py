@@ -3,16 +3,17 @@
 A page's log-likelihood is what constrained decoding gives it: the sum over its items of
 the item's log-probability among the items still allowed there (the prompt's items and
 the items already on the page blocked), the very terms SFT's item loss averages
-(`pagellm/train/sft.py::item_loss_terms`). The policy and the frozen reference are scored
-by the same function, `page_logprobs`, so their difference is a log-ratio of one
-likelihood.
+(`pagellm/train/sft.py::item_loss_terms`), with the policy's model.ranking_prior applied as
+decoding applies it: DPO moves the distribution that is decoded and served. The policy and
+the frozen reference are scored by the same function, `page_logprobs`, so their difference
+is a log-ratio of one likelihood.
 """
 
 from __future__ import annotations
 
 import torch
 
-from pagellm.train.sft import IGNORE, _labelled_hidden, item_logits, item_loss_terms
+from pagellm.train.sft import IGNORE, _labelled_hidden, item_logits, item_loss_terms, with_ranking_prior
 
 
 def row_sums(losses: torch.Tensor, positions: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -32,7 +33,8 @@ def page_logprobs(model, batch: dict, layout) -> torch.Tensor:
     runs in the caller's grad mode."""
     hidden, _ = _labelled_hidden(model, batch)
     module = getattr(model, "module", model)
-    losses, positions = item_loss_terms(item_logits(module, hidden, layout), batch["targets"], batch["blocked"])
+    logits = with_ranking_prior(item_logits(module, hidden, layout), batch, layout)
+    losses, positions = item_loss_terms(logits, batch["targets"], batch["blocked"])
     return row_sums(losses, positions, batch["labels"])
 
 

@@ -244,6 +244,24 @@ def item_logits(module, hidden: torch.Tensor, layout) -> torch.Tensor:
     return out(hidden)[:, lo:hi]
 
 
+def with_ranking_prior(logits: torch.Tensor, batch: dict, layout) -> torch.Tensor:
+    """Item logits [P, n_items] at the labelled positions with model.ranking_prior applied as
+    decoding applies it (pagellm/models/decoding.py): every page position after its row's
+    first adds layout.ranking_prior x that first position's logits. Rows that are no page
+    (replayed histories) and policies without a prior are returned as they are. The SFT
+    losses train the page model itself, without it (as measured, docs/BENCHMARKS.md); what
+    scores a page as the policy that decodes it (DPO's log-ratio) reads it through this."""
+    if not layout.ranking_prior:
+        return logits
+    from pagellm.train.rank_distill import row_starts
+
+    starts, row_of = row_starts(batch["label_rows"])
+    first = starts[row_of]  # each position's row's first labelled position
+    later = batch["page_rows"][batch["label_rows"]] & (first != torch.arange(len(first), device=first.device))
+    prior = torch.where(later[:, None], logits[first], torch.zeros_like(logits))
+    return logits + layout.ranking_prior * prior
+
+
 def constrained_log_softmax(logits: torch.Tensor, blocked: torch.Tensor) -> torch.Tensor:
     """Item log-probabilities at each position with that position's blocked items masked
     (the page's constraints): logits [P, n_items], blocked [2, *] (position, item) pairs."""
