@@ -101,7 +101,8 @@ def probe_eval():
     return {f"{k}_{m}": v for k, r in ranked.items() for m, v in metrics(r).items()}
 
 
-rows = history_rows(encoder, evals["user_index"], evals["train_positives"], cfg.sft.meta_history)
+rows = history_rows(encoder, evals["user_index"], evals["train_positives"], cfg.sft.meta_history,
+                    block_seen=cfg.sft.meta_block_seen)
 pad = partial(collate, pad_id=layout.pad_id, anchor=prompt_anchor(model))
 bs = cfg.sft.batch_size
 steps_per_epoch = math.ceil(len(rows) / bs)

@@ -63,6 +63,23 @@ def test_history_rows_predict_every_item_but_the_first_and_the_last_after_the_pr
     assert history_rows(enc, [0], [[3]], max_items=50) == []  # nothing to predict
 
 
+def test_history_rows_with_block_seen_mask_the_items_before_each_position_but_its_target():
+    """sft.meta_block_seen: position k's softmax excludes what the user took before it (as
+    decoding excludes the history), a repeated item stays a reachable target, and the
+    held-out rows of validation mask the whole training history."""
+    enc, _ = encoder()
+    (row,) = history_rows(enc, [0], [[3, 4, 5, 3]], max_items=50, block_seen=True)
+    assert row.targets == [[4], [5], [3]]
+    assert row.blocked == [[3], [3, 4], [4, 5]]  # 3 is the last target: a repeat, not masked
+    (held,) = history_rows(enc, [0], [[3, 4, 5, 6]], max_items=50, scored=[1], block_seen=True)
+    assert held.targets == [[6]] and held.blocked == [[3, 4, 5]]
+    # Through collate, the masked items are (position, item) pairs of the loss's softmax.
+    from pagellm.train.sft import collate
+
+    batch = collate([row], pad_id=0)
+    assert batch["blocked"].T.tolist() == [[0, 3], [1, 3], [1, 4], [2, 4], [2, 5]]
+
+
 def test_without_the_prompt_tail_the_page_is_read_out_where_history_items_are(tmp_path):
     """model.prompt_tail=false: the prompt ends with the last history item, so a meta row
     trains its last item from the same kind of position as every other (SASRec's read-out),

@@ -130,6 +130,11 @@ class SFTConfig(ProbedTraining):
     meta_epochs: int = Field(0, ge=0)  # next-item pre-training on whole training histories
     meta_lr: float = 5e-5
     meta_history: int = Field(50, ge=2)  # the last this-many training positives per meta row
+    # Next-item rows mask, at each position, the items the user took before it (what decoding
+    # and the evaluation mask): the softmax is trained over the items it will rank. False
+    # = SASRec's unmasked softmax, which ranked 5 % better on Beauty's validation
+    # (docs/BENCHMARKS.md). The page rows always mask the prompt.
+    meta_block_seen: bool = False
     # What early-stops the next-item phase and picks the checkpoint the page phase starts
     # from: "page" = validation NDCG@10 of the page it writes greedily, "ranking" = of the
     # top 10 of its next-item scores (its own task, as SASRec is validated), "loss" = the

@@ -141,14 +141,17 @@ def own_prefix_batch(model, layout, encoder: PromptEncoder, batch: list[Row], sh
     return (own_prefix_rows(model, layout, encoder, rewrite) if rewrite else []) + kept
 
 
-def history_rows(encoder: PromptEncoder, users, histories, max_items: int, scored=None) -> list[Row]:
+def history_rows(encoder: PromptEncoder, users, histories, max_items: int, scored=None,
+                 block_seen: bool = False) -> list[Row]:
     """Meta pre-training rows: SASRec's task on the policy's own prompt format.
 
     The history but its last item is the prompt and the last item is a one-item page, so
     every history item after the first predicts the next one and the prompt's end (where
     every page starts) predicts the last; no item is masked, as in SASRec.
     `scored`: per row, how many of its last items carry a loss (validation rows score only
-    the held-out items: their training items are in the training rows already)."""
+    the held-out items: their training items are in the training rows already).
+    `block_seen` (sft.meta_block_seen): each position's softmax masks the items before it,
+    as decoding and the evaluation mask the history; the target itself stays allowed."""
     layout = encoder.layout
     rows = []
     for n, (user, items) in enumerate(zip(users, histories)):
@@ -162,7 +165,13 @@ def history_rows(encoder: PromptEncoder, users, histories, max_items: int, score
             keep = [i for i, t in enumerate(labels) if t != IGNORE][-int(scored[n]):] if scored[n] else []
             labels = [t if i in keep else IGNORE for i, t in enumerate(labels)]
         targets = [[layout.token_to_item(t)] for t in labels if t != IGNORE]
-        rows.append(Row(ids, labels, targets, [[] for _ in targets], len(ids) - 1, page=False))
+        blocked = [[] for _ in targets]
+        if block_seen:
+            # Label k is predicted at token k - 1; the items among ids[:k] came before it.
+            at = [k for k, t in enumerate(labels) if t != IGNORE]
+            blocked = [sorted({layout.token_to_item(t) for t in ids[:k] if layout.is_item_token(t)} - set(target))
+                       for k, target in zip(at, targets)]
+        rows.append(Row(ids, labels, targets, blocked, len(ids) - 1, page=False))
     return rows
 
 
@@ -377,12 +386,13 @@ def _train_loop(config: dict) -> None:
     val = evals[evals["user_index"].isin(probe.users)]
     # The next-item phase's training rows; sft.history_replay replays these same rows.
     next_item_rows = partial(history_rows, encoder, evals["user_index"], evals["train_positives"],
-                             train_cfg.meta_history)
+                             train_cfg.meta_history, block_seen=train_cfg.meta_block_seen)
     if phase == "meta":
         rows = next_item_rows()
         val_rows = history_rows(encoder, val["user_index"],
                                 [list(a) + list(b) for a, b in zip(val["train_positives"], val["val_items"])],
-                                train_cfg.meta_history, scored=[len(v) for v in val["val_items"]])
+                                train_cfg.meta_history, scored=[len(v) for v in val["val_items"]],
+                                block_seen=train_cfg.meta_block_seen)
     else:
         sft = pd.read_parquet(data_dir / "sft.parquet")
         rows = page_rows(encoder, sft["user_index"], sft["prompt"], sft["target"], train_cfg.user_dropout, cfg.seed,
