@@ -7,7 +7,8 @@ items for the SFT probe's validation users (history excluded) at two places of o
   item: the last history item, SASRec's read-out (`item_*`; only when the prompt has
         closing words, `model.prompt_tail: true`)
 `--opt sasrec` swaps in SASRec's optimiser (Adam (0.9, 0.98), no weight decay, constant lr,
-no clipping); `--sasrec` trains the SASRec baseline instead, validated on the same users.
+no clipping); `--sasrec` trains the SASRec baseline instead, validated on the same users;
+`--ema 0.99 0.998` also ranks with moving averages of the weights (`ema<decay>_*`).
 Needs a finished data stage (`pagellm data`). docs/BENCHMARKS.md (Beauty) has the results:
 
     python bench/next_item_readout.py --config configs/beauty-loo.yaml --data runs/beauty/data \
@@ -43,6 +44,8 @@ ap.add_argument("--epochs", type=int, default=20)
 ap.add_argument("--opt", default="current", choices=["current", "sasrec"])
 ap.add_argument("--lr", type=float, default=None)
 ap.add_argument("--sasrec", action="store_true")
+ap.add_argument("--ema", type=float, nargs="*", default=[],
+                help="also rank with exponential moving averages of the weights at these decays")
 ap.add_argument("--set", action="append", default=[])
 ap.add_argument("--out", required=True)
 args = ap.parse_args()
@@ -85,19 +88,20 @@ tail_len = len(layout.tail_ids)
 
 
 @torch.no_grad()
-def probe_eval():
-    model.eval()
+def probe_eval(net=None):
+    net = net or model
+    net.eval()
     ranked = {n: [] for n in (("tail", "item") if tail_len else ("tail",))}
     for a in range(0, len(probe.prompts), 256):
         prompts, exclude = probe.prompts[a:a + 256], probe.exclude[a:a + 256]
         ids, mask, pos = left_pad(prompts, layout.pad_id, "cpu", prompt_anchor(model))
-        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, output_hidden_states=True, logits_to_keep=1)
+        out = net(input_ids=ids, attention_mask=mask, position_ids=pos, output_hidden_states=True, logits_to_keep=1)
         h = out.hidden_states[-1]
         for name, col in (("tail", -1), ("item", -1 - tail_len)) if tail_len else (("tail", -1),):
-            s = item_logits(model, h[:, col], layout)
+            s = item_logits(net, h[:, col], layout)
             s = s.masked_fill(exclusion_mask(exclude, len(prompts), layout.n_items, s.device), float("-inf"))
             ranked[name] += torch.topk(s, 10, dim=-1).indices.tolist()
-    model.train()
+    net.train()
     return {f"{k}_{m}": v for k, r in ranked.items() for m, v in metrics(r).items()}
 
 
@@ -125,6 +129,11 @@ else:  # SASRec's (pagellm/eval/baselines/sasrec.py): Adam, constant lr, no clip
     opt = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.9, 0.98))
     schedule, clip = None, 0.0
 
+# Weight averages (Polyak / EMA) of the same run, read out beside the raw weights: what
+# averaging the last epochs' weights would give the next-item checkpoint.
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+emas = {d: AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(d), use_buffers=True) for d in args.ema}
 rng = np.random.default_rng(cfg.seed)
 emit({"epoch": 0, **probe_eval(), "opt": args.opt, "lr": lr, "set": args.set})
 for epoch in range(1, args.epochs + 1):
@@ -141,5 +150,8 @@ for epoch in range(1, args.epochs + 1):
         opt.step()
         if schedule is not None:
             schedule.step()
+        for ema in emas.values():
+            ema.update_parameters(model)
         tot += float(loss.detach())
-    emit({"epoch": epoch, "loss": tot / steps_per_epoch, "sec": time.perf_counter() - t0, **probe_eval()})
+    averaged = {f"ema{d}_{k}": v for d, ema in emas.items() for k, v in probe_eval(ema.module).items()}
+    emit({"epoch": epoch, "loss": tot / steps_per_epoch, "sec": time.perf_counter() - t0, **probe_eval(), **averaged})

@@ -178,8 +178,10 @@ def _round_trip_every_stage(workdir: Path) -> dict:
     return results
 
 
-def _run_epochs_with_fake_ray(workdir: Path, resume_from: Path | None, **kwargs):
-    """run_epochs with ray.train.report/get_checkpoint replaced by a folder of copies."""
+def _run_epochs_with_fake_ray(workdir: Path, resume_from: Path | None, average_decay: float | None = None,
+                              **kwargs):
+    """run_epochs with ray.train.report/get_checkpoint replaced by a folder of copies;
+    returns (state, reports, steps trained, the raw weights at the end)."""
     import shutil
     from unittest import mock
 
@@ -188,6 +190,7 @@ def _run_epochs_with_fake_ray(workdir: Path, resume_from: Path | None, **kwargs)
 
     from pagellm.train.engine import build_engine
     from pagellm.train.harness import distributed_loader, run_epochs
+    from pagellm.train.weight_average import WeightAverage
 
     reports = []
 
@@ -207,8 +210,19 @@ def _run_epochs_with_fake_ray(workdir: Path, resume_from: Path | None, **kwargs)
         cfg = _cfg(workers=1, epochs=2)
         loader = distributed_loader(TensorDataset(counting_data()), 8, shuffle=True, seed=0)
         engine = build_engine(tiny_gpt2(), None, cfg, len(loader) * 2, use_gpu=False)
+        if average_decay is not None:
+            kwargs["average"] = WeightAverage(engine.module, average_decay)
         state = run_epochs(engine, loader, counted_step, epochs=2, name="t", log_every=100, **kwargs)
-    return state, reports, len(trained)
+    raw = {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
+    return state, reports, len(trained), raw
+
+
+def full_eval(workdir: Path) -> list[dict]:
+    """The same run as the averaged one, without the average (its validation losses)."""
+    val_ids = counting_data()[:4]
+    state, _, _, _ = _run_epochs_with_fake_ray(workdir / "raw_eval", None, checkpoint_every=3,
+                                               eval_fn=lambda engine: {"loss": lm_step(engine, (val_ids,))[0].item()})
+    return state.history
 
 
 def loop_checks(workdir: str) -> dict:
@@ -226,18 +240,34 @@ def loop_checks(workdir: str) -> dict:
     out = {"round_trip": _round_trip_every_stage(workdir / "round_trip")}
 
     # Interrupted after step 3 of 8 (mid-epoch) and resumed: same history as uninterrupted.
-    full, reports, _ = _run_epochs_with_fake_ray(workdir / "full", None, checkpoint_every=3)
+    full, reports, _, _ = _run_epochs_with_fake_ray(workdir / "full", None, checkpoint_every=3)
     mid = next(path for metrics, path in reports if metrics["step"] == 3)
-    resumed, _, trained = _run_epochs_with_fake_ray(workdir / "resumed", mid, checkpoint_every=3)
+    resumed, _, trained, _ = _run_epochs_with_fake_ray(workdir / "resumed", mid, checkpoint_every=3)
     out["mid_epoch"] = (full.history, resumed.history, trained, [m["step"] for m, _ in reports])
 
     # Early stop after the first epoch, with eval metrics; resuming it trains nothing more.
     val_ids = counting_data()[:4]
     stop_kwargs = dict(eval_fn=lambda engine: {"loss": lm_step(engine, (val_ids,))[0].item()},
                        should_stop=lambda history: history[-1]["val_loss"] < 100)
-    stopped, reports, _ = _run_epochs_with_fake_ray(workdir / "stop", None, **stop_kwargs)
-    again, _, trained_again = _run_epochs_with_fake_ray(workdir / "stop2", reports[-1][1], **stop_kwargs)
+    stopped, reports, _, _ = _run_epochs_with_fake_ray(workdir / "stop", None, **stop_kwargs)
+    again, _, trained_again, _ = _run_epochs_with_fake_ray(workdir / "stop2", reports[-1][1], **stop_kwargs)
     out["early_stop"] = (stopped.history, stopped.stopped, again.history, trained_again)
+
+    # With a weight average: validated on and written to hf/ (the raw weights train on),
+    # and a run resumed mid-epoch continues the same average.
+    from safetensors.torch import load_file
+
+    eval_kwargs = dict(eval_fn=stop_kwargs["eval_fn"], checkpoint_every=3)
+    averaged, reports, _, raw = _run_epochs_with_fake_ray(workdir / "avg", None, average_decay=0.5, **eval_kwargs)
+    last = reports[-1][1]
+    hf = load_file(last / "hf" / "model.safetensors")
+    shadow = load_file(last / "deepspeed" / "weight_average.safetensors")
+    name = "transformer.h.0.mlp.c_fc.weight"
+    mid = next(path for metrics, path in reports if metrics["step"] == 3)
+    avg_resumed, _, _, _ = _run_epochs_with_fake_ray(workdir / "avg2", mid, average_decay=0.5, **eval_kwargs)
+    out["average"] = (torch.equal(hf[name], shadow[name]), torch.equal(hf[name], raw[name]),
+                      [r["val_loss"] for r in averaged.history], [r["val_loss"] for r in full_eval(workdir)],
+                      avg_resumed.history == averaged.history)
 
     dist.destroy_process_group()
     return out
@@ -274,6 +304,14 @@ def test_early_stop_records_eval_and_stays_stopped(loop_results):
     history, stopped, history_again, trained_again = loop_results[1]["early_stop"]
     assert stopped and len(history) == 1 and "val_loss" in history[0] and "train_loss" in history[0]
     assert history_again == history and trained_again == 0
+
+
+def test_a_weight_average_is_what_is_validated_and_published_and_resumes(loop_results):
+    hf_is_average, hf_is_raw, averaged_val, raw_val, resumed_same = loop_results[1]["average"]
+    assert hf_is_average and not hf_is_raw
+    # Validation saw the averaged weights, not the raw ones (the same run without it).
+    assert len(averaged_val) == len(raw_val) == 2 and averaged_val != raw_val
+    assert resumed_same  # the restored average gives the same validation, epoch for epoch
 
 
 # --------------------------------------------------------------------------- plain functions

@@ -135,6 +135,10 @@ class SFTConfig(ProbedTraining):
     # = SASRec's unmasked softmax, which ranked 5 % better on Beauty's validation
     # (docs/BENCHMARKS.md). The page rows always mask the prompt.
     meta_block_seen: bool = False
+    # The next-item phase validates and publishes an exponential moving average of its
+    # weights over about this many epochs of steps (pagellm/train/weight_average.py; decay
+    # 1 - 1 / (epochs x steps per epoch)); training continues on the raw weights. 0 = off.
+    meta_average_epochs: float = Field(0.0, ge=0.0)
     # What early-stops the next-item phase and picks the checkpoint the page phase starts
     # from: "page" = validation NDCG@10 of the page it writes greedily, "ranking" = of the
     # top 10 of its next-item scores (its own task, as SASRec is validated), "loss" = the
@@ -179,6 +183,9 @@ class SFTConfig(ProbedTraining):
             # in step; with history rows mixed in, their batches hold different numbers of pages.
             raise ValueError("sft.own_prefix with sft.history_replay is not supported under sft.zero_stage=3 on "
                              "several workers (the ranks would write different numbers of pages)")
+        if self.meta_average_epochs > 0 and self.zero_stage == 3:
+            # ZeRO-3 partitions the parameters: no rank holds the whole weights to average.
+            raise ValueError("sft.meta_average_epochs needs sft.zero_stage < 3 (ZeRO-3 partitions the weights)")
         if self.rank_distill > 0 and not (self.item_loss and self.meta_epochs > 0):
             raise ValueError(f"sft.rank_distill={self.rank_distill} needs sft.item_loss=true and sft.meta_epochs > 0 "
                              "(the next-item phase's checkpoint is the teacher)")

@@ -44,6 +44,7 @@ import json
 import shutil
 import tempfile
 from collections import defaultdict
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -53,6 +54,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from pagellm.config import TrainCommon
+from pagellm.train.weight_average import WeightAverage
 from pagellm.train.engine import (
     Progress,
     SaveFn,
@@ -225,16 +227,28 @@ def _split_step_output(out) -> tuple[torch.Tensor, dict[str, Any]]:
     return out, {}
 
 
-def _save_and_report(engine, state: LoopState, metrics: dict[str, Any], save_fn: SaveFn) -> None:
-    """Write a checkpoint from every rank (each its own files) and hand it to Ray Train."""
+def _averaged(average: WeightAverage | None, engine):
+    """The weights a stage validates and publishes: the average's when there is one."""
+    return average.applied(engine.module) if average is not None else nullcontext()
+
+
+def _save_and_report(engine, state: LoopState, metrics: dict[str, Any], save_fn: SaveFn,
+                     average: WeightAverage | None = None) -> None:
+    """Write a checkpoint from every rank (each its own files) and hand it to Ray Train.
+
+    `hf/` holds the weights that were validated (the average's, with one); the DeepSpeed
+    state the raw weights training resumes from, and the average beside them."""
     import ray.train
 
     with tempfile.TemporaryDirectory(prefix="pagellm_ckpt_") as tmp:
         tmp_dir = Path(tmp)
-        save_hf_checkpoint(engine, tmp_dir / HF_SUBDIR, save_fn)
+        with _averaged(average, engine):
+            save_hf_checkpoint(engine, tmp_dir / HF_SUBDIR, save_fn)
         save_training_state(engine, tmp_dir / DS_SUBDIR)
         if is_rank_zero():
             (tmp_dir / STATE_FILE).write_text(json.dumps(asdict(state), indent=1))
+            if average is not None:
+                average.save(tmp_dir / DS_SUBDIR)
         ray.train.report(
             metrics,
             checkpoint=ray.train.Checkpoint.from_directory(tmp),
@@ -242,8 +256,9 @@ def _save_and_report(engine, state: LoopState, metrics: dict[str, Any], save_fn:
         )
 
 
-def restore_loop_state(engine) -> LoopState:
-    """Load the run's latest Ray Train checkpoint into `engine`; a fresh state when there is none."""
+def restore_loop_state(engine, average: WeightAverage | None = None) -> LoopState:
+    """Load the run's latest Ray Train checkpoint into `engine` (and `average`); a fresh
+    state when there is none."""
     import ray.train
 
     checkpoint = ray.train.get_checkpoint()
@@ -251,6 +266,8 @@ def restore_loop_state(engine) -> LoopState:
         return LoopState()
     with checkpoint.as_directory() as local:
         load_training_state(engine, Path(local) / DS_SUBDIR)
+        if average is not None:
+            average.load(Path(local) / DS_SUBDIR, engine.device)
         return LoopState(**json.loads((Path(local) / STATE_FILE).read_text()))
 
 
@@ -287,6 +304,7 @@ def run_epochs(
     should_stop: Callable[[list[dict[str, Any]]], bool] | None = None,
     log_every: int = 20,
     checkpoint_every: int = 0,
+    average: WeightAverage | None = None,
 ) -> LoopState:
     """Train `epochs` epochs (continuing from the run's latest checkpoint) and report each.
 
@@ -295,11 +313,13 @@ def run_epochs(
     prefixed `val_`), a checkpoint + `ray.train.report` of `{epoch, step, lr, train_*, val_*}`,
     and `should_stop(history)` (rank 0 decides, e.g. early stopping on `val_loss`).
     `checkpoint_every > 0` adds a checkpoint every that many steps inside an epoch.
+    `average` (a `WeightAverage`) is updated after every step and is what `eval_fn` sees
+    and what the checkpoint's `hf/` holds; training continues on the raw weights.
     Every rank must run the same number of forward passes in `step_fn` and `eval_fn`
     (ZeRO-3 gathers weights collectively); `distributed_loader` shards guarantee that.
     Returns the final `LoopState` (its `history` is what `FitResult.history` holds).
     """
-    state = restore_loop_state(engine)
+    state = restore_loop_state(engine, average)
     steps_per_epoch = len(loader)
     if steps_per_epoch == 0:
         raise ValueError(f"[{name}] the data loader is empty: nothing to train on")
@@ -320,6 +340,8 @@ def run_epochs(
             loss, extra = _split_step_output(step_fn(engine, batch))
             engine.backward(loss)
             engine.step()
+            if average is not None:
+                average.update(engine.module)
             state.step += 1
             state.batch_in_epoch += 1
             for key, value in {"loss": loss, **extra}.items():
@@ -329,13 +351,13 @@ def run_epochs(
                 means = {k: v / state.batch_in_epoch for k, v in sums.items()}
                 progress.report(epoch + 1, state.step, means)
             if checkpoint_every and state.step % checkpoint_every == 0 and state.batch_in_epoch < steps_per_epoch:
-                _save_and_report(engine, state, {"epoch": epoch, "step": state.step}, save_fn)
+                _save_and_report(engine, state, {"epoch": epoch, "step": state.step}, save_fn, average)
 
         train = mean_across_ranks({f"train_{k}": v / state.batch_in_epoch for k, v in sums.items()}, device)
         val: dict[str, float] = {}
         if eval_fn is not None:
             engine.eval()
-            with torch.no_grad():
+            with torch.no_grad(), _averaged(average, engine):
                 val = mean_across_ranks({f"val_{k}": v for k, v in eval_fn(engine).items()}, device)
             engine.train()
         record = {"epoch": epoch + 1, "step": state.step, "lr": float(engine.get_lr()[0]), **train, **val}
@@ -345,5 +367,5 @@ def run_epochs(
         state.stopped = _broadcast_flag(bool(should_stop and should_stop(state.history)))
         if state.stopped and is_rank_zero():
             print(f"[{name}] stopping early after epoch {epoch + 1}", flush=True)
-        _save_and_report(engine, state, record, save_fn)
+        _save_and_report(engine, state, record, save_fn, average)
     return state

@@ -40,6 +40,7 @@ from pagellm.eval.probe import RankingProbe, best_record, val_metric
 from pagellm.models.policy import build_policy, load_policy, save_policy
 from pagellm.models.positions import position_ids, prompt_anchor
 from pagellm.runfolder import publish_dir
+from pagellm.train.weight_average import WeightAverage
 from pagellm.vocab import PromptEncoder, Vocab
 
 IGNORE = -100
@@ -439,7 +440,17 @@ def _train_loop(config: dict) -> None:
     key, order = selection(cfg, phase)
     run_epochs(engine, loader, step, epochs=epochs, name=f"sft:{phase}" if phase == "meta" else "sft",
                save_fn=save_fn, eval_fn=evaluate, log_every=train_cfg.log_every,
+               average=phase_average(train_cfg, phase, engine.module, len(loader)),
                should_stop=lambda history: patience_exhausted(history, key, train_cfg.patience, order))
+
+
+def phase_average(train_cfg: SFTConfig, phase: str, module, steps_per_epoch: int) -> WeightAverage | None:
+    """The weight average `phase` validates and publishes: over sft.meta_average_epochs
+    epochs of steps in the next-item phase (decay 1 - 1 / steps), none otherwise."""
+    if phase != "meta" or train_cfg.meta_average_epochs <= 0:
+        return None
+    horizon = max(2.0, train_cfg.meta_average_epochs * steps_per_epoch)
+    return WeightAverage(module, decay=1.0 - 1.0 / horizon)
 
 
 def selection(cfg: Config, phase: str) -> tuple[str, str]:
