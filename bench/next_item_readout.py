@@ -35,6 +35,7 @@ from pagellm.models.positions import prompt_anchor
 from pagellm.train.deepspeed_config import train_ds_config
 from pagellm.train.engine import weight_decay_groups
 from pagellm.train.sft import collate, history_rows, item_logits, item_token_loss
+from pagellm.train.weight_average import WeightAverage
 from pagellm.vocab import PromptEncoder, Vocab
 
 ap = argparse.ArgumentParser()
@@ -88,20 +89,19 @@ tail_len = len(layout.tail_ids)
 
 
 @torch.no_grad()
-def probe_eval(net=None):
-    net = net or model
-    net.eval()
+def probe_eval():
+    model.eval()
     ranked = {n: [] for n in (("tail", "item") if tail_len else ("tail",))}
     for a in range(0, len(probe.prompts), 256):
         prompts, exclude = probe.prompts[a:a + 256], probe.exclude[a:a + 256]
         ids, mask, pos = left_pad(prompts, layout.pad_id, "cpu", prompt_anchor(model))
-        out = net(input_ids=ids, attention_mask=mask, position_ids=pos, output_hidden_states=True, logits_to_keep=1)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, output_hidden_states=True, logits_to_keep=1)
         h = out.hidden_states[-1]
         for name, col in (("tail", -1), ("item", -1 - tail_len)) if tail_len else (("tail", -1),):
-            s = item_logits(net, h[:, col], layout)
+            s = item_logits(model, h[:, col], layout)
             s = s.masked_fill(exclusion_mask(exclude, len(prompts), layout.n_items, s.device), float("-inf"))
             ranked[name] += torch.topk(s, 10, dim=-1).indices.tolist()
-    net.train()
+    model.train()
     return {f"{k}_{m}": v for k, r in ranked.items() for m, v in metrics(r).items()}
 
 
@@ -129,11 +129,9 @@ else:  # SASRec's (pagellm/eval/baselines/sasrec.py): Adam, constant lr, no clip
     opt = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.9, 0.98))
     schedule, clip = None, 0.0
 
-# Weight averages (Polyak / EMA) of the same run, read out beside the raw weights: what
-# averaging the last epochs' weights would give the next-item checkpoint.
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-
-emas = {d: AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(d), use_buffers=True) for d in args.ema}
+# Weight averages of the same run (sft.meta_average_epochs' WeightAverage), read out beside
+# the raw weights: what averaging the last epochs' weights would give the checkpoint.
+emas = {d: WeightAverage(model, d) for d in args.ema}
 rng = np.random.default_rng(cfg.seed)
 emit({"epoch": 0, **probe_eval(), "opt": args.opt, "lr": lr, "set": args.set})
 for epoch in range(1, args.epochs + 1):
@@ -151,7 +149,10 @@ for epoch in range(1, args.epochs + 1):
         if schedule is not None:
             schedule.step()
         for ema in emas.values():
-            ema.update_parameters(model)
+            ema.update(model)
         tot += float(loss.detach())
-    averaged = {f"ema{d}_{k}": v for d, ema in emas.items() for k, v in probe_eval(ema.module).items()}
+    averaged = {}
+    for d, ema in emas.items():
+        with ema.applied(model):
+            averaged |= {f"ema{d}_{k}": v for k, v in probe_eval().items()}
     emit({"epoch": epoch, "loss": tot / steps_per_epoch, "sec": time.perf_counter() - t0, **probe_eval(), **averaged})

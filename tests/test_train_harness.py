@@ -217,14 +217,6 @@ def _run_epochs_with_fake_ray(workdir: Path, resume_from: Path | None, average_d
     return state, reports, len(trained), raw
 
 
-def full_eval(workdir: Path) -> list[dict]:
-    """The same run as the averaged one, without the average (its validation losses)."""
-    val_ids = counting_data()[:4]
-    state, _, _, _ = _run_epochs_with_fake_ray(workdir / "raw_eval", None, checkpoint_every=3,
-                                               eval_fn=lambda engine: {"loss": lm_step(engine, (val_ids,))[0].item()})
-    return state.history
-
-
 def loop_checks(workdir: str) -> dict:
     """Engine and run_epochs checks in one throw-away process with a one-rank gloo group.
 
@@ -265,8 +257,9 @@ def loop_checks(workdir: str) -> dict:
     name = "transformer.h.0.mlp.c_fc.weight"
     mid = next(path for metrics, path in reports if metrics["step"] == 3)
     avg_resumed, _, _, _ = _run_epochs_with_fake_ray(workdir / "avg2", mid, average_decay=0.5, **eval_kwargs)
+    unaveraged, _, _, _ = _run_epochs_with_fake_ray(workdir / "raw_eval", None, **eval_kwargs)  # the same run without it
     out["average"] = (torch.equal(hf[name], shadow[name]), torch.equal(hf[name], raw[name]),
-                      [r["val_loss"] for r in averaged.history], [r["val_loss"] for r in full_eval(workdir)],
+                      [r["val_loss"] for r in averaged.history], [r["val_loss"] for r in unaveraged.history],
                       avg_resumed.history == averaged.history)
 
     dist.destroy_process_group()

@@ -446,11 +446,10 @@ def _train_loop(config: dict) -> None:
 
 def phase_average(train_cfg: SFTConfig, phase: str, module, steps_per_epoch: int) -> WeightAverage | None:
     """The weight average `phase` validates and publishes: over sft.meta_average_epochs
-    epochs of steps in the next-item phase (decay 1 - 1 / steps), none otherwise."""
+    epochs of steps in the next-item phase, none otherwise."""
     if phase != "meta" or train_cfg.meta_average_epochs <= 0:
         return None
-    horizon = max(2.0, train_cfg.meta_average_epochs * steps_per_epoch)
-    return WeightAverage(module, decay=1.0 - 1.0 / horizon)
+    return WeightAverage.over_epochs(module, train_cfg.meta_average_epochs, steps_per_epoch)
 
 
 def selection(cfg: Config, phase: str) -> tuple[str, str]:

@@ -16,7 +16,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 AVERAGE_FILE = "weight_average.safetensors"
 
@@ -32,6 +33,11 @@ class WeightAverage:
         self.names = [n for n, p in module.named_parameters() if p.requires_grad]
         self.shadow: dict[str, torch.Tensor] | None = None
         self.updates = 0
+
+    @classmethod
+    def over_epochs(cls, module: torch.nn.Module, epochs: float, steps_per_epoch: int) -> "WeightAverage":
+        """An average spanning about `epochs` epochs of steps: decay 1 - 1 / steps (>= 2 steps)."""
+        return cls(module, decay=1.0 - 1.0 / max(2.0, epochs * steps_per_epoch))
 
     def _params(self, module: torch.nn.Module) -> dict[str, torch.Tensor]:
         params = dict(module.named_parameters())
@@ -77,11 +83,9 @@ class WeightAverage:
         path = Path(directory) / AVERAGE_FILE
         if not path.exists():
             return False
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
             self.updates = int(f.metadata()["updates"])
-        loaded = load_file(str(path), device=str(device))
+            loaded = {n: f.get_tensor(n) for n in f.keys()}
         missing = set(self.names) - set(loaded)
         if missing:
             raise ValueError(f"{path} lacks {len(missing)} averaged parameter(s), e.g. {sorted(missing)[:3]}")
