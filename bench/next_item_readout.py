@@ -1,7 +1,7 @@
 """Where the policy's next-item ranking is read out, and with which optimiser (diagnosis).
 
 Trains the policy, built as the SFT stage builds it, on the next-item phase's rows
-(`pagellm.train.sft.history_rows`) with a plain torch loop, and after each epoch ranks all
+(`pagellm.train.sft_rows.history_rows`) with a plain torch loop, and after each epoch ranks all
 items for the SFT probe's validation users (history excluded) at two places of one forward:
   tail: the prompt's end, where pages start and the probe and eval read (`tail_*`)
   item: the last history item, SASRec's read-out (`item_*`; only when the prompt has
@@ -34,7 +34,8 @@ from pagellm.models.policy import build_policy
 from pagellm.models.positions import prompt_anchor
 from pagellm.train.deepspeed_config import train_ds_config
 from pagellm.train.engine import weight_decay_groups
-from pagellm.train.sft import collate, history_rows, item_logits, item_token_loss
+from pagellm.train.sft import item_logits, item_token_loss
+from pagellm.train.sft_rows import collate, history_rows
 from pagellm.train.weight_average import WeightAverage
 from pagellm.vocab import PromptEncoder, Vocab
 

@@ -36,7 +36,7 @@ def make_rows(cfg: Config, data_dir: Path):
     import pandas as pd
 
     from pagellm.models.policy import build_policy
-    from pagellm.train.sft import page_rows
+    from pagellm.train.sft_rows import page_rows
     from pagellm.vocab import PromptEncoder, Vocab
 
     vocab = Vocab.from_parquet(data_dir / "vocab.parquet")
@@ -59,7 +59,7 @@ def timed_steps(step, batches, warmup: int) -> tuple[float, int]:
 
 
 def batches_for(rows, batch_size: int, steps: int, pad_id: int, rank: int = 0, world: int = 1):
-    from pagellm.train.sft import collate
+    from pagellm.train.sft_rows import collate
 
     out = []
     for n in range(steps):

@@ -3,6 +3,10 @@
     python bench/stage3_compare.py --config configs/tiny.yaml --seeds 0 1 2 --out runs/s3/tiny \\
         --algorithms ppo grpo dpo degre [--set KEY=VALUE ...] [--algo-set dpo=dpo.beta=0.2 ...]
 
+An entry of --algorithms may carry a label, ALGO:LABEL (`degre:prior`), so two settings of one
+algorithm are rows of the same table: `--algorithms degre degre:prior --algo-set
+"degre:prior=degre.value_model=page_prior"` (its runs in OUT/seed<s>/variants/degre-prior).
+
 Each seed runs once with `stage3.algorithm=none` (data, SFT and the baselines; bench/quality.py
 `run_seed`, in OUT/seed<s>), then each algorithm as a variant of that seed (`run_variant`, in
 OUT/seed<s>/variants/<algorithm>) with `stage3.algorithm=<algorithm>` and its --algo-set
@@ -65,11 +69,22 @@ def share_reward(seed_dir: Path, variant_dir: Path) -> None:
         shutil.copytree(variant_dir / "reward", seed_dir / "reward")
 
 
-def run_algorithm(seed_dir: Path, algorithm: str, sets: list[str], fresh: bool) -> dict:
-    """One algorithm's row for one seed: its evaluation, KL and published step
+def algorithm_of(entry: str) -> str:
+    """The stage-3 algorithm of an --algorithms entry: `degre:prior` -> degre."""
+    return entry.partition(":")[0]
+
+
+def variant_name(entry: str) -> str:
+    """The folder of an entry's runs under OUT/seed<s>/variants: `degre:prior` -> degre-prior."""
+    return entry.replace(":", "-")
+
+
+def run_algorithm(seed_dir: Path, entry: str, sets: list[str], fresh: bool) -> dict:
+    """One entry's row for one seed: its evaluation, KL and published step
     (quality.run_variant) and its DONE record, where metrics.jsonl's KL wins over DONE's."""
-    row = run_variant(seed_dir, algorithm, [f"stage3.algorithm={algorithm}", *sets], fresh)["stage3"]
-    variant_dir = seed_dir / "variants" / algorithm
+    algorithm = algorithm_of(entry)
+    row = run_variant(seed_dir, variant_name(entry), [f"stage3.algorithm={algorithm}", *sets], fresh)["stage3"]
+    variant_dir = seed_dir / "variants" / variant_name(entry)
     if not any(s.startswith("reward.") for s in sets):
         share_reward(seed_dir, variant_dir)
     return done_facts(variant_dir / algorithm) | row
@@ -87,11 +102,11 @@ def pooled_outcomes(seed_dirs: list[Path], algorithm: str) -> dict[str, tuple[li
 
     pooled: dict[str, tuple[list, list, int]] = {}
     for seed_dir in seed_dirs:
-        path = seed_dir / "variants" / algorithm / "eval" / PER_USER_FILE
+        path = seed_dir / "variants" / variant_name(algorithm) / "eval" / PER_USER_FILE
         if not path.exists():  # a run evaluated before eval wrote per-user rows
             continue
         rows = pd.read_parquet(path)
-        ours = rows[rows["model"] == algorithm].set_index("user_index")
+        ours = rows[rows["model"] == algorithm_of(algorithm)].set_index("user_index")
         sft = rows[rows["model"] == "sft"].set_index("user_index").reindex(ours.index)
         for metric in (m for m in PAIRED_METRICS if m in rows):
             if sft[metric].isna().any():
@@ -198,7 +213,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", required=True)
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--algorithms", nargs="+", choices=STAGE3_ALGORITHMS, default=list(STAGE3_ALGORITHMS))
+    parser.add_argument("--algorithms", nargs="+", default=list(STAGE3_ALGORITHMS), metavar="ALGO[:LABEL]",
+                        help=f"entries to compare, each one of {', '.join(STAGE3_ALGORITHMS)}, optionally labelled")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="config override for every seed (repeatable)")
     parser.add_argument("--algo-set", action="append", default=[], metavar="ALGO=KEY=VALUE ...",
@@ -209,6 +225,12 @@ def main(argv: list[str] | None = None) -> None:
 
     from pagellm.config import load_config
 
+    for entry in args.algorithms:
+        if algorithm_of(entry) not in STAGE3_ALGORITHMS or entry.endswith(":"):
+            raise SystemExit(f"--algorithms {entry!r}: expected ALGO or ALGO:LABEL with ALGO one of "
+                             f"{', '.join(STAGE3_ALGORITHMS)}")
+    if len(set(map(variant_name, args.algorithms))) < len(args.algorithms):
+        raise SystemExit(f"--algorithms {' '.join(args.algorithms)}: an entry is listed twice")
     sets: dict[str, list[str]] = {a: [] for a in args.algorithms}
     for text in args.algo_set:
         name, items = parse_variant(text)
@@ -218,7 +240,7 @@ def main(argv: list[str] | None = None) -> None:
     base = args.overrides + ["stage3.algorithm=none"]
     load_config(args.config, base)  # a config mistake fails here, before any seed runs
     for name, items in sets.items():
-        load_config(args.config, args.overrides + [f"stage3.algorithm={name}", *items])
+        load_config(args.config, args.overrides + [f"stage3.algorithm={algorithm_of(name)}", *items])
     args.out.mkdir(parents=True, exist_ok=True)
     per_seed: dict[int, dict] = {}
     for seed in args.seeds:

@@ -56,6 +56,8 @@ def test_every_declared_name_loads():
         (["ppo.hits_reward_weight=1.0"], "needs ppo.prompts=cuts"),
         (["ppo.model_reward_weight=0"], "all 0: nothing to optimise"),
         (["ppo.prior_reward_weight=1", "reward.page_prior=false"], "needs the page prior"),
+        (["stage3.algorithm=degre", "degre.value_model=page_prior", "reward.page_prior=false"], "needs the page prior"),
+        (["degre.policy_weight=-1"], "greater than or equal to 0"),
         (["ppo.kl_estimator=k4"], "allowed: k1, k2, k3"),
         (["eval.fidelity_samples=1"], "at least 2 samples per user"),
         (["eval.hr_pct_pages=99"], "HR@1% needs at least 100 random pages"),
@@ -89,7 +91,8 @@ def test_a_hits_only_reward_trains_no_reward_model():
      (["stage3.algorithm=dpo"], "jobs.dpo", "dpo", False),  # offline pairs: no reward model
      (["stage3.algorithm=dpo", "dpo.on_policy=true"], "jobs.dpo", "dpo", True),
      (["stage3.algorithm=dpo", "dpo.on_policy=true", "dpo.ranker=next_item"], "jobs.dpo", "dpo", False),
-     (["stage3.algorithm=degre"], "jobs.degre", "degre", False)],
+     (["stage3.algorithm=degre"], "jobs.degre", "degre", False),
+     (["stage3.algorithm=degre", "degre.value_model=page_prior"], "jobs.degre", "degre", True)],  # the prior's fit
 )
 def test_stage3_algorithm_picks_the_module_the_folder_and_whether_a_reward_model_is_trained(
         overrides, module, folder, reward, tmp_path):

@@ -12,7 +12,7 @@ from served_page import assert_serves_its_stage3_policy
 
 from pagellm.config import load_config
 from pagellm.data.pipeline import run_data_stage
-from pagellm.models.beam_mining import mine_pages
+from pagellm.models.beam_mining import EvaluatorGains, PriorGains, mine_pages
 from pagellm.models.lookahead import (
     LookaheadEvaluator,
     cumulative_regression_loss,
@@ -22,6 +22,8 @@ from pagellm.models.lookahead import (
     prefix_values,
     rating_value,
 )
+from pagellm.models.decoding import constrained_logprobs, first_item_scores
+from pagellm.models.page_prior import PagePrior, standardise, step_gains
 from pagellm.models.policy import build_policy, save_policy
 from pagellm.train.distill_loss import distill_loss, page_weights, soft_labels
 from pagellm.vocab import PromptEncoder, Vocab
@@ -104,7 +106,8 @@ def test_beam_mining_returns_distinct_valid_pages_valued_as_the_evaluator_values
     layout = encoder.layout
     prompts = [encoder.encode_prompt(0, [1, 2, 3]), encoder.encode_prompt(3, [7])]
     exclude = [[1, 2, 3, 4], [7, 0]]
-    mined = mine_pages(policy, evaluator, layout, prompts, exclude, k=4, beam=5, expand=3)
+    mined = mine_pages(policy, EvaluatorGains(evaluator, layout.pad_id), layout, prompts, exclude, k=4, beam=5,
+                       expand=3)
     assert [len(pages) for pages in mined] == [5, 5]
     for pages, banned, prompt in zip(mined, exclude, prompts):
         seen = set()
@@ -124,6 +127,42 @@ def test_beam_mining_returns_distinct_valid_pages_valued_as_the_evaluator_values
             recomputed = page_values(evaluator, [prompt] * len(pages), [m.items for m in pages], layout.item_offset,
                                      layout.pad_id)[:, -1]
         assert recomputed.tolist() == pytest.approx(values, abs=1e-5)
+
+
+def test_mining_with_the_page_prior_writes_its_greedy_page_and_counts_the_policy_weight(tiny_models):
+    """degre.value_model=page_prior: with one beam and every item proposed, mining writes the
+    page that adds the prior's largest gain at each step (computed here from step_gains and
+    the policy's first-item scores alone); each page's value is its R_p and its logp the
+    policy's own teacher-forced log-probability; a large policy_weight follows the policy."""
+    policy, _, encoder = tiny_models
+    layout = encoder.layout
+    n = layout.n_items
+    cat = np.arange(n) % 3
+    prior = PagePrior(1.0, 1.5, 0.5, standardise(np.linspace(-1, 1, n)).tolist())
+    prompts = [encoder.encode_prompt(0, [1, 2]), encoder.encode_prompt(4, [9])]
+    exclude = [[1, 2], [9]]
+    mined = mine_pages(policy, PriorGains(prior, cat), layout, prompts, exclude, k=4, beam=1, expand=n)
+    z = standardise(first_item_scores(policy, layout, prompts).double().numpy())
+    for row, (pages, banned) in enumerate(zip(mined, exclude)):
+        want: list[int] = []
+        for _ in range(4):
+            gains = step_gains(prior, z[row : row + 1], [want], cat)[0]
+            gains[banned + want] = -np.inf
+            want.append(int(gains.argmax()))
+        assert pages[0].items == want
+        assert pages[0].value == pytest.approx(float(prior.value(z[row : row + 1, want], [want], cat)[0]), abs=1e-4)
+        logp, _, _ = constrained_logprobs(policy.eval(), layout, [prompts[row]],
+                                          [[layout.item_token(i) for i in want] + [layout.eos_id]], exclude=[banned],
+                                          k=4)
+        assert pages[0].logp == pytest.approx(float(logp[0, :4].sum()), abs=1e-4)  # the items, not the eos
+    # With the policy's log-probability weighted far above the prior, one beam is the
+    # policy's own greedy page.
+    from pagellm.models.decoding import generate_pages
+
+    greedy = generate_pages(policy, layout, prompts, k=4, exclude=exclude).items
+    led = mine_pages(policy, PriorGains(prior, cat), layout, prompts, exclude, k=4, beam=1, expand=n,
+                     policy_weight=1e6)
+    assert [pages[0].items for pages in led] == greedy
 
 
 @pytest.fixture(scope="module")
@@ -169,3 +208,35 @@ def test_degre_stage_publishes_a_distilled_policy_that_serve_reads(run_template,
     assert any("evaluator: reusing" in line for line in lines) and any("mining: reusing" in line for line in lines)
 
     assert_serves_its_stage3_policy(run_dir, cfg, "degre")
+
+
+def test_degre_stage_mines_with_the_page_prior_without_fitting_an_evaluator(run_template, tmp_path):
+    """degre.value_model=page_prior reads <run>/reward/page_prior.json, fits no evaluator, and
+    the mined pages carry the prior's value of each page."""
+    import shutil
+
+    from pagellm.train.degre import run_degre_stage
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(run_template, run_dir)
+    cfg = load_config(None, SMALL + ["stage3.publish=last", "degre.value_model=page_prior", "degre.epochs=1"])
+    with pytest.raises(FileNotFoundError, match="page_prior.json not found"):
+        run_degre_stage(cfg, run_dir, **QUIET)
+    items = pd.read_parquet(run_dir / "data" / "items.parquet").sort_values("index")
+    prior = PagePrior(1.0, 0.5, 0.4, standardise(items["score"].to_numpy(dtype=np.float64)).tolist())
+    (run_dir / "reward").mkdir()
+    prior.save(run_dir / "reward", {"fit": {"quality_weight": 0.5, "satiation": 0.4}})
+    lines: list[str] = []
+    run_degre_stage(cfg, run_dir, log=lines.append)
+    assert not (run_dir / "degre" / "evaluator").exists()
+    assert any("value model: the page prior" in line for line in lines)
+    mined = pd.read_parquet(run_dir / "degre" / "mined.parquet").head(6)
+    from pagellm.models.policy import load_policy
+
+    policy, tok, layout = load_policy(run_dir / "sft", trainable=False)
+    encoder = PromptEncoder(tok, layout)
+    prompts = [encoder.encode_prompt(int(u), list(p)) for u, p in zip(mined["user_index"], mined["prompt"])]
+    pages = [list(map(int, p)) for p in mined["page"]]
+    want = prior.score(first_item_scores(policy, layout, prompts).double().numpy(), pages, items["cat_index"].to_numpy())
+    assert mined["value"].to_numpy() == pytest.approx(want, abs=1e-4)
+    assert (run_dir / "degre" / "DONE").exists()

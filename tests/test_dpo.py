@@ -17,7 +17,7 @@ from pagellm.models.policy import build_policy, load_policy, save_policy
 from pagellm.models.positions import prompt_anchor
 from pagellm.train.dpo_loss import dpo_loss, page_logprobs
 from pagellm.train.dpo_pairs import best_and_worst, build_pairs, ranking_page, reference_logprobs
-from pagellm.train.sft import collate, page_rows
+from pagellm.train.sft_rows import collate, page_rows
 from pagellm.vocab import PromptEncoder, Vocab
 
 SMALL = ["data.simulator.users=40", "data.simulator.items=40", "data.simulator.categories=4",

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from pagellm.models.page_prior import PagePrior, fit_page_prior, page_tensors, standardise
+from pagellm.models.page_prior import PagePrior, fit_page_prior, page_tensors, standardise, step_gains
 
 
 def test_page_tensors_count_earlier_items_of_the_same_category():
@@ -28,6 +28,26 @@ def test_score_by_hand():
             + 0.5 * math.exp(0.5 * z[2]))
     got = prior.score(pref, [[1, 0, 2]], cat)
     assert got[0] == pytest.approx(math.log(want), rel=1e-6)
+
+
+def test_step_gains_by_hand_and_they_sum_to_the_page_value():
+    cat = np.array([0, 0, 1, -1])
+    prior = PagePrior(pref_weight=0.5, quality_weight=2.0, satiation=0.25, quality=[1.0, -1.0, 0.0, 0.5])
+    z = np.array([[1.0, -1.0, 0.0, 2.0]])
+    # Empty prefix: a z + b q (exam(1) = 1, the empty page counts as 0).
+    assert step_gains(prior, z, [[]], cat)[0].tolist() == pytest.approx([2.5, -2.5, 0.0, 2.0])
+    # After item 0: S = e^2.5; item 1 (same category, position 2) adds 0.75 e^-2.5 / log2(3);
+    # item 2 (another category) e^0 / log2(3); item 3 (uncategorised) e^2 / log2(3); item 0
+    # itself (the caller blocks it) would repeat its own category.
+    s = math.exp(2.5)
+    want = [math.log(1 + t / s) for t in (0.75 * math.exp(2.5) / math.log2(3), 0.75 * math.exp(-2.5) / math.log2(3),
+                                          1.0 / math.log2(3), math.exp(2.0) / math.log2(3))]
+    assert step_gains(prior, z, [[0]], cat)[0].tolist() == pytest.approx(want, rel=1e-9)
+    # Along any page, the gains of its items add up to R_p(page).
+    page, total = [3, 0, 1, 2], 0.0
+    for t, item in enumerate(page):
+        total += step_gains(prior, z, [page[:t]], cat)[0, item]
+    assert total == pytest.approx(float(prior.value(z[:, page], [page], cat)[0]), rel=1e-9)
 
 
 def test_fit_recovers_the_parameters_that_made_the_preferences():

@@ -8,7 +8,8 @@ from pagellm.config import ModelConfig
 from pagellm.models.decoding import constrained_logprobs, generate_pages
 from pagellm.models.policy import build_policy, load_policy, save_policy
 from pagellm.models.positions import check_context, position_ids, prompt_anchor, prompt_room
-from pagellm.train.sft import collate, item_token_loss, page_rows
+from pagellm.train.sft import item_token_loss
+from pagellm.train.sft_rows import collate, page_rows
 from pagellm.vocab import PromptEncoder, Vocab
 
 HISTORIES = [[1, 2], [3, 4, 5, 6], [7]]

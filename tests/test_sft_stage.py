@@ -9,7 +9,8 @@ from pagellm.config import load_config
 from pagellm.data.pipeline import run_data_stage
 from pagellm.models.decoding import generate_pages
 from pagellm.models.policy import build_policy, load_policy
-from pagellm.train.sft import IGNORE, history_rows, page_rows, run_sft_stage
+from pagellm.train.sft import run_sft_stage
+from pagellm.train.sft_rows import IGNORE, history_rows, page_rows
 from pagellm.vocab import PromptEncoder, Vocab
 
 SMALL = ["data.simulator.users=40", "data.simulator.items=40", "data.simulator.categories=4",
@@ -74,7 +75,7 @@ def test_history_rows_with_block_seen_mask_the_items_before_each_position_but_it
     (held,) = history_rows(enc, [0], [[3, 4, 5, 6]], max_items=50, scored=[1], block_seen=True)
     assert held.targets == [[6]] and held.blocked == [[3, 4, 5]]
     # Through collate, the masked items are (position, item) pairs of the loss's softmax.
-    from pagellm.train.sft import collate
+    from pagellm.train.sft_rows import collate
 
     batch = collate([row], pad_id=0)
     assert batch["blocked"].T.tolist() == [[0, 3], [1, 3], [1, 4], [2, 4], [2, 5]]
@@ -181,7 +182,8 @@ def test_sft_on_two_workers(data_run, tmp_path, zero, meta, own, distill):
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_target_token_loss_equals_the_models_own_loss(arch):
-    from pagellm.train.sft import collate, target_token_loss
+    from pagellm.train.sft import target_token_loss
+    from pagellm.train.sft_rows import collate
 
     init = ({"n_layer": 1, "n_embd": 32, "n_head": 2} if arch == "gpt2" else
             {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
@@ -203,7 +205,8 @@ def test_item_token_loss_is_the_constrained_page_likelihood():
     model.ranking_prior (DPO's page likelihood, which applies it, is tested in test_dpo)."""
     from pagellm.models.decoding import constrained_logprobs
     from pagellm.models.positions import prompt_anchor
-    from pagellm.train.sft import collate, item_token_loss
+    from pagellm.train.sft import item_token_loss
+    from pagellm.train.sft_rows import collate
 
     cfg = load_config(None, ["model.init.n_layer=1", "model.init.n_embd=32", "model.ranking_prior=0"]).model
     vocab = Vocab.build(["u0", "u1"], [f"i{i}" for i in range(9)])
@@ -295,7 +298,7 @@ def test_own_prefix_rows_condition_on_the_greedy_page_and_target_the_golden_item
     (prompt items excluded), cut to the golden page's length; position t's targets are the
     golden items not among the written items 0..t-1, and it blocks the prompt and those."""
     from pagellm.models.decoding import generate_pages
-    from pagellm.train.sft import own_prefix_rows
+    from pagellm.train.sft_rows import own_prefix_rows
 
     cfg = load_config(None, ["model.init.n_layer=1", "model.init.n_embd=32"]).model
     model, tok, layout = build_policy(cfg, Vocab.build(["u0"], [f"i{i}" for i in range(12)]), seed=0)
@@ -341,7 +344,7 @@ def test_the_meta_phase_can_be_selected_by_its_held_out_loss(tmp_path, monkeypat
 def test_validation_history_rows_score_only_the_held_out_items():
     """The meta phase's validation loss is the held-out items' cross-entropy alone: the
     training items of the same history are in the training rows already."""
-    from pagellm.train.sft import IGNORE, history_rows
+    from pagellm.train.sft_rows import IGNORE, history_rows
 
     cfg = load_config(None, ["model.init.n_layer=1", "model.init.n_embd=32"]).model
     _, tok, layout = build_policy(cfg, Vocab.build(["u0", "u1"], [f"i{i}" for i in range(9)]), seed=0)
@@ -361,9 +364,9 @@ def test_item_loss_with_ranking_adds_the_weighted_kl_to_the_item_loss():
 
     from pagellm.models.positions import prompt_anchor
     from pagellm.train.rank_distill import ranking_kl, row_starts
-    from pagellm.train.sft import _labelled_hidden, collate, constrained_log_softmax, item_logits, item_loss_terms
-    from pagellm.train.sft import item_loss_with_ranking
-    from pagellm.train.sft import item_token_loss
+    from pagellm.train.sft import (_labelled_hidden, constrained_log_softmax, item_logits, item_loss_terms,
+                                   item_loss_with_ranking, item_token_loss)
+    from pagellm.train.sft_rows import collate
 
     cfg = load_config(None, ["model.init.n_layer=1", "model.init.n_embd=32"]).model
     model, tok, layout = build_policy(cfg, Vocab.build(["u0", "u1"], [f"i{i}" for i in range(9)]), seed=0)
@@ -392,7 +395,8 @@ def test_replayed_history_rows_are_distilled_at_their_own_positions():
     import copy
 
     from pagellm.models.positions import prompt_anchor
-    from pagellm.train.sft import collate, item_loss_with_ranking, item_token_loss, replay_sample
+    from pagellm.train.sft import item_loss_with_ranking, item_token_loss
+    from pagellm.train.sft_rows import collate, replay_sample
 
     cfg = load_config(None, ["model.init.n_layer=1", "model.init.n_embd=32"]).model
     model, tok, layout = build_policy(cfg, Vocab.build(["u0", "u1"], [f"i{i}" for i in range(9)]), seed=0)
@@ -429,7 +433,7 @@ def test_replayed_history_rows_are_distilled_at_their_own_positions():
 
 def test_own_prefix_rewrites_the_page_rows_of_its_share_and_leaves_history_rows_alone():
     from pagellm.config import ConfigError
-    from pagellm.train.sft import own_prefix_batch, own_prefix_rows
+    from pagellm.train.sft_rows import own_prefix_batch, own_prefix_rows
 
     cfg = load_config(None, ["model.init.n_layer=1", "model.init.n_embd=32"]).model
     model, tok, layout = build_policy(cfg, Vocab.build(["u0", "u1"], [f"i{i}" for i in range(12)]), seed=0)

@@ -8,8 +8,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 
-from stage3_compare import (best_line, done_facts, paired_table, paired_users, share_reward, summarise,  # noqa: E402
-                            verdict)
+from stage3_compare import (algorithm_of, best_line, done_facts, paired_table, paired_users,  # noqa: E402
+                            share_reward, summarise, variant_name, verdict)
 
 
 def _seed(sft: float, ppo: float, dpo: float, hr_sft: float, hr_ppo: float, hr_dpo: float) -> dict:
@@ -107,3 +107,19 @@ def test_paired_users_pools_discordant_users_over_seeds(tmp_path):
     table = paired_table(paired)
     assert "| ppo | 3 | 1 | 0.625 | +1.8000 ± 0.3742 |" in table and table.rstrip().endswith("| 2 |")
     assert paired_table({}) == ""
+
+
+def test_a_labelled_entry_reads_its_own_folder_and_its_algorithm_rows(tmp_path):
+    """`degre:prior` runs stage3.algorithm=degre in variants/degre-prior; its per-user rows
+    are eval's `degre` rows there, not the plain `degre` entry's."""
+    import pandas as pd
+
+    assert algorithm_of("degre:prior") == "degre" and variant_name("degre:prior") == "degre-prior"
+    assert algorithm_of("dpo") == "dpo" == variant_name("dpo")
+    for folder, hits in (("degre", [0, 0]), ("degre-prior", [1, 1])):
+        path = tmp_path / "seed0" / "variants" / folder / "eval"
+        path.mkdir(parents=True)
+        pd.DataFrame({"model": ["degre", "degre", "sft", "sft"], "user_index": [0, 1, 0, 1],
+                      "hr@10": hits + [0, 0]}).to_parquet(path / "per_user.parquet")
+    paired = paired_users([tmp_path / "seed0"], ["degre", "degre:prior"])
+    assert paired["degre"]["hr@10"]["only_a"] == 0 and paired["degre:prior"]["hr@10"]["only_a"] == 2

@@ -158,7 +158,7 @@ class SFTConfig(ProbedTraining):
     page_loss: Literal["sequence", "set"] = "sequence"
     # Share of each page-phase batch written on the policy's own greedy page instead of the
     # golden one, the targets at each position being the golden items not yet on it
-    # (pagellm/train/sft.py own_prefix_rows): training conditions on what decoding does.
+    # (pagellm/train/sft_rows.py own_prefix_rows): training conditions on what decoding does.
     # Needs page_loss=set (a teacher-forced target has no meaning after a wrong guess).
     own_prefix: float = Field(0.0, ge=0.0, le=1.0)
     # Weight of the KL that pulls every page position toward the next-item ranking of the

@@ -140,6 +140,14 @@ class DeGReConfig(ProbedTraining):
     tau_w: float = Field(1.0, gt=0.0)  # temperature of the mined pages' value weights
     soft_temperature: float = Field(1.0, gt=0.0)  # of the evaluator's step values as soft labels
     prompts: Literal["latest", "cuts"] = "latest"  # as ppo.prompts
+    # What scores the beams: "lookahead" = DeGRe's evaluator (fitted here, `evaluator` below);
+    # "page_prior" = the page prior the reward stage fits (pagellm/models/page_prior.py), which
+    # ranks sampled pages by true utility far better on the simulator (docs/BENCHMARKS.md).
+    value_model: Literal["lookahead", "page_prior"] = "lookahead"
+    # Beams rank by value + policy_weight x the page's log-probability under the SFT policy:
+    # 0 = the value model alone chooses among the proposals (DeGRe); larger keeps the mined
+    # pages nearer what the policy writes (a KL-regularised search).
+    policy_weight: float = Field(0.0, ge=0.0)
     evaluator: EvaluatorConfig = Field(default_factory=EvaluatorConfig)
 
 

@@ -54,6 +54,8 @@ class Config(Strict):
         if (self.stage3.algorithm == "dpo" and self.dpo.on_policy and self.dpo.ranker == "prior"
                 and not self.reward.page_prior):
             raise ValueError("dpo.ranker=prior needs the page prior: set reward.page_prior=true")
+        if self.stage3.algorithm == "degre" and self.degre.value_model == "page_prior" and not self.reward.page_prior:
+            raise ValueError("degre.value_model=page_prior needs the page prior: set reward.page_prior=true")
         return self
 
     def uses_reward_model(self) -> bool:
@@ -61,6 +63,8 @@ class Config(Strict):
         algo = self.stage3.algorithm
         if algo in RL_ALGORITHMS:
             return self.ppo.model_reward_weight > 0 or self.ppo.prior_reward_weight > 0
+        if algo == "degre":
+            return self.degre.value_model == "page_prior"
         return algo == "dpo" and self.dpo.on_policy and self.dpo.ranker != "next_item"
 
 

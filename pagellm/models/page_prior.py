@@ -105,6 +105,31 @@ def page_log_value(z: torch.Tensor, quality: torch.Tensor, items: torch.Tensor, 
     return torch.logsumexp(logits, dim=1)
 
 
+def step_gains(prior: PagePrior, z: np.ndarray, prefixes: list[list[int]], item_cat: np.ndarray) -> np.ndarray:
+    """[rows, n_items] R_p(prefix + [i]) - R_p(prefix) for every item i as the next one after
+    each row's prefix (all prefixes one length t): what beam search under the prior adds per
+    step. z [rows, n_items] is the row's user's standardised preference for every item. The
+    empty page counts as 0 (its log-sum is -inf), so a page's summed gains are its R_p."""
+    rows, t = len(prefixes), len(prefixes[0]) if prefixes else 0
+    if any(len(p) != t for p in prefixes):
+        raise ValueError("step_gains: every prefix must have the same length")
+    z = np.asarray(z, dtype=np.float64)
+    cats = np.asarray(item_cat, dtype=np.int64)
+    counts = np.zeros((rows, max(int(cats.max(initial=-1)) + 1, 1)))
+    for r, page in enumerate(prefixes):
+        for item in page:
+            if cats[item] >= 0:
+                counts[r, cats[item]] += 1
+    repeats = np.where(cats >= 0, counts[:, np.clip(cats, 0, None)], 0.0)  # n_i given the prefix
+    log_new = (-np.log(np.log2(t + 2.0)) + prior.pref_weight * z + prior.quality_weight * np.asarray(prior.quality)
+               + repeats * np.log1p(-prior.satiation))
+    if t == 0:
+        return log_new
+    log_prefix = prior.value(np.take_along_axis(z, np.asarray(prefixes, dtype=np.int64), axis=1), prefixes,
+                             item_cat)[:, None]
+    return np.logaddexp(log_prefix, log_new) - log_prefix
+
+
 def fit_page_prior(z_chosen: np.ndarray, chosen: list[list[int]], z_rejected: np.ndarray,
                    rejected: list[list[int]], quality: np.ndarray, item_cat: np.ndarray,
                    steps: int = 200, fit_pref: bool = False) -> tuple[float, float, float]:

@@ -9,6 +9,9 @@ Three steps, each resumable from what it leaves in <run>/degre/:
   2. mined.parquet  beam search (pagellm/models/beam_mining.py, B = degre.beam) over the SFT
                     policy's proposals for every training prompt; per page its value, its
                     weight B·softmax(V/τ_w) and per step the proposals' soft labels.
+                    `degre.value_model: page_prior` scores the beams with the page prior of
+                    the reward stage (<run>/reward/page_prior.json) instead, and step 1 is
+                    skipped.
   3. distillation   of the SFT policy on the mined pages (pagellm/train/distill_loss.py) on
                     Ray Train + DeepSpeed like SFT, scored on validation every epoch and
                     published like every stage 3 (pagellm/train/stage3_publish.py).
@@ -209,6 +212,22 @@ def fit_evaluator(cfg: Config, run_dir: Path, encoder, log=print) -> dict:
 # ----------------------------------------------------------------------------- 2. mining
 
 
+def value_model(cfg: Config, run_dir: Path, layout):
+    """What values the beams (`degre.value_model`): the lookahead evaluator step 1 fitted, or
+    the page prior the reward stage fitted."""
+    from pagellm.models.beam_mining import EvaluatorGains, PriorGains
+    from pagellm.models.page_prior import PagePrior
+
+    if cfg.degre.value_model == "lookahead":
+        return EvaluatorGains(LookaheadEvaluator.from_pretrained(str(run_dir / "degre" / EVALUATOR_DIR)), layout.pad_id)
+    prior = PagePrior.load(run_dir / "reward")
+    if prior is None:
+        raise FileNotFoundError(f"{run_dir}/reward: no page prior for degre.value_model=page_prior; run "
+                                f"`pagellm reward --run {run_dir}` with reward.page_prior=true first")
+    items = pd.read_parquet(run_dir / "data" / "items.parquet").sort_values("index")
+    return PriorGains(prior, items["cat_index"].to_numpy())
+
+
 def mine(cfg: Config, run_dir: Path, log=print) -> dict:
     """Beam-mine pages for every training prompt (`degre.prompts`) with the SFT policy and
     the evaluator; writes <run>/degre/mined.parquet and returns counts."""
@@ -221,15 +240,16 @@ def mine(cfg: Config, run_dir: Path, log=print) -> dict:
     d = cfg.degre
     policy, tokenizer, layout = load_policy(run_dir / "sft", trainable=False)
     encoder = PromptEncoder(tokenizer, layout)
-    evaluator = LookaheadEvaluator.from_pretrained(str(run_dir / "degre" / EVALUATOR_DIR))
+    gains_of = value_model(cfg, run_dir, layout)
     rows = prompt_rows(cfg, run_dir, d.prompts)
     out: dict[str, list] = {k: [] for k in ("user_index", "prompt", "page", "value", "weight", "proposals", "soft")}
     chunk, t0 = 32, time.perf_counter()
-    log(f"[degre] mining {d.beam} pages for each of {len(rows):,} prompts ({d.prompts}), {d.expand} proposals per beam")
+    log(f"[degre] mining {d.beam} pages for each of {len(rows):,} prompts ({d.prompts}), {d.expand} proposals per beam, "
+        f"valued by the {d.value_model.replace('_', ' ')}" + (f" + {d.policy_weight} x log-probability" if d.policy_weight else ""))
     for a in range(0, len(rows), chunk):
         part = rows[a : a + chunk]
-        mined = mine_pages(policy, evaluator, layout, [encoder.encode_prompt(u, p) for u, p, _, _ in part],
-                           [banned for _, _, banned, _ in part], cfg.data.page_len, d.beam, d.expand)
+        mined = mine_pages(policy, gains_of, layout, [encoder.encode_prompt(u, p) for u, p, _, _ in part],
+                           [banned for _, _, banned, _ in part], cfg.data.page_len, d.beam, d.expand, d.policy_weight)
         for (user, prompt, _, _), pages in zip(part, mined):
             weights = page_weights(np.array([m.value for m in pages]), d.tau_w)
             for m, w in zip(pages, weights):
@@ -256,7 +276,7 @@ def mine(cfg: Config, run_dir: Path, log=print) -> dict:
 
 
 class MinedRow(NamedTuple):
-    row: object  # pagellm.train.sft.Row
+    row: object  # pagellm.train.sft_rows.Row
     weight: float
     proposals: list[list[int]]
     soft: list[list[float]]
@@ -266,7 +286,7 @@ def collate_mined(batch: list[MinedRow], pad_id: int, anchor: int | None, width:
     """SFT's collate plus, per page item position in the same row-major order as the
     targets, the page's weight and the step's proposals with their soft labels (padded to
     `width` with probability 0)."""
-    from pagellm.train.sft import collate
+    from pagellm.train.sft_rows import collate
 
     out = collate([m.row for m in batch], pad_id, anchor)
     proposals, soft, weights = [], [], []
@@ -301,7 +321,7 @@ def _distill_loop(config: dict) -> None:
     from pagellm.models.positions import prompt_anchor
     from pagellm.train.engine import build_engine, micro_batch_size, setup_distributed_for_deepspeed
     from pagellm.train.harness import distributed_loader, patience_exhausted, run_epochs
-    from pagellm.train.sft import TokenRows, page_rows
+    from pagellm.train.sft_rows import TokenRows, page_rows
     from pagellm.vocab import PromptEncoder
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -338,6 +358,7 @@ def _distill_loop(config: dict) -> None:
 def run_degre_stage(cfg: Config, run_dir: Path, log=print) -> dict:
     """Evaluator, mining, distillation and publishing (module doc); returns DONE's summary."""
     from pagellm.eval.probe import val_metric
+    from pagellm.models.page_prior import PRIOR_FILE
     from pagellm.train.harness import HF_SUBDIR, fit
     from pagellm.train.stage3_publish import publish_epochs, sft_probe_score
     from pagellm.vocab import PromptEncoder, load_tokenizer
@@ -348,7 +369,16 @@ def run_degre_stage(cfg: Config, run_dir: Path, log=print) -> dict:
     out = run_dir / "degre"
     out.mkdir(parents=True, exist_ok=True)
     evaluator_metrics = out / EVALUATOR_DIR / "metrics.json"
-    if evaluator_metrics.exists():
+    if cfg.degre.value_model == "page_prior":
+        prior_file = run_dir / "reward" / PRIOR_FILE
+        if not prior_file.exists():
+            raise FileNotFoundError(f"{prior_file} not found: degre.value_model=page_prior mines with the reward "
+                                    f"stage's page prior; run `pagellm reward --run {run_dir}` first")
+        fit_stats = json.loads(prior_file.read_text()).get("fit", {})
+        ev = {"best": {"page_prior": {k: fit_stats.get(k) for k in ("quality_weight", "satiation", "heldout_accuracy")}}}
+        log(f"[degre] value model: the page prior of {prior_file.parent} (quality weight "
+            f"{fit_stats.get('quality_weight', float('nan')):.3f}, satiation {fit_stats.get('satiation', float('nan')):.3f})")
+    elif evaluator_metrics.exists():
         log(f"[degre] evaluator: reusing {evaluator_metrics.parent}")
         ev = json.loads(evaluator_metrics.read_text())
     else:

@@ -25,7 +25,7 @@ from pagellm.eval.probe import RankingProbe, val_metric
 from pagellm.models.policy import load_policy, save_policy
 from pagellm.models.positions import prompt_anchor
 from pagellm.train.dpo_loss import dpo_loss, page_logprobs
-from pagellm.train.sft import TokenRows, collate, page_rows
+from pagellm.train.sft_rows import TokenRows, collate, page_rows
 from pagellm.vocab import LAYOUT_FILE, PromptEncoder
 
 

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from pagellm.train.sft import IGNORE, _labelled_hidden, item_logits, item_loss_terms, with_ranking_prior
+from pagellm.train.sft import _labelled_hidden, item_logits, item_loss_terms, with_ranking_prior
+from pagellm.train.sft_rows import IGNORE
 
 
 def row_sums(losses: torch.Tensor, positions: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,7 @@ import torch
 from pagellm.config import Config
 from pagellm.models.positions import prompt_anchor
 from pagellm.train.dpo_loss import page_logprobs
-from pagellm.train.sft import collate, page_rows
+from pagellm.train.sft_rows import collate, page_rows
 from pagellm.vocab import PromptEncoder
 
 PAIRS_FILE = "pairs.parquet"
