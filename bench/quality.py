@@ -40,6 +40,7 @@ import sys
 import time
 from pathlib import Path
 
+from pagellm.eval.output_cache import CACHE_DIR
 from pagellm.names import STAGE3_ALGORITHMS
 
 DEFAULT_METRICS = ["hr@10", "ndcg@10", "ndcg@100", "full/hr@10", "full/ndcg@100", "coverage@10", "sim_utility",
@@ -94,6 +95,10 @@ def run_variant(seed_dir: Path, name: str, overrides: list[str], fresh: bool) ->
         shutil.copy2(seed_dir / "config.yaml", run_dir / "config.yaml")
         for part in ["data", "sft"] + (["reward"] if start == "stage3" else []):
             shutil.copytree(seed_dir / part, run_dir / part)
+        # The seed's fitted SASRec and SFT lists: the variant's eval reuses them where its
+        # inputs are the same (pagellm/eval/output_cache.py), instead of recomputing them.
+        if (seed_dir / CACHE_DIR).is_dir():
+            shutil.copytree(seed_dir / CACHE_DIR, run_dir / CACHE_DIR)
         cmd = [sys.executable, "-m", "jobs.pipeline", "--run", str(run_dir), "--from", start]
         for item in overrides:
             cmd += ["--set", item]

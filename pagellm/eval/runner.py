@@ -21,6 +21,7 @@ from pagellm.config import Config
 from pagellm.eval.baselines import make_baseline, rank
 from pagellm.eval.metrics import (evaluate_full_ranking, evaluate_lists, expected_relevance, history_mask, hr_at_pct,
                                   random_pages, tail_items_from_counts)
+from pagellm.eval.output_cache import CACHE_DIR, OutputCache, files_key, input_key
 from pagellm.names import STAGE3_ALGORITHMS
 
 
@@ -73,18 +74,32 @@ class ModelOutput:
     seconds: float
 
 
-def baseline_output(name: str, params: dict, es: EvalSet, list_len: int, seed: int) -> ModelOutput:
+def baseline_output(name: str, params: dict, es: EvalSet, list_len: int, seed: int,
+                    cache: OutputCache | None = None, log=print) -> ModelOutput:
+    """A baseline fitted on the training sequences and its ranked lists. SASRec's fit is
+    taken from `cache` when one with the same parameters, seed and sequences is there."""
     t0 = time.perf_counter()
     torch.manual_seed(seed)
     if name == "sasrec":  # SASRec seeds its own init and order: one run's seed for every model
         params = {"seed": seed, **params}
     model = make_baseline(name, params if name != "popularity" else None)
-    model.fit(es.train_sequences, es.n_items)
+    key = input_key(name, model.params, es.train_sequences, es.n_items) if name == "sasrec" else None
+    state = cache.state(name, key) if cache is not None and key else None
+    if state is not None:
+        model.restore(state, es.n_items)
+        log(f"[eval] {name}: reusing its fit on the same sequences ({cache.directory}/{name}-{key}.safetensors)")
+    else:
+        model.fit(es.train_sequences, es.n_items)
+        if cache is not None and key:
+            cache.put_state(name, key, model.net.state_dict())
     lists = rank(model, es.histories, list_len, exclude=es.exclude)
     return ModelOutput(lists, lambda a, b: model.score(es.histories[a:b]), time.perf_counter() - t0)
 
 
-def policy_output(policy_dir: Path, es: EvalSet, list_len: int, batch_size: int, exclude: bool) -> ModelOutput:
+def policy_output(policy_dir: Path, es: EvalSet, list_len: int, batch_size: int, exclude: bool,
+                  cache: OutputCache | None = None, log=print) -> ModelOutput:
+    """A policy's greedy constrained lists and its first-position item scores. The lists are
+    taken from `cache` when the same policy files wrote them for the same prompts."""
     from pagellm.models.decoding import first_item_scores, generate_pages
     from pagellm.models.policy import load_policy
     from pagellm.vocab import PromptEncoder
@@ -94,12 +109,20 @@ def policy_output(policy_dir: Path, es: EvalSet, list_len: int, batch_size: int,
     model.eval()
     encoder = PromptEncoder(tokenizer, layout)
     prompts = [encoder.encode_prompt(int(u), p) for u, p in zip(es.user_index, es.prompts)]
-    lists: list[list[int]] = []
-    with torch.inference_mode():
-        for a in range(0, len(prompts), batch_size):
-            batch = generate_pages(model, layout, prompts[a : a + batch_size], k=list_len, mode="greedy",
-                                   exclude=es.exclude[a : a + batch_size] if exclude else None)
-            lists.extend(batch.items)
+    banned = es.exclude if exclude else None
+    key = input_key(files_key(policy_dir), prompts, banned, list_len, batch_size)
+    lists = cache.lists("policy", key) if cache is not None else None
+    if lists is not None:
+        log(f"[eval] {policy_dir.name}: reusing the lists these policy files wrote ({cache.directory}/policy-{key}.parquet)")
+    else:
+        lists = []
+        with torch.inference_mode():
+            for a in range(0, len(prompts), batch_size):
+                batch = generate_pages(model, layout, prompts[a : a + batch_size], k=list_len, mode="greedy",
+                                       exclude=banned[a : a + batch_size] if banned is not None else None)
+                lists.extend(batch.items)
+        if cache is not None:
+            cache.put_lists("policy", key, lists)
 
     def scores(a: int, b: int) -> np.ndarray:
         with torch.inference_mode():
@@ -347,14 +370,16 @@ def run_eval_stage(cfg: Config, run_dir: Path, split: str = "test", log=print) -
     models: dict[str, dict] = {}
     lists: dict[str, list[list[int]]] = {}  # every model's lists, for HR@k% and reward fidelity
     sasrec = None  # its fitted scores are the HR@k% judge on real data
+    cache = OutputCache(run_dir / CACHE_DIR)
     for name in cfg.eval.baselines:
         log(f"[eval] baseline {name}")
-        out = baseline_output(name, cfg.eval.sasrec if name == "sasrec" else {}, es, cfg.eval.list_len, cfg.seed)
+        out = baseline_output(name, cfg.eval.sasrec if name == "sasrec" else {}, es, cfg.eval.list_len, cfg.seed,
+                              cache, log)
         models[name], lists[name] = score_model(out, es, cfg, tail, sim_ctx), out.lists
         sasrec = out if name == "sasrec" else sasrec
     for name, path in policy_dirs(run_dir).items():
         log(f"[eval] policy {name} ({path})")
-        out = policy_output(path, es, cfg.eval.list_len, cfg.eval.batch_size, cfg.eval.exclude_history)
+        out = policy_output(path, es, cfg.eval.list_len, cfg.eval.batch_size, cfg.eval.exclude_history, cache, log)
         models[name], lists[name] = score_model(out, es, cfg, tail, sim_ctx), out.lists
     stage3 = [name for name in lists if name in STAGE3_ALGORITHMS]
     if cfg.eval.kl_samples and stage3 and "sft" in lists:

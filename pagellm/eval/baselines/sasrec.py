@@ -217,6 +217,14 @@ class SASRec:
         if best_state is not None:
             self.net.load_state_dict(best_state)
 
+    def restore(self, state: dict, n_items: int) -> None:
+        """Take the weights of an earlier fit with these parameters on the same sequences
+        (evaluation's output cache, pagellm/eval/output_cache.py) instead of fitting."""
+        p = self.params
+        self.n_items = n_items
+        self.net = SASRecNet(n_items, p["hidden"], p["blocks"], p["heads"], p["max_len"], p["dropout"])
+        self.net.load_state_dict(state)
+
     def validate(self, histories: list[list[int]], targets: list[list[int]]) -> float:
         """Full-ranking NDCG@10 with each user's history items masked."""
         res = evaluate_full_ranking(

@@ -1,0 +1,93 @@
+"""Evaluation's output cache (pagellm/eval/output_cache.py): keys follow the inputs, stored
+lists and weights round-trip, and a run that reuses them scores exactly what a fresh one does."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from pagellm.config import load_config
+from pagellm.data.pipeline import run_data_stage
+from pagellm.eval.output_cache import CACHE_DIR, OutputCache, files_key, input_key
+from pagellm.models.policy import build_policy, save_policy
+from pagellm.vocab import Vocab
+
+SMALL = ["data.simulator.users=40", "data.simulator.items=40", "data.simulator.categories=4",
+         "data.simulator.interactions_per_user=20", "model.init.n_layer=1", "model.init.n_embd=32",
+         "eval.sasrec.epochs=2", "eval.sasrec.verbose=false", "eval.fidelity_samples=0", "eval.hr_pct_pages=100",
+         "eval.list_len=20"]
+
+
+def test_keys_follow_the_inputs_not_their_order_or_container(tmp_path):
+    assert input_key({"a": 1, "b": [2, 3]}, [[1, 2]]) == input_key({"b": [2, 3], "a": 1}, [[1, 2]])
+    assert input_key([{3, 1, 2}]) == input_key([[1, 2, 3]])  # a set keys as its sorted items
+    assert input_key({"a": 1}, [[1, 2]]) != input_key({"a": 1}, [[2, 1]])  # order inside a list matters
+    assert input_key([1], [2]) != input_key([1, 2])  # parts are delimited
+    (tmp_path / "w.bin").write_bytes(b"abc")
+    first = files_key(tmp_path)
+    (tmp_path / "w.bin").write_bytes(b"abd")
+    assert files_key(tmp_path) != first
+
+
+def test_lists_and_weights_round_trip_and_no_folder_turns_it_off(tmp_path):
+    cache = OutputCache(tmp_path / "c")
+    assert cache.lists("policy", "k") is None and cache.state("sasrec", "k") is None
+    cache.put_lists("policy", "k", [[3, 1, 2], [], [7]])  # a list may be shorter, or empty
+    assert cache.lists("policy", "k") == [[3, 1, 2], [], [7]]
+    cache.put_state("sasrec", "k", {"w": torch.arange(6.0).reshape(2, 3)})
+    assert torch.equal(cache.state("sasrec", "k")["w"], torch.arange(6.0).reshape(2, 3))
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["policy-k.parquet", "sasrec-k.safetensors"]
+    off = OutputCache(None)
+    off.put_lists("policy", "k", [[1]])
+    assert off.lists("policy", "k") is None
+
+
+@pytest.fixture(scope="module")
+def run_template(ray_local, tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval_cache") / "run"
+    cfg = load_config(None, SMALL)
+    run_data_stage(cfg, root / "data", log=lambda *_: None)
+    model, tok, layout = build_policy(cfg.model, Vocab.from_parquet(root / "data" / "vocab.parquet"), seed=0)
+    save_policy(model, tok, layout, root / "sft")
+    return root
+
+
+def _models(metrics: dict) -> dict:
+    return {name: {k: v for k, v in m.items() if k != "seconds"} for name, m in metrics["models"].items()}
+
+
+def test_a_run_that_reuses_the_cache_scores_what_a_fresh_run_does(run_template, tmp_path):
+    from pagellm.eval.runner import run_eval_stage
+
+    cfg = load_config(None, SMALL)
+    fresh, variant = tmp_path / "fresh", tmp_path / "variant"
+    shutil.copytree(run_template, fresh)
+    lines: list[str] = []
+    first = run_eval_stage(cfg, fresh, log=lines.append)
+    assert not any("reusing" in line for line in lines)
+    assert {p.name.split("-")[0] for p in (fresh / CACHE_DIR).iterdir()} == {"sasrec", "policy"}
+
+    # A variant of the run (bench/quality.py run_variant): the same data and SFT policy, the
+    # seed's cache copied beside them. Nothing is fitted or written again, and every metric
+    # but the timing is what the fresh evaluation computed.
+    shutil.copytree(run_template, variant)
+    shutil.copytree(fresh / CACHE_DIR, variant / CACHE_DIR)
+    lines.clear()
+    again = run_eval_stage(cfg, variant, log=lines.append)
+    assert sum("reusing" in line for line in lines) == 2  # SASRec's fit and the SFT lists
+    assert _models(again) == _models(first)
+    assert json.loads((variant / "eval" / "metrics.json").read_text())["models"]["sft"]["hr@10"] == \
+        first["models"]["sft"]["hr@10"]
+
+    # Other SASRec settings or other policy weights are other keys: computed, not read.
+    lines.clear()
+    with torch.no_grad():
+        from safetensors.torch import load_file, save_file
+
+        weights = load_file(variant / "sft" / "model.safetensors")
+        weights = {k: v + 0.01 if v.is_floating_point() else v for k, v in weights.items()}
+        save_file(weights, str(variant / "sft" / "model.safetensors"), metadata={"format": "pt"})
+    run_eval_stage(load_config(None, SMALL + ["eval.sasrec.epochs=1"]), variant, log=lines.append)
+    assert not any("reusing" in line for line in lines)
+    assert len(list((variant / CACHE_DIR).iterdir())) == 4
