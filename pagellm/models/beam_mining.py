@@ -126,12 +126,13 @@ def mine_pages(policy, gains_of, layout, prompts: list[list[int]], exclude: list
                     parent = beams[p][rows[r][1]]
                     for j in range(width):
                         if torch.isfinite(proposal_logp[r, j]):
-                            value, logp = parent.value + float(gains[r, j]), parent.logp + float(proposal_logp[r, j])
-                            scored.append((value + policy_weight * logp, value, logp, r, j))
-                for _, value, logp, r, j in sorted(scored, key=lambda s: -s[0])[:beam]:
+                            value = parent.value + float(gains[r, j])
+                            page_logp = parent.logp + float(proposal_logp[r, j])
+                            scored.append((value + policy_weight * page_logp, value, page_logp, r, j))
+                for _, value, page_logp, r, j in sorted(scored, key=lambda s: -s[0])[:beam]:
                     parent = beams[p][rows[r][1]]
                     new_beams[p].append(MinedPage(parent.items + [int(proposal[r, j])], value,
                                                   parent.proposals + [proposal[r].tolist()],
-                                                  parent.gains + [gains[r].tolist()], logp))
+                                                  parent.gains + [gains[r].tolist()], page_logp))
             beams = new_beams
     return beams
