@@ -240,3 +240,9 @@ def test_degre_stage_mines_with_the_page_prior_without_fitting_an_evaluator(run_
     want = prior.score(first_item_scores(policy, layout, prompts).double().numpy(), pages, items["cat_index"].to_numpy())
     assert mined["value"].to_numpy() == pytest.approx(want, abs=1e-4)
     assert (run_dir / "degre" / "DONE").exists()
+    # Resuming with other mining settings would distill pages the config did not ask for:
+    # refused before any work, naming what changed and how to start afresh.
+    other = load_config(None, SMALL + ["stage3.publish=last", "degre.value_model=lookahead"])
+    with pytest.raises(ValueError, match=r"degre.value_model 'page_prior' -> 'lookahead'.*--from degre"):
+        run_degre_stage(other, run_dir, **QUIET)
+    assert not (run_dir / "degre" / "evaluator").exists()

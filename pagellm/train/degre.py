@@ -228,6 +228,13 @@ def value_model(cfg: Config, run_dir: Path, layout):
     return PriorGains(prior, items["cat_index"].to_numpy())
 
 
+MINING_SETTINGS = ("value_model", "policy_weight", "beam", "expand", "prompts")  # what decides the mined pages
+
+
+def mining_settings(d: DeGReConfig) -> dict:
+    return {key: getattr(d, key) for key in MINING_SETTINGS}
+
+
 def mine(cfg: Config, run_dir: Path, log=print) -> dict:
     """Beam-mine pages for every training prompt (`degre.prompts`) with the SFT policy and
     the evaluator; writes <run>/degre/mined.parquet and returns counts."""
@@ -269,7 +276,7 @@ def mine(cfg: Config, run_dir: Path, log=print) -> dict:
     frame.to_parquet(tmp)
     tmp.replace(path)  # a reader (a resumed run) never sees half a file
     return {"prompts": len(rows), "pages": len(frame), "seconds": round(time.perf_counter() - t0, 1),
-            "mean_value": float(frame["value"].mean())}
+            "mean_value": float(frame["value"].mean()), "settings": mining_settings(d)}
 
 
 # ----------------------------------------------------------------------------- 3. distillation
@@ -368,6 +375,14 @@ def run_degre_stage(cfg: Config, run_dir: Path, log=print) -> dict:
     t0 = time.perf_counter()
     out = run_dir / "degre"
     out.mkdir(parents=True, exist_ok=True)
+    mined_info = out / "mined.json"
+    if mined_info.exists():  # a resumed stage: its mined pages must be the ones this config asks for
+        mined_with = json.loads(mined_info.read_text()).get("settings")  # absent in older runs: not known
+        if mined_with is not None and mined_with != mining_settings(cfg.degre):
+            changed = ", ".join(f"degre.{k} {mined_with.get(k)!r} -> {v!r}" for k, v in mining_settings(cfg.degre).items()
+                                if mined_with.get(k) != v)
+            raise ValueError(f"{out}: its pages were mined with other settings ({changed}); start the stage afresh "
+                             f"(`pagellm run --run {run_dir} --from degre` clears it and its checkpoints)")
     evaluator_metrics = out / EVALUATOR_DIR / "metrics.json"
     if cfg.degre.value_model == "page_prior":
         prior_file = run_dir / "reward" / PRIOR_FILE
@@ -383,7 +398,6 @@ def run_degre_stage(cfg: Config, run_dir: Path, log=print) -> dict:
         ev = json.loads(evaluator_metrics.read_text())
     else:
         ev = fit_evaluator(cfg, run_dir, PromptEncoder(*load_tokenizer(run_dir / "sft")), log)
-    mined_info = out / "mined.json"
     if mined_info.exists() and (out / MINED_FILE).exists():
         log(f"[degre] mining: reusing {out / MINED_FILE}")
         mining = json.loads(mined_info.read_text())
