@@ -93,8 +93,8 @@ def run_algorithm(seed_dir: Path, entry: str, sets: list[str], fresh: bool) -> d
 PAIRED_METRICS = ("hr@10", "sim_utility")  # per-user outcomes compared with SFT's (sim_utility: simulator runs)
 
 
-def pooled_outcomes(seed_dirs: list[Path], algorithm: str) -> dict[str, tuple[list, list, int]]:
-    """metric -> (the algorithm's per-user values, SFT's on the same users, seeds) for each of
+def pooled_outcomes(seed_dirs: list[Path], entry: str) -> dict[str, tuple[list, list, int]]:
+    """metric -> (the entry's per-user values, SFT's on the same users, seeds) for each of
     PAIRED_METRICS, concatenated over the seeds whose eval wrote per-user rows holding it."""
     import pandas as pd
 
@@ -102,15 +102,15 @@ def pooled_outcomes(seed_dirs: list[Path], algorithm: str) -> dict[str, tuple[li
 
     pooled: dict[str, tuple[list, list, int]] = {}
     for seed_dir in seed_dirs:
-        path = seed_dir / "variants" / variant_name(algorithm) / "eval" / PER_USER_FILE
+        path = seed_dir / "variants" / variant_name(entry) / "eval" / PER_USER_FILE
         if not path.exists():  # a run evaluated before eval wrote per-user rows
             continue
         rows = pd.read_parquet(path)
-        ours = rows[rows["model"] == algorithm_of(algorithm)].set_index("user_index")
+        ours = rows[rows["model"] == algorithm_of(entry)].set_index("user_index")
         sft = rows[rows["model"] == "sft"].set_index("user_index").reindex(ours.index)
         for metric in (m for m in PAIRED_METRICS if m in rows):
             if sft[metric].isna().any():
-                raise ValueError(f"{path}: SFT has no {metric} for some of {algorithm}'s users")
+                raise ValueError(f"{path}: SFT has no {metric} for some of {entry}'s users")
             a, b, seeds = pooled.get(metric, ([], [], 0))
             pooled[metric] = (a + ours[metric].tolist(), b + sft[metric].tolist(), seeds + 1)
     return pooled

@@ -30,7 +30,7 @@ def test_keys_follow_the_inputs_not_their_order_or_container(tmp_path):
     assert files_key(tmp_path) != first
 
 
-def test_lists_and_weights_round_trip_and_no_folder_turns_it_off(tmp_path):
+def test_lists_and_weights_round_trip(tmp_path):
     cache = OutputCache(tmp_path / "c")
     assert cache.lists("policy", "k") is None and cache.state("sasrec", "k") is None
     cache.put_lists("policy", "k", [[3, 1, 2], [], [7]])  # a list may be shorter, or empty
@@ -38,9 +38,6 @@ def test_lists_and_weights_round_trip_and_no_folder_turns_it_off(tmp_path):
     cache.put_state("sasrec", "k", {"w": torch.arange(6.0).reshape(2, 3)})
     assert torch.equal(cache.state("sasrec", "k")["w"], torch.arange(6.0).reshape(2, 3))
     assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["policy-k.parquet", "sasrec-k.safetensors"]
-    off = OutputCache(None)
-    off.put_lists("policy", "k", [[1]])
-    assert off.lists("policy", "k") is None
 
 
 @pytest.fixture(scope="module")

@@ -61,24 +61,22 @@ def files_key(directory: Path) -> str:
 
 
 class OutputCache:
-    """Lists and SASRec weights by key, in one folder; `None` as the folder turns it off."""
+    """Lists and SASRec weights by key, in one folder (callers without a cache pass None)."""
 
-    def __init__(self, directory: Path | None):
-        self.directory = None if directory is None else Path(directory)
+    def __init__(self, directory: Path):
+        self.directory = Path(directory)
 
-    def _path(self, kind: str, key: str, suffix: str) -> Path | None:
-        return None if self.directory is None else self.directory / f"{kind}-{key}{suffix}"
+    def _path(self, kind: str, key: str, suffix: str) -> Path:
+        return self.directory / f"{kind}-{key}{suffix}"
 
     def lists(self, kind: str, key: str) -> list[list[int]] | None:
         path = self._path(kind, key, ".parquet")
-        if path is None or not path.exists():
+        if not path.exists():
             return None
         return [list(map(int, row)) for row in pq.read_table(path).column("items").to_pylist()]
 
     def put_lists(self, kind: str, key: str, lists: list[list[int]]) -> None:
         path = self._path(kind, key, ".parquet")
-        if path is None:
-            return
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         pq.write_table(pa.table({"items": pa.array(lists, type=pa.list_(pa.int32()))}), tmp)
@@ -86,7 +84,7 @@ class OutputCache:
 
     def state(self, kind: str, key: str) -> dict | None:
         path = self._path(kind, key, ".safetensors")
-        if path is None or not path.exists():
+        if not path.exists():
             return None
         from safetensors.torch import load_file
 
@@ -94,8 +92,6 @@ class OutputCache:
 
     def put_state(self, kind: str, key: str, state: dict) -> None:
         path = self._path(kind, key, ".safetensors")
-        if path is None:
-            return
         from safetensors.torch import save_file
 
         path.parent.mkdir(parents=True, exist_ok=True)

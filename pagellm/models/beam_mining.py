@@ -22,7 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pagellm.models.decoding import _EvalMode, _forward, _step_logprobs, exclusion_mask, first_item_logits, left_pad
+from pagellm.models.decoding import (_EvalMode, _forward, _step_logprobs, exclusion_mask, first_item_logits,
+                                     first_item_logprobs, left_pad)
 from pagellm.models.positions import position_ids, prompt_anchor
 
 
@@ -107,9 +108,7 @@ def mine_pages(policy, gains_of, layout, prompts: list[list[int]], exclude: list
             logits = _last_logits(policy, row_prompts, prefix, layout.pad_id)
             if t == 0:  # one row per prompt: its first position, for model.ranking_prior
                 first = first_item_logits(logits, layout)
-                # the first-item log-probabilities with nothing excluded (first_item_scores):
-                # the page prior's user preference
-                first_logp = _step_logprobs(logits, layout, torch.zeros_like(base_blocked), 0, 1, 1.0)[:, :n]
+                first_logp = first_item_logprobs(logits, layout)  # the page prior's user preference
             row_first = None if first is None else first[owner]
             logp = _step_logprobs(logits, layout, blocked, t, k, 1.0, row_first)[:, :n]
             width = min(expand, int((~blocked).sum(dim=1).min()))

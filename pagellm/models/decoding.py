@@ -314,14 +314,20 @@ def constrained_logprobs(
     return logprobs, entropy, mask, hidden
 
 
+def first_item_logprobs(logits: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+    """[N, n_items] from the logits [N, V] after a prompt: each item's log-probability as the
+    page's first token, normalised over item tokens (the constrained first step with nothing
+    excluded)."""
+    blocked = torch.zeros((logits.shape[0], layout.n_items), dtype=torch.bool, device=logits.device)
+    return _step_logprobs(logits, layout, blocked, 0, 1, 1.0)[:, : layout.n_items]
+
+
 def first_item_scores(model, layout: TokenLayout, prompts: list[list[int]]) -> torch.Tensor:
-    """[B, n_items] log-probabilities of each item as the page's first token, normalised over
-    item tokens (the constrained first step with nothing excluded); the full-ranking track
-    masks training items itself."""
+    """[B, n_items] first_item_logprobs of each prompt (one forward pass); the full-ranking
+    track masks training items itself."""
     device = _device(model)
     check_context(model, max(len(p) for p in prompts), 1)
     ids, mask, positions = left_pad(prompts, layout.pad_id, device, prompt_anchor(model))
     with _EvalMode(model), torch.no_grad():
         logits = _forward(model, ids, mask, positions, cache=False).logits[:, -1]
-    blocked = torch.zeros((len(prompts), layout.n_items), dtype=torch.bool, device=device)
-    return _step_logprobs(logits, layout, blocked, 0, 1, 1.0)[:, : layout.n_items]
+    return first_item_logprobs(logits, layout)

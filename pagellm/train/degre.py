@@ -220,10 +220,7 @@ def value_model(cfg: Config, run_dir: Path, layout):
 
     if cfg.degre.value_model == "lookahead":
         return EvaluatorGains(LookaheadEvaluator.from_pretrained(str(run_dir / "degre" / EVALUATOR_DIR)), layout.pad_id)
-    prior = PagePrior.load(run_dir / "reward")
-    if prior is None:
-        raise FileNotFoundError(f"{run_dir}/reward: no page prior for degre.value_model=page_prior; run "
-                                f"`pagellm reward --run {run_dir}` with reward.page_prior=true first")
+    prior = PagePrior.load(run_dir / "reward")  # run_degre_stage checked that it exists
     items = pd.read_parquet(run_dir / "data" / "items.parquet").sort_values("index")
     return PriorGains(prior, items["cat_index"].to_numpy())
 

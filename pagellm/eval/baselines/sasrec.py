@@ -177,7 +177,7 @@ class SASRec:
         torch.manual_seed(p["seed"])
         rng = np.random.default_rng(p["seed"])
         self.n_items = n_items
-        self.net = SASRecNet(n_items, p["hidden"], p["blocks"], p["heads"], length, p["dropout"])
+        self.net = self._new_net(n_items)
         opt = torch.optim.Adam(self.net.parameters(), lr=p["lr"], betas=(0.9, 0.98))
         self.training_log = []
         best, best_state, stale = -1.0, None, 0
@@ -217,12 +217,15 @@ class SASRec:
         if best_state is not None:
             self.net.load_state_dict(best_state)
 
+    def _new_net(self, n_items: int) -> SASRecNet:
+        p = self.params
+        return SASRecNet(n_items, p["hidden"], p["blocks"], p["heads"], p["max_len"], p["dropout"])
+
     def restore(self, state: dict, n_items: int) -> None:
         """Take the weights of an earlier fit with these parameters on the same sequences
         (evaluation's output cache, pagellm/eval/output_cache.py) instead of fitting."""
-        p = self.params
         self.n_items = n_items
-        self.net = SASRecNet(n_items, p["hidden"], p["blocks"], p["heads"], p["max_len"], p["dropout"])
+        self.net = self._new_net(n_items)
         self.net.load_state_dict(state)
 
     def validate(self, histories: list[list[int]], targets: list[list[int]]) -> float:
