@@ -475,3 +475,18 @@ def test_with_ranking_prior_adds_the_rows_first_logits_to_later_page_positions_o
     expected = torch.tensor([[0.0, 1.0], [2 + 0.0, 3 + 2.0], [4 + 0.0, 5 + 2.0], [6.0, 7.0], [8.0, 9.0]])
     assert torch.equal(mixed, expected)
     assert with_ranking_prior(logits, batch, SimpleNamespace(ranking_prior=0.0)) is logits
+
+
+def test_metadata_item_init_on_a_table_without_metadata_fails_before_training(tmp_path, monkeypatch):
+    """model.item_init=metadata needs titles, brands or categories: an items table without
+    them stops the stage before any training run starts."""
+    import pandas as pd
+
+    asked = _fake_sft_fits(tmp_path, monkeypatch, {"sft_meta": {"val_ndcg@10": [0.1]}, "sft": {"val_ndcg@10": [0.2]}})
+    n = 20
+    pd.DataFrame({"index": range(n), "item_id": [f"i{k}" for k in range(n)], "title": [None] * n,
+                  "brand": [None] * n, "categories": [[]] * n}).to_parquet(tmp_path / "data" / "items.parquet")
+    cfg = load_config(None, ["sft.meta_epochs=1", "sft.epochs=1", "model.item_init=metadata"])
+    with pytest.raises(ValueError, match="item_init=metadata needs titles"):
+        run_sft_stage(cfg, tmp_path, log=lambda *_: None)
+    assert asked == {}

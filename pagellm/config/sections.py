@@ -98,6 +98,13 @@ class ModelConfig(Strict):
     # of page probabilities (eval, serve, stage 3, the probe) decodes the same policy.
     # Fixed when the policy is built and saved with it (TokenLayout), like prompt_tail.
     ranking_prior: float = Field(0.0, ge=0.0)
+    # Where the item token rows start when the policy is built (not loaded): "random" keeps
+    # the architecture's init; "metadata" starts them from the items' title words, brand and
+    # category path (pagellm/models/item_init.py), so an item the log shows a handful of
+    # times begins beside items like it. Its rows are scaled to item_init_scale x the
+    # standard deviation of the random rows they replace.
+    item_init: Literal["random", "metadata"] = "random"
+    item_init_scale: float = Field(1.0, gt=0.0)
 
 
 class TrainCommon(Strict):

@@ -20,11 +20,13 @@ import json
 import shutil
 from pathlib import Path
 
+import pandas as pd
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, LlamaConfig, PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
 from pagellm.config import LoraConfig, ModelConfig
+from pagellm.models.item_init import init_item_rows_from_metadata
 from pagellm.models.positions import set_positions
 from pagellm.vocab import (
     LAYOUT_FILE,
@@ -50,16 +52,19 @@ def resolve_dtype(name: str, device: str | torch.device | None = None) -> torch.
 
 
 def build_policy(
-    model_cfg: ModelConfig, vocab: Vocab, seed: int, device: str | torch.device | None = None
+    model_cfg: ModelConfig, vocab: Vocab, seed: int, device: str | torch.device | None = None,
+    items: pd.DataFrame | None = None,
 ):
     """(model, tokenizer, layout) for `model_cfg.name`: "config", a hub name or a local dir.
 
-    `device` only decides the "auto" dtype; the model is returned on CPU.
+    `device` only decides the "auto" dtype; the model is returned on CPU. `items` (the data
+    stage's items table) is what `model.item_init: metadata` starts the item rows from; an
+    earlier PageLLM checkpoint keeps its trained rows.
     """
     dtype = resolve_dtype(model_cfg.dtype, device)
     if model_cfg.name == "config":
         model, tokenizer, layout = _from_config(model_cfg, vocab, seed, dtype)
-    elif (Path(model_cfg.name) / LAYOUT_FILE).exists():
+    elif is_policy_checkpoint(model_cfg.name):
         # An earlier PageLLM checkpoint (e.g. SFT output): its tokens must be this vocabulary.
         model, tokenizer, layout = load_policy(model_cfg.name, model_cfg, device=device)
         if (layout.n_users, layout.n_items) != (vocab.n_users, vocab.n_items):
@@ -70,6 +75,10 @@ def build_policy(
         return model, tokenizer, layout
     else:
         model, tokenizer, layout = _from_pretrained(model_cfg.name, vocab, seed, dtype)
+    if model_cfg.item_init == "metadata":
+        if items is None:
+            raise ValueError("model.item_init=metadata needs the data stage's items table (items.parquet)")
+        init_item_rows_from_metadata(model, layout, items, model_cfg.item_init_scale, seed)
     layout.user_tokens = model_cfg.user_tokens
     layout.ranking_prior = model_cfg.ranking_prior
     if not model_cfg.prompt_tail:
@@ -78,6 +87,11 @@ def build_policy(
     if model_cfg.lora.enabled:
         model = apply_lora(model, model_cfg.lora, layout)
     return model, tokenizer, layout
+
+
+def is_policy_checkpoint(name: str) -> bool:
+    """`model.name` is an earlier PageLLM checkpoint (loaded as trained, tokens and all)."""
+    return (Path(name) / LAYOUT_FILE).exists()
 
 
 def _from_config(model_cfg: ModelConfig, vocab: Vocab, seed: int, dtype: torch.dtype):

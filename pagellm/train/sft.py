@@ -34,7 +34,8 @@ import torch
 
 from pagellm.config import Config, SFTConfig
 from pagellm.eval.probe import RankingProbe, best_record, val_metric
-from pagellm.models.policy import build_policy, load_policy, save_policy
+from pagellm.models.item_init import metadata_vectors
+from pagellm.models.policy import build_policy, is_policy_checkpoint, load_policy, save_policy
 from pagellm.models.positions import prompt_anchor
 from pagellm.runfolder import publish_dir
 from pagellm.train.sft_rows import (IGNORE, TokenRows, collate, history_rows, own_prefix_batch, page_rows,
@@ -202,7 +203,8 @@ def _train_loop(config: dict) -> None:
     if init_dir:
         model, tokenizer, layout = load_policy(init_dir, cfg.model, trainable=True)
     else:
-        model, tokenizer, layout = build_policy(cfg.model, vocab, seed=cfg.seed)
+        model, tokenizer, layout = build_policy(cfg.model, vocab, seed=cfg.seed,
+                                                items=pd.read_parquet(data_dir / "items.parquet"))
     encoder = PromptEncoder(tokenizer, layout)
     evals = pd.read_parquet(data_dir / "eval.parquet")
     probe = RankingProbe.from_data(data_dir, encoder, cfg.data.page_len, train_cfg.val_users, part="sft")
@@ -307,6 +309,9 @@ def run_sft_stage(cfg: Config, run_dir: Path, log=print) -> dict:
     data_dir, out_dir = run_dir / "data", run_dir / "sft"
     if not (data_dir / "sft.parquet").exists():
         raise FileNotFoundError(f"{data_dir}/sft.parquet not found: run `pagellm data --run {run_dir}` first")
+    if cfg.model.item_init == "metadata" and not is_policy_checkpoint(cfg.model.name):
+        # An items table without titles, brands or categories fails here, before any worker starts.
+        metadata_vectors(pd.read_parquet(data_dir / "items.parquet"), dim=2)
     base = {"cfg": cfg.model_dump(mode="json"), "data_dir": str(data_dir.resolve())}
     metric, _ = selection(cfg, "sft")
     history: dict[str, list] = {}
