@@ -18,7 +18,6 @@ from collections import Counter
 from collections.abc import Iterable
 
 import numpy as np
-import torch
 import pandas as pd
 from scipy import sparse
 from scipy.sparse.linalg import svds
@@ -45,14 +44,12 @@ def item_features(items: pd.DataFrame) -> list[dict[str, float]]:
     Title words are weighted by TF-IDF and kept only when at least two items use them (a
     word one item has links it to nothing). Each block is L2-normalised within the item.
     """
-    items = items.sort_values("index")
-    titles = [_WORD.findall(" ".join(_listify(t)).lower()) for t in items.get("title", [None] * len(items))]
+    items = items.sort_values("index")  # the data stage's table: every ITEM_COLUMNS column is there
+    titles = [_WORD.findall(" ".join(_listify(t)).lower()) for t in items["title"]]
     df = Counter(w for words in titles for w in set(words))
     n = len(items)
     rows: list[dict[str, float]] = []
-    brands = items["brand"] if "brand" in items else [None] * n
-    paths = items["categories"] if "categories" in items else [None] * n
-    for words, brand, path in zip(titles, brands, paths):
+    for words, brand, path in zip(titles, items["brand"], items["categories"]):
         blocks: list[dict[str, float]] = []
         tf = Counter(w for w in words if df[w] >= 2)
         blocks.append({f"w:{w}": c * math.log(n / df[w]) for w, c in tf.items()})
@@ -101,21 +98,3 @@ def metadata_vectors(items: pd.DataFrame, dim: int, seed: int = 0) -> tuple[np.n
     vec[~has] = 0.0
     return vec.astype(np.float32), has
 
-
-@torch.no_grad()
-def init_item_rows_from_metadata(model, layout, items: pd.DataFrame, scale: float, seed: int = 0) -> int:
-    """Overwrite the item rows of the input (and an untied output) embedding with metadata
-    vectors at `scale` × the standard deviation of the rows they replace; items without
-    metadata keep their rows. Returns how many rows were set."""
-    if len(items) != layout.n_items:
-        raise ValueError(f"items table has {len(items)} rows, the vocabulary {layout.n_items} items")
-    vec, has = metadata_vectors(items, model.get_input_embeddings().weight.shape[1], seed)
-    ids = torch.from_numpy(np.nonzero(has)[0]) + layout.item_offset
-    matrices = [model.get_input_embeddings().weight]
-    out = model.get_output_embeddings()
-    if out is not None and out.weight is not matrices[0]:
-        matrices.append(out.weight)
-    for weight in matrices:
-        sigma = weight[layout.item_offset : layout.item_offset + layout.n_items].float().std().item()
-        weight[ids] = (torch.from_numpy(vec[has]) * sigma * scale).to(weight.dtype)
-    return len(ids)

@@ -26,7 +26,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, LlamaC
 from transformers.pytorch_utils import Conv1D
 
 from pagellm.config import LoraConfig, ModelConfig
-from pagellm.models.item_init import init_item_rows_from_metadata
+from pagellm.models.item_init import metadata_vectors
 from pagellm.models.positions import set_positions
 from pagellm.vocab import (
     LAYOUT_FILE,
@@ -138,14 +138,36 @@ def init_new_token_rows(model: PreTrainedModel, start: int, stop: int, seed: int
     """Rows start..stop-1 of the input (and untied output) embeddings ~ N(0, σ²),
     σ the std of rows 0..start-1 of the same matrix."""
     gen = torch.Generator().manual_seed(seed)
+    for weight in _token_row_matrices(model):
+        sigma = weight[:start].float().std().item()
+        rows = torch.randn((stop - start, weight.shape[1]), generator=gen) * sigma
+        weight[start:stop] = rows.to(weight.dtype)
+
+
+@torch.no_grad()
+def init_item_rows_from_metadata(model: PreTrainedModel, layout: TokenLayout, items: pd.DataFrame, scale: float,
+                                 seed: int = 0) -> int:
+    """Overwrite the item rows of the input (and untied output) embeddings with metadata
+    vectors (pagellm/models/item_init.py) at `scale` × the std of the rows they replace;
+    items without metadata keep their rows. Returns how many rows were set."""
+    if len(items) != layout.n_items:
+        raise ValueError(f"items table has {len(items)} rows, the vocabulary {layout.n_items} items")
+    vec, has = metadata_vectors(items, model.get_input_embeddings().weight.shape[1], seed)
+    ids = torch.from_numpy(has.nonzero()[0]) + layout.item_offset
+    for weight in _token_row_matrices(model):
+        sigma = weight[layout.item_offset : layout.item_offset + layout.n_items].float().std().item()
+        weight[ids] = (torch.from_numpy(vec[has]) * sigma * scale).to(weight.dtype)
+    return len(ids)
+
+
+def _token_row_matrices(model: PreTrainedModel) -> list[torch.Tensor]:
+    """The input embedding, and the output embedding when it is not tied to it: where a
+    token's rows live."""
     matrices = [model.get_input_embeddings().weight]
     out = model.get_output_embeddings()
     if out is not None and out.weight is not matrices[0]:
         matrices.append(out.weight)
-    for weight in matrices:
-        sigma = weight[:start].float().std().item()
-        rows = torch.randn((stop - start, weight.shape[1]), generator=gen) * sigma
-        weight[start:stop] = rows.to(weight.dtype)
+    return matrices
 
 
 def _module_name(model: torch.nn.Module, module: torch.nn.Module) -> str:
