@@ -8,7 +8,8 @@ items for the SFT probe's validation users (history excluded) at two places of o
         closing words, `model.prompt_tail: true`)
 `--opt sasrec` swaps in SASRec's optimiser (Adam (0.9, 0.98), no weight decay, constant lr,
 no clipping); `--sasrec` trains the SASRec baseline instead, validated on the same users;
-`--ema 0.99 0.998` also ranks with moving averages of the weights (`ema<decay>_*`).
+`--ema 0.99 0.998` also ranks with moving averages of the weights (`ema<decay>_*`);
+`--decay-to-init` makes the item rows' weight decay pull toward their starting rows.
 Needs a finished data stage (`pagellm data`). docs/BENCHMARKS.md (Beauty) has the results:
 
     python bench/next_item_readout.py --config configs/beauty-loo.yaml --data runs/beauty/data \
@@ -48,9 +49,13 @@ ap.add_argument("--lr", type=float, default=None)
 ap.add_argument("--sasrec", action="store_true")
 ap.add_argument("--ema", type=float, nargs="*", default=[],
                 help="also rank with exponential moving averages of the weights at these decays")
+ap.add_argument("--decay-to-init", action="store_true",
+                help="weight decay pulls the item rows toward their starting values, not toward zero")
 ap.add_argument("--set", action="append", default=[])
 ap.add_argument("--out", required=True)
 args = ap.parse_args()
+if args.decay_to_init and args.opt != "current":
+    ap.error("--decay-to-init changes the current optimiser's weight decay; --opt sasrec has none")
 torch.set_num_threads(2)
 cfg = load_config(args.config, args.set)
 data_dir = Path(args.data)
@@ -134,6 +139,13 @@ else:  # SASRec's (pagellm/eval/baselines/sasrec.py): Adam, constant lr, no clip
 # Weight averages of the same run (sft.meta_average_epochs' WeightAverage), read out beside
 # the raw weights: what averaging the last epochs' weights would give the checkpoint.
 emas = {d: WeightAverage(model, d) for d in args.ema}
+# --decay-to-init: AdamW's decoupled decay takes lr * wd * W from every matrix; adding back
+# lr * wd * W0 on the item rows makes their decay lr * wd * (W - W0), a prior centred on the
+# rows the model started from (the metadata vectors under model.item_init: metadata).
+item_rows = slice(layout.item_offset, layout.item_offset + layout.n_items)
+start_rows = model.get_input_embeddings().weight[item_rows].detach().clone() if args.decay_to_init else None
+if start_rows is not None and model.get_output_embeddings().weight is not model.get_input_embeddings().weight:
+    sys.exit("--decay-to-init handles tied item rows only (an untied output matrix would keep decaying to zero)")
 rng = np.random.default_rng(cfg.seed)
 emit({"epoch": 0, **probe_eval(), "opt": args.opt, "lr": lr, "set": args.set})
 for epoch in range(1, args.epochs + 1):
@@ -147,7 +159,11 @@ for epoch in range(1, args.epochs + 1):
         loss.backward()
         if clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        step_lr = opt.param_groups[0]["lr"]
         opt.step()
+        if start_rows is not None:
+            with torch.no_grad():
+                model.get_input_embeddings().weight[item_rows] += step_lr * cfg.sft.weight_decay * start_rows
         if schedule is not None:
             schedule.step()
         for ema in emas.values():
