@@ -23,7 +23,7 @@ import torch
 from pagellm.config.loading import load_config
 from pagellm.eval.metrics import hr_at_k, ndcg_at_k
 from pagellm.eval.output_cache import CACHE_DIR, OutputCache
-from pagellm.eval.paired import mcnemar
+from pagellm.eval.paired import discordant, mcnemar, paired_difference
 from pagellm.eval.runner import baseline_output, load_eval_set, policy_output
 
 ap = argparse.ArgumentParser()
@@ -46,11 +46,8 @@ for name, es in (("test", test), ("test_from_val_prompt", skipped)):
              "sft": policy_output(run / "sft", es, 10, cfg.eval.batch_size, cfg.eval.exclude_history, None).lists}
     per = {m: (np.array([hr_at_k(x, t, 10) for x, t in zip(v, es.targets)]),
                np.array([ndcg_at_k(x, t, 10) for x, t in zip(v, es.targets)])) for m, v in lists.items()}
-    only_sft = int(((per["sft"][0] > 0) & (per["sasrec"][0] == 0)).sum())
-    only_sasrec = int(((per["sasrec"][0] > 0) & (per["sft"][0] == 0)).sum())
-    diff = per["sft"][1] - per["sasrec"][1]
     result[name] = {**{f"{m}/{k}": float(v[i].mean()) for m, v in per.items() for i, k in enumerate(("hr@10", "ndcg@10"))},
-                    "mcnemar": mcnemar(only_sft, only_sasrec),
-                    "ndcg@10_diff": float(diff.mean()), "ndcg@10_diff_se": float(diff.std(ddof=1) / np.sqrt(len(diff)))}
+                    "mcnemar": mcnemar(*discordant(per["sft"][0], per["sasrec"][0])),
+                    "ndcg@10_paired": paired_difference(per["sft"][1], per["sasrec"][1])}
     print(name, json.dumps(result[name]), flush=True)
 Path(args.out).write_text(json.dumps(result, indent=1))
