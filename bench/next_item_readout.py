@@ -10,6 +10,14 @@ items for the SFT probe's validation users (history excluded) at two places of o
 no clipping); `--sasrec` trains the SASRec baseline instead, validated on the same users;
 `--ema 0.99 0.998` also ranks with moving averages of the weights (`ema<decay>_*`);
 `--decay-to-init` makes the item rows' weight decay pull toward their starting rows.
+`--holdout-last` drops each probe user's newest training item from the training rows, so the
+probe's prompt ends in an item no training row of that user holds, as every test prompt does
+(the validation item is appended there); `tail_*` is then that test-like score, and `last_*`
+ranks the held-out item from the history before it (validation's usual shape). SASRec
+(`--sasrec`) gets the same rows and the test-like score.
+`--logit-adjust TAU` trains on the logits plus TAU x log(1 + training count) (sft.logit_adjust).
+Every score also comes as `*_rare_hr`: HR@10 over the users whose target the training rows
+hold at most 9 times (`*_rare_share` of them).
 Needs a finished data stage (`pagellm data`). docs/BENCHMARKS.md (Beauty) has the results:
 
     python bench/next_item_readout.py --config configs/beauty-loo.yaml --data runs/beauty/data \
@@ -35,6 +43,7 @@ from pagellm.models.policy import build_policy
 from pagellm.models.positions import prompt_anchor
 from pagellm.train.deepspeed_config import train_ds_config
 from pagellm.train.engine import weight_decay_groups
+from pagellm.train.logit_adjust import popularity_offsets
 from pagellm.train.sft import item_logits, item_token_loss
 from pagellm.train.sft_rows import collate, history_rows
 from pagellm.train.weight_average import WeightAverage
@@ -51,6 +60,10 @@ ap.add_argument("--ema", type=float, nargs="*", default=[],
                 help="also rank with exponential moving averages of the weights at these decays")
 ap.add_argument("--decay-to-init", action="store_true",
                 help="weight decay pulls the item rows toward their starting values, not toward zero")
+ap.add_argument("--logit-adjust", type=float, default=0.0,
+                help="train on logits + TAU * log(1 + training count) (logit adjustment), rank on the logits")
+ap.add_argument("--holdout-last", action="store_true",
+                help="train without each probe user's newest training item (test-like probe; see above)")
 ap.add_argument("--set", action="append", default=[])
 ap.add_argument("--out", required=True)
 args = ap.parse_args()
@@ -67,6 +80,15 @@ encoder = PromptEncoder(tokenizer, layout)
 probe = RankingProbe.from_data(data_dir, encoder, cfg.data.page_len, cfg.sft.val_users, part="sft")
 evals = pd.read_parquet(data_dir / "eval.parquet")
 log = open(args.out, "w")
+histories = [list(h) for h in evals["train_positives"]]
+if args.holdout_last:
+    held = {u: h[-1] for u, h in zip(evals["user_index"], histories) if u in probe.users}
+    histories = [h[:-1] if u in held else h for u, h in zip(evals["user_index"], histories)]
+    by_user = dict(zip(evals["user_index"], histories))
+    # The probe's own prompts (the whole training history) stay: their newest item is held out.
+    # last_*: the held-out item ranked from the history before it, its other items excluded.
+    last_probe = [(encoder.encode_prompt(int(u), by_user[u][-cfg.data.history_len:]), set(by_user[u]), [held[u]])
+                  for u in evals["user_index"] if u in held]
 
 
 def emit(rec):
@@ -75,9 +97,18 @@ def emit(rec):
     log.flush()
 
 
-def metrics(ranked):
-    return {"ndcg": float(np.mean([ndcg_at_k(r, t, 10) for r, t in zip(ranked, probe.targets)])),
-            "hr": float(np.mean([hr_at_k(r, t, 10) for r, t in zip(ranked, probe.targets)]))}
+# Training occurrences per item: `rare_*` scores the users whose target the training rows hold
+# at most RARE times (most Beauty test targets that SASRec finds and the policy misses).
+RARE = 9
+train_count = np.bincount([i for h in histories for i in h], minlength=vocab.n_items)
+
+
+def metrics(ranked, targets):
+    ndcg = np.array([ndcg_at_k(r, t, 10) for r, t in zip(ranked, targets)])
+    hr = np.array([hr_at_k(r, t, 10) for r, t in zip(ranked, targets)])
+    rare = np.array([all(train_count[i] <= RARE for i in t) for t in targets])
+    return {"ndcg": float(ndcg.mean()), "hr": float(hr.mean()),
+            "rare_hr": float(hr[rare].mean()) if rare.any() else 0.0, "rare_share": float(rare.mean())}
 
 
 if args.sasrec:
@@ -87,7 +118,7 @@ if args.sasrec:
     vh = [list(by_user.loc[u, "train_positives"]) for u in es_users]
     vt = [list(by_user.loc[u, "val_items"]) for u in es_users]
     m = SASRec({"epochs": args.epochs, "patience": 100, "verbose": True})
-    m.fit([list(s) for s in evals["train_positives"] if len(s)], len(pd.read_parquet(data_dir / "items.parquet")), vh, vt)
+    m.fit([s for s in histories if len(s)], len(pd.read_parquet(data_dir / "items.parquet")), vh, vt)
     for r in m.training_log:
         emit({"model": "sasrec", **r})
     sys.exit(0)
@@ -97,10 +128,18 @@ tail_len = len(layout.tail_ids)
 
 @torch.no_grad()
 def probe_eval():
+    out = rank(probe.prompts, probe.exclude, probe.targets)
+    if args.holdout_last:
+        out |= {k.replace("tail_", "last_"): v for k, v in
+                rank(*map(list, zip(*last_probe))).items() if k.startswith("tail_")}
+    return out
+
+
+def rank(all_prompts, all_exclude, targets):
     model.eval()
     ranked = {n: [] for n in (("tail", "item") if tail_len else ("tail",))}
-    for a in range(0, len(probe.prompts), 256):
-        prompts, exclude = probe.prompts[a:a + 256], probe.exclude[a:a + 256]
+    for a in range(0, len(all_prompts), 256):
+        prompts, exclude = all_prompts[a:a + 256], all_exclude[a:a + 256]
         ids, mask, pos = left_pad(prompts, layout.pad_id, "cpu", prompt_anchor(model))
         out = model(input_ids=ids, attention_mask=mask, position_ids=pos, output_hidden_states=True, logits_to_keep=1)
         h = out.hidden_states[-1]
@@ -109,10 +148,10 @@ def probe_eval():
             s = s.masked_fill(exclusion_mask(exclude, len(prompts), layout.n_items, s.device), float("-inf"))
             ranked[name] += torch.topk(s, 10, dim=-1).indices.tolist()
     model.train()
-    return {f"{k}_{m}": v for k, r in ranked.items() for m, v in metrics(r).items()}
+    return {f"{k}_{m}": v for k, r in ranked.items() for m, v in metrics(r, targets).items()}
 
 
-rows = history_rows(encoder, evals["user_index"], evals["train_positives"], cfg.sft.meta_history,
+rows = history_rows(encoder, evals["user_index"], histories, cfg.sft.meta_history,
                     block_seen=cfg.sft.meta_block_seen)
 pad = partial(collate, pad_id=layout.pad_id, anchor=prompt_anchor(model))
 bs = cfg.sft.batch_size
@@ -146,6 +185,7 @@ item_rows = slice(layout.item_offset, layout.item_offset + layout.n_items)
 start_rows = model.get_input_embeddings().weight[item_rows].detach().clone() if args.decay_to_init else None
 if start_rows is not None and model.get_output_embeddings().weight is not model.get_input_embeddings().weight:
     sys.exit("--decay-to-init handles tied item rows only (an untied output matrix would keep decaying to zero)")
+offsets = popularity_offsets(histories, vocab.n_items, args.logit_adjust)  # sft.logit_adjust's
 rng = np.random.default_rng(cfg.seed)
 emit({"epoch": 0, **probe_eval(), "opt": args.opt, "lr": lr, "set": args.set})
 for epoch in range(1, args.epochs + 1):
@@ -154,7 +194,7 @@ for epoch in range(1, args.epochs + 1):
     tot = 0.0
     for b in range(steps_per_epoch):
         batch = pad([rows[i] for i in order[b * bs:(b + 1) * bs]])
-        loss = item_token_loss(model, batch, layout)
+        loss = item_token_loss(model, batch, layout, offsets=offsets)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if clip > 0:

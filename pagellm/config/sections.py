@@ -173,6 +173,10 @@ class SFTConfig(ProbedTraining):
     # (pagellm/train/rank_distill.py): the written page keeps what the next-item phase
     # learned. Needs item_loss and a next-item phase to be the teacher.
     rank_distill: float = Field(0.0, ge=0.0)
+    # Logit adjustment (pagellm/train/logit_adjust.py): both phases' item softmax trains on
+    # the logits plus logit_adjust x log(1 + the item's training count), and pages are
+    # ranked on the logits alone, so rare items are not ranked down for being rare. 0 = off.
+    logit_adjust: float = Field(0.0, ge=0.0)
     # Share of the next-item phase's rows (each user's training history, a fixed seeded
     # sample) mixed into every page-phase epoch. They take the item loss, and with
     # rank_distill each of their positions is pulled toward the teacher's prediction at that
@@ -196,6 +200,8 @@ class SFTConfig(ProbedTraining):
         if self.rank_distill > 0 and not (self.item_loss and self.meta_epochs > 0):
             raise ValueError(f"sft.rank_distill={self.rank_distill} needs sft.item_loss=true and sft.meta_epochs > 0 "
                              "(the next-item phase's checkpoint is the teacher)")
+        if self.logit_adjust > 0 and not self.item_loss:
+            raise ValueError(f"sft.logit_adjust={self.logit_adjust} needs sft.item_loss=true (it offsets the item softmax)")
         return self
 
 

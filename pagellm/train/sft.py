@@ -38,6 +38,7 @@ from pagellm.models.item_init import metadata_vectors
 from pagellm.models.policy import build_policy, is_policy_checkpoint, load_policy, save_policy
 from pagellm.models.positions import prompt_anchor
 from pagellm.runfolder import publish_dir
+from pagellm.train.logit_adjust import adjusted, popularity_offsets
 from pagellm.train.sft_rows import (IGNORE, TokenRows, collate, history_rows, own_prefix_batch, page_rows,
                                     replay_sample)
 from pagellm.train.weight_average import WeightAverage
@@ -125,15 +126,18 @@ def target_nll(logp: torch.Tensor, targets: torch.Tensor):
     return -(top[positions] + sums[positions].log()), positions
 
 
-def item_token_loss(model, batch: dict, layout, reduction: str = "mean") -> torch.Tensor:
-    """Cross-entropy over item tokens at the labelled item positions (module doc)."""
+def item_token_loss(model, batch: dict, layout, reduction: str = "mean", offsets=None) -> torch.Tensor:
+    """Cross-entropy over item tokens at the labelled item positions (module doc); `offsets`:
+    sft.logit_adjust's per-item logit offsets (pagellm/train/logit_adjust.py) or None."""
     hidden, _ = _labelled_hidden(model, batch)
     module = getattr(model, "module", model)
-    losses, _ = item_loss_terms(item_logits(module, hidden, layout), batch["targets"], batch["blocked"])
+    losses, _ = item_loss_terms(adjusted(item_logits(module, hidden, layout), offsets), batch["targets"],
+                                batch["blocked"])
     return losses.mean() if reduction == "mean" else losses.sum()
 
 
-def item_loss_with_ranking(model, teacher, batch: dict, layout, weight: float, replayed: bool = False):
+def item_loss_with_ranking(model, teacher, batch: dict, layout, weight: float, replayed: bool = False,
+                           offsets=None):
     """The item loss plus `weight` × the KL from `teacher`'s next-item ranking at every page
     item position (sft.rank_distill, pagellm/train/rank_distill.py); one student forward.
     A replayed history row (sft.history_replay) is no page: each of its positions is pulled
@@ -143,7 +147,8 @@ def item_loss_with_ranking(model, teacher, batch: dict, layout, weight: float, r
 
     hidden, _ = _labelled_hidden(model, batch)
     # One constrained softmax serves the item loss and the KL.
-    logp = constrained_log_softmax(item_logits(getattr(model, "module", model), hidden, layout), batch["blocked"])
+    logp = constrained_log_softmax(adjusted(item_logits(getattr(model, "module", model), hidden, layout), offsets),
+                                   batch["blocked"])
     losses, positions = target_nll(logp, batch["targets"])
     starts, row_of = row_starts(batch["label_rows"])
     on_page = batch["page_rows"][batch["label_rows"]]  # [P]: the position is on a page row
@@ -153,7 +158,9 @@ def item_loss_with_ranking(model, teacher, batch: dict, layout, weight: float, r
     needed, source = read.unique(return_inverse=True)
     with torch.no_grad():
         teacher_hidden, _ = _labelled_hidden(teacher, batch)
-        teacher_logits = item_logits(teacher, teacher_hidden[needed], layout)
+        # The teacher trained with the same offsets: both sides of the KL carry them, so the
+        # student's own logits are pulled toward the teacher's.
+        teacher_logits = adjusted(item_logits(teacher, teacher_hidden[needed], layout), offsets)
 
     def kl_at(where):
         return ranking_kl(logp, teacher_logits, source, batch["blocked"], where) if where.numel() else logp.new_zeros(())
@@ -170,9 +177,9 @@ def count_loss_terms(batch: dict, item_loss: bool) -> int:
     return int((batch["labels"][:, 1:] != IGNORE).sum())
 
 
-def make_loss(train_cfg: SFTConfig, layout):
+def make_loss(train_cfg: SFTConfig, layout, offsets=None):
     if train_cfg.item_loss:
-        return partial(item_token_loss, layout=layout)
+        return partial(item_token_loss, layout=layout, offsets=offsets)
     return target_token_loss
 
 
@@ -241,7 +248,8 @@ def _train_loop(config: dict) -> None:
     # wraps and, under ZeRO-3, partitions the model), is the ranking's teacher.
     teacher = _frozen_copy(model) if phase == "sft" and train_cfg.rank_distill > 0 else None
     engine = build_engine(model, None, train_cfg, len(loader) * epochs, train_cfg.use_gpu)
-    loss_fn = make_loss(train_cfg, layout)
+    offsets = popularity_offsets(evals["train_positives"], layout.n_items, train_cfg.logit_adjust)
+    loss_fn = make_loss(train_cfg, layout, offsets)
 
     if teacher is not None:
         teacher.to(engine.device)
@@ -252,7 +260,7 @@ def _train_loop(config: dict) -> None:
         batch = {k: v.to(eng.device) for k, v in batch.items()}
         if teacher is not None:
             return item_loss_with_ranking(eng, teacher, batch, layout, train_cfg.rank_distill,
-                                          replayed=train_cfg.history_replay > 0)
+                                          replayed=train_cfg.history_replay > 0, offsets=offsets)
         return loss_fn(eng, batch)
 
     def evaluate(eng) -> dict[str, float]:
