@@ -16,8 +16,9 @@ probe's prompt ends in an item no training row of that user holds, as every test
 ranks the held-out item from the history before it (validation's usual shape). SASRec
 (`--sasrec`) gets the same rows and the test-like score.
 `--logit-adjust TAU` trains on the logits plus TAU x log(1 + training count) (sft.logit_adjust).
-Every score also comes as `*_rare_hr`: HR@10 over the users whose target the training rows
-hold at most 9 times (`*_rare_share` of them).
+Every score also comes as `*_rare_hr` / `*_rarest_hr`: HR@10 over the users whose target the
+training rows hold at most 9 / 4 times (`*_rare_share` / `*_rarest_share` of them); SASRec's
+last line ranks the probe with its best epoch's weights and scores them the same way.
 Needs a finished data stage (`pagellm data`). docs/BENCHMARKS.md (Beauty) has the results:
 
     python bench/next_item_readout.py --config configs/beauty-loo.yaml --data runs/beauty/data \
@@ -99,16 +100,18 @@ def emit(rec):
 
 # Training occurrences per item: `rare_*` scores the users whose target the training rows hold
 # at most RARE times (most Beauty test targets that SASRec finds and the policy misses).
-RARE = 9
+RARE, RAREST = 9, 4
 train_count = np.bincount([i for h in histories for i in h], minlength=vocab.n_items)
 
 
 def metrics(ranked, targets):
     ndcg = np.array([ndcg_at_k(r, t, 10) for r, t in zip(ranked, targets)])
     hr = np.array([hr_at_k(r, t, 10) for r, t in zip(ranked, targets)])
-    rare = np.array([all(train_count[i] <= RARE for i in t) for t in targets])
-    return {"ndcg": float(ndcg.mean()), "hr": float(hr.mean()),
-            "rare_hr": float(hr[rare].mean()) if rare.any() else 0.0, "rare_share": float(rare.mean())}
+    out = {"ndcg": float(ndcg.mean()), "hr": float(hr.mean())}
+    for name, most in (("rare", RARE), ("rarest", RAREST)):
+        rare = np.array([all(train_count[i] <= most for i in t) for t in targets])
+        out |= {f"{name}_hr": float(hr[rare].mean()) if rare.any() else 0.0, f"{name}_share": float(rare.mean())}
+    return out
 
 
 if args.sasrec:
@@ -121,6 +124,10 @@ if args.sasrec:
     m.fit([s for s in histories if len(s)], len(pd.read_parquet(data_dir / "items.parquet")), vh, vt)
     for r in m.training_log:
         emit({"model": "sasrec", **r})
+    scores = torch.from_numpy(m.score(vh))
+    scores = scores.masked_fill(exclusion_mask([set(h) for h in vh], len(vh), scores.shape[1], "cpu"), float("-inf"))
+    emit({"model": "sasrec", "epoch": "best", **{f"tail_{k}": v for k, v in
+                                                metrics(torch.topk(scores, 10, dim=-1).indices.tolist(), vt).items()}})
     sys.exit(0)
 
 tail_len = len(layout.tail_ids)
