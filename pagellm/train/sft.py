@@ -249,6 +249,8 @@ def _train_loop(config: dict) -> None:
     teacher = _frozen_copy(model) if phase == "sft" and train_cfg.rank_distill > 0 else None
     engine = build_engine(model, None, train_cfg, len(loader) * epochs, train_cfg.use_gpu)
     offsets = popularity_offsets(evals["train_positives"], layout.n_items, train_cfg.logit_adjust)
+    if offsets is not None:
+        offsets = offsets.to(engine.device)  # once, not a host-to-device copy every step
     loss_fn = make_loss(train_cfg, layout, offsets)
 
     if teacher is not None:
