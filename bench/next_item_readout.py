@@ -16,6 +16,11 @@ probe's prompt ends in an item no training row of that user holds, as every test
 ranks the held-out item from the history before it (validation's usual shape). SASRec
 (`--sasrec`) gets the same rows and the test-like score.
 `--logit-adjust TAU` trains on the logits plus TAU x log(1 + training count) (sft.logit_adjust).
+`--input-scale S` multiplies the input token embeddings by S (SASRec's sqrt(d)); `--crop P`
+trains on random contiguous crops of a share P of the histories, redrawn each epoch;
+`--constant-lr` keeps the learning rate after warmup. `bigram_rare_hr` / `bigram_common_hr`:
+recall of the training rows' own steps a -> b from the history [a] (bench/transition_recall.py);
+`*_seen_hr`: HR@10 of the users whose newest item -> target step the training rows hold.
 Every score also comes as `*_rare_hr` / `*_rarest_hr`: HR@10 over the users whose target the
 training rows hold at most 9 / 4 times (`*_rare_share` / `*_rarest_share` of them); SASRec's
 last line ranks the probe with its best epoch's weights and scores them the same way.
@@ -39,7 +44,7 @@ import torch
 from pagellm.config.loading import load_config
 from pagellm.eval.metrics import hr_at_k, ndcg_at_k
 from pagellm.eval.probe import RankingProbe
-from pagellm.models.decoding import exclusion_mask, left_pad
+from pagellm.models.decoding import exclusion_mask, first_item_scores, left_pad
 from pagellm.models.policy import build_policy
 from pagellm.models.positions import prompt_anchor
 from pagellm.train.deepspeed_config import train_ds_config
@@ -65,6 +70,11 @@ ap.add_argument("--logit-adjust", type=float, default=0.0,
                 help="train on logits + TAU * log(1 + training count) (logit adjustment), rank on the logits")
 ap.add_argument("--holdout-last", action="store_true",
                 help="train without each probe user's newest training item (test-like probe; see above)")
+ap.add_argument("--constant-lr", action="store_true", help="--opt current without the decay (warmup, then constant)")
+ap.add_argument("--input-scale", type=float, default=1.0,
+                help="multiply the input token embeddings by this (SASRec scales by sqrt(d)); output rows unscaled")
+ap.add_argument("--crop", type=float, default=0.0,
+                help="each epoch, this share of the training histories is replaced by a random contiguous crop")
 ap.add_argument("--set", action="append", default=[])
 ap.add_argument("--out", required=True)
 args = ap.parse_args()
@@ -78,6 +88,10 @@ torch.manual_seed(cfg.seed)
 model, tokenizer, layout = build_policy(cfg.model, vocab, seed=cfg.seed,
                                         items=pd.read_parquet(data_dir / "items.parquet"))
 encoder = PromptEncoder(tokenizer, layout)
+if args.input_scale != 1.0:
+    # Scales what the embedding lookup returns; the tied output matrix reads the weight
+    # itself, so only the input side changes (SASRec's x = E[i] * sqrt(d) + P[pos]).
+    model.get_input_embeddings().register_forward_hook(lambda m, i, o: o * args.input_scale)
 probe = RankingProbe.from_data(data_dir, encoder, cfg.data.page_len, cfg.sft.val_users, part="sft")
 evals = pd.read_parquet(data_dir / "eval.parquet")
 log = open(args.out, "w")
@@ -102,16 +116,49 @@ def emit(rec):
 # at most RARE times (most Beauty test targets that SASRec finds and the policy misses).
 RARE, RAREST = 9, 4
 train_count = np.bincount([i for h in histories for i in h], minlength=vocab.n_items)
+# Transitions the training rows hold (a directly followed by b): `seen_*` scores the users whose
+# newest item -> target step is one of them, the step SASRec recalls more often on Beauty's test.
+train_steps = {(a, b) for h in histories for a, b in zip(h[:-1], h[1:])}
 
 
-def metrics(ranked, targets):
+# Bigram recall on the training rows themselves: a sample of their steps a -> b, ranked from the
+# one-item history [a] (a excluded), split by both items being rare or both common. On Beauty,
+# SASRec recalls rare steps about twice as often as the policy does (docs/BENCHMARKS.md).
+_rng = np.random.default_rng(0)
+_steps = sorted(train_steps)
+BIGRAMS = {}
+for _name, _keep in (("rare", lambda a, b: train_count[a] <= RARE and train_count[b] <= RARE),
+                     ("common", lambda a, b: train_count[a] > RARE and train_count[b] > RARE)):
+    _pool = [st for st in _steps if _keep(*st)]
+    BIGRAMS[_name] = [_pool[i] for i in _rng.choice(len(_pool), min(1500, len(_pool)), replace=False)]
+
+
+def bigram_recall(score_fn):
+    """{bigram_<rare|common>_hr}: HR@10 of b when ranking from [a]; score_fn(list of a) -> [N, n_items]."""
+    out = {}
+    for name, steps in BIGRAMS.items():
+        a = [st[0] for st in steps]
+        s = torch.as_tensor(score_fn(a)).float()
+        s[torch.arange(len(a)), torch.tensor(a)] = float("-inf")
+        top = torch.topk(s, 10, dim=-1).indices
+        out[f"bigram_{name}_hr"] = float((top == torch.tensor([st[1] for st in steps])[:, None]).any(1).float().mean())
+    return out
+
+
+def metrics(ranked, targets, newest):
     ndcg = np.array([ndcg_at_k(r, t, 10) for r, t in zip(ranked, targets)])
     hr = np.array([hr_at_k(r, t, 10) for r, t in zip(ranked, targets)])
     out = {"ndcg": float(ndcg.mean()), "hr": float(hr.mean())}
     for name, most in (("rare", RARE), ("rarest", RAREST)):
         rare = np.array([all(train_count[i] <= most for i in t) for t in targets])
         out |= {f"{name}_hr": float(hr[rare].mean()) if rare.any() else 0.0, f"{name}_share": float(rare.mean())}
+    seen = np.array([any((n, i) in train_steps for i in t) for n, t in zip(newest, targets)])
+    out |= {"seen_hr": float(hr[seen].mean()) if seen.any() else 0.0, "seen_share": float(seen.mean())}
     return out
+
+
+def newest_item(prompt):
+    return [layout.token_to_item(t) for t in prompt if layout.is_item_token(t)][-1]
 
 
 if args.sasrec:
@@ -127,7 +174,9 @@ if args.sasrec:
     scores = torch.from_numpy(m.score(vh))
     scores = scores.masked_fill(exclusion_mask([set(h) for h in vh], len(vh), scores.shape[1], "cpu"), float("-inf"))
     emit({"model": "sasrec", "epoch": "best", **{f"tail_{k}": v for k, v in
-                                                metrics(torch.topk(scores, 10, dim=-1).indices.tolist(), vt).items()}})
+                                                metrics(torch.topk(scores, 10, dim=-1).indices.tolist(), vt,
+                                                        [h[-1] for h in vh]).items()},
+                                                **bigram_recall(lambda a: m.score([[x] for x in a]))})
     sys.exit(0)
 
 tail_len = len(layout.tail_ids)
@@ -135,11 +184,19 @@ tail_len = len(layout.tail_ids)
 
 @torch.no_grad()
 def probe_eval():
-    out = rank(probe.prompts, probe.exclude, probe.targets)
+    out = rank(probe.prompts, probe.exclude, probe.targets) | bigram_recall(policy_bigram_scores)
     if args.holdout_last:
         out |= {k.replace("tail_", "last_"): v for k, v in
                 rank(*map(list, zip(*last_probe))).items() if k.startswith("tail_")}
     return out
+
+
+def policy_bigram_scores(items):
+    model.eval()
+    prompts = [encoder.encode_prompt(None, [a]) for a in items]
+    s = torch.cat([first_item_scores(model, layout, prompts[i:i + 256]) for i in range(0, len(prompts), 256)])
+    model.train()
+    return s
 
 
 def rank(all_prompts, all_exclude, targets):
@@ -155,7 +212,8 @@ def rank(all_prompts, all_exclude, targets):
             s = s.masked_fill(exclusion_mask(exclude, len(prompts), layout.n_items, s.device), float("-inf"))
             ranked[name] += torch.topk(s, 10, dim=-1).indices.tolist()
     model.train()
-    return {f"{k}_{m}": v for k, r in ranked.items() for m, v in metrics(r, targets).items()}
+    newest = [newest_item(p) for p in all_prompts]
+    return {f"{k}_{m}": v for k, r in ranked.items() for m, v in metrics(r, targets, newest).items()}
 
 
 rows = history_rows(encoder, evals["user_index"], histories, cfg.sft.meta_history,
@@ -172,11 +230,17 @@ if args.opt == "current":
 
     ds = train_ds_config(zero_stage=0, micro_batch_size=bs, grad_clip=cfg.sft.grad_clip, lr=lr,
                          weight_decay=cfg.sft.weight_decay, warmup_steps=round(cfg.sft.warmup_ratio * total),
-                         total_steps=total)
+                         total_steps=total, betas=(0.9, cfg.sft.adam_beta2))
     o = ds["optimizer"]["params"]
     opt = torch.optim.AdamW(weight_decay_groups(model, o["weight_decay"]), lr=o["lr"], betas=tuple(o["betas"]),
                             eps=o["eps"])
-    schedule = WarmupDecayLR(opt, **ds["scheduler"]["params"])
+    if args.constant_lr:
+        from deepspeed.runtime.lr_schedules import WarmupLR
+
+        params = ds["scheduler"]["params"]
+        schedule = WarmupLR(opt, **{k: v for k, v in params.items() if k != "total_num_steps"})
+    else:
+        schedule = WarmupDecayLR(opt, **ds["scheduler"]["params"])
     clip = ds["gradient_clipping"]
 else:  # SASRec's (pagellm/eval/baselines/sasrec.py): Adam, constant lr, no clipping
     opt = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.9, 0.98))
@@ -197,6 +261,17 @@ rng = np.random.default_rng(cfg.seed)
 emit({"epoch": 0, **probe_eval(), "opt": args.opt, "lr": lr, "set": args.set})
 for epoch in range(1, args.epochs + 1):
     t0 = time.perf_counter()
+    if args.crop > 0:
+        # Crops turn mid-history steps into steps predicted from a short context, the way the
+        # first steps of every history already are (SASRec-like item-to-item recall).
+        cropped = []
+        for h in histories:
+            if len(h) > 2 and rng.random() < args.crop:
+                a = int(rng.integers(0, len(h) - 1))
+                h = h[a:int(rng.integers(a + 2, len(h) + 1))]
+            cropped.append(h)
+        rows = history_rows(encoder, evals["user_index"], cropped, cfg.sft.meta_history,
+                            block_seen=cfg.sft.meta_block_seen)
     order = rng.permutation(len(rows))
     tot = 0.0
     for b in range(steps_per_epoch):

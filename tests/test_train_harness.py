@@ -230,6 +230,11 @@ def loop_checks(workdir: str) -> dict:
     dist.init_process_group("gloo", init_method=f"file://{workdir}/pg", rank=0, world_size=1)
     setup_distributed_for_deepspeed()
     out = {"round_trip": _round_trip_every_stage(workdir / "round_trip")}
+    from pagellm.train.engine import build_engine
+
+    engines = [build_engine(tiny_gpt2(), None, _cfg(workers=1, **over), 4, use_gpu=False)
+               for over in ({}, {"adam_beta2": 0.98})]
+    out["betas"] = [engine.optimizer.param_groups[0]["betas"] for engine in engines]
 
     # Interrupted after step 3 of 8 (mid-epoch) and resumed: same history as uninterrupted.
     full, reports, _, _ = _run_epochs_with_fake_ray(workdir / "full", None, checkpoint_every=3)
@@ -284,6 +289,10 @@ def test_training_state_round_trip_is_exact_for_every_zero_stage(loop_results):
     optim = next((workdir / "round_trip" / "stage2").rglob("*optim_states.pt"))
     with torch.serialization.safe_globals(DEEPSPEED_SAFE_GLOBALS):
         assert torch.load(optim, weights_only=True)["ds_version"]
+
+
+def test_the_engines_adamw_takes_the_configured_second_moment_decay(loop_results):
+    assert [tuple(b) for b in loop_results[1]["betas"]] == [(0.9, 0.95), (0.9, 0.98)]
 
 
 def test_mid_epoch_resume_matches_an_uninterrupted_run(loop_results):

@@ -153,6 +153,7 @@ def build_engine(
         weight_decay=train_cfg.weight_decay,
         warmup_steps=round(train_cfg.warmup_ratio * optimizer_steps),
         total_steps=optimizer_steps,
+        betas=(0.9, train_cfg.adam_beta2),
     )
     if params is None:
         params = weight_decay_groups(model, train_cfg.weight_decay)

@@ -1,0 +1,112 @@
+"""Does a model recall the item-to-item steps its training rows hold? (diagnosis)
+
+Two readings of a finished run (its data/, sft/, eval/per_user.parquet and SASRec's fit in
+eval_cache/):
+
+1. Per user of the evaluated split, HR@10 of each model split by whether the step
+   "newest prompt item -> target" occurs in the training rows (some other user took the
+   target right after that item), and within that by both items being rare (<= --rare rows).
+2. Bigram recall: a seeded sample of the training rows' own steps a -> b, ranked from the
+   one-item history [a] (a excluded), HR@10 for the SFT policy's first page position and for
+   SASRec, split into steps between two rare items and steps between two common ones.
+   Training data only: no validation or test item is read.
+
+On Beauty the shipped policy trailed SASRec on test only where the step was in the
+training rows and both items were rare, and its bigram recall of rare steps was half
+SASRec's; AdamW's second-moment decay (sft.adam_beta2) was the cause (docs/BENCHMARKS.md).
+
+    python bench/transition_recall.py --run runs/quality/beauty_meta3/seed0 --split test
+"""
+import argparse
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from safetensors.torch import load_file
+
+from pagellm.eval.baselines.sasrec import SASRec
+from pagellm.models.decoding import first_item_scores
+from pagellm.models.policy import load_policy
+from pagellm.vocab import PromptEncoder
+
+ap = argparse.ArgumentParser()
+ap.add_argument("--run", required=True, help="a run folder with data/, sft/, eval/ and eval_cache/")
+ap.add_argument("--split", required=True, choices=["val", "test"], help="the split eval/ was scored on")
+ap.add_argument("--rare", type=int, default=9, help="at most this many training rows: rare")
+ap.add_argument("--bigrams", type=int, default=1500, help="training steps sampled per bigram bucket")
+ap.add_argument("--out", help="also write the numbers as JSON here")
+args = ap.parse_args()
+torch.set_num_threads(2)
+run = Path(args.run)
+evals = pd.read_parquet(run / "data" / "eval.parquet").set_index("user_index")
+n_items = len(pd.read_parquet(run / "data" / "items.parquet"))
+histories = [list(map(int, h)) for h in evals["train_positives"]]
+count = np.bincount(np.concatenate([np.asarray(h, dtype=np.int64) for h in histories]), minlength=n_items)
+steps = Counter((a, b) for h in histories for a, b in zip(h[:-1], h[1:]))
+out = {"run": str(run), "split": args.split, "rare": args.rare}
+
+# 1. Per user: is the step to the target one the training rows hold?
+hits = pd.read_parquet(run / "eval" / "per_user.parquet").pivot_table(index="user_index", columns="model",
+                                                                      values="hr@10")
+users = evals.loc[hits.index]
+if args.split == "test":
+    newest = np.array([int(v[0]) for v in users["val_items"]])
+    target = np.array([int(t[0]) for t in users["test_items"]])
+    newest_count = count[newest]
+else:  # the newest training item: its count includes the user's own row, which is left out
+    newest = np.array([int(h[-1]) for h in users["train_positives"]])
+    target = np.array([int(v[0]) for v in users["val_items"]])
+    newest_count = count[newest] - 1
+seen = np.array([steps[(a, b)] > 0 for a, b in zip(newest, target)])
+both_rare = (newest_count <= args.rare) & (count[target] <= args.rare)
+models = [m for m in ("popularity", "sasrec", "sft", "stage3") if m in hits.columns]
+rows = []
+for name, mask in (("step in the training rows", seen), ("... and both items rare", seen & both_rare),
+                   ("step not in the training rows", ~seen), ("all users", np.ones(len(seen), bool))):
+    rows.append({"users": name, "n": int(mask.sum()), **{m: float(hits[m].values[mask].mean()) for m in models}})
+out["per_user"] = rows
+print(f"{args.split}: HR@10 by the step newest item -> target")
+print("| users | n | " + " | ".join(models) + " |")
+print("|---|---|" + "---|" * len(models))
+for r in rows:
+    print(f"| {r['users']} | {r['n']:,} | " + " | ".join(f"{r[m]:.4f}" for m in models) + " |")
+
+# 2. Bigram recall of the training rows' own steps.
+rng = np.random.default_rng(0)
+pool = sorted(steps)
+buckets = {
+    "rare -> rare": [s for s in pool if count[s[0]] <= args.rare and count[s[1]] <= args.rare],
+    "common -> common": [s for s in pool if count[s[0]] > args.rare and count[s[1]] > args.rare],
+}
+policy, tokenizer, layout = load_policy(run / "sft", trainable=False)
+encoder = PromptEncoder(tokenizer, layout)
+sasrec = SASRec({})
+cached = sorted((run / "eval_cache").glob("sasrec-*.safetensors"))
+if not cached:
+    raise SystemExit(f"{run}/eval_cache has no SASRec fit: run the evaluation first")
+sasrec.restore(load_file(cached[0]), n_items)
+
+
+def recall(scores: torch.Tensor, sample: list[tuple[int, int]]) -> float:
+    a = torch.tensor([s[0] for s in sample])
+    scores[torch.arange(len(sample)), a] = float("-inf")
+    top = torch.topk(scores, 10, dim=-1).indices
+    return float((top == torch.tensor([s[1] for s in sample])[:, None]).any(1).float().mean())
+
+
+out["bigram"] = {}
+print("\nbigram recall (HR@10 of b from the history [a]) on the training rows' steps")
+print("| steps | n | sasrec | sft |\n|---|---|---|---|")
+for name, bucket in buckets.items():
+    sample = [bucket[i] for i in rng.choice(len(bucket), min(args.bigrams, len(bucket)), replace=False)]
+    prompts = [encoder.encode_prompt(None, [a]) for a, _ in sample]
+    pol = torch.cat([first_item_scores(policy, layout, prompts[i:i + 256]) for i in range(0, len(prompts), 256)])
+    sas = torch.from_numpy(sasrec.score([[a] for a, _ in sample]))
+    out["bigram"][name] = {"n": len(sample), "sasrec": recall(sas, sample), "sft": recall(pol.float(), sample)}
+    r = out["bigram"][name]
+    print(f"| {name} | {r['n']:,} | {r['sasrec']:.3f} | {r['sft']:.3f} |")
+if args.out:
+    Path(args.out).write_text(json.dumps(out, indent=1))
