@@ -44,6 +44,7 @@ import torch
 from pagellm.config.loading import load_config
 from pagellm.eval.metrics import hr_at_k, ndcg_at_k
 from pagellm.eval.probe import RankingProbe
+from pagellm.eval.transitions import item_counts, sample_steps, step_recall, training_steps
 from pagellm.models.decoding import exclusion_mask, first_item_scores, left_pad
 from pagellm.models.policy import build_policy
 from pagellm.models.positions import prompt_anchor
@@ -115,34 +116,22 @@ def emit(rec):
 # Training occurrences per item: `rare_*` scores the users whose target the training rows hold
 # at most RARE times (most Beauty test targets that SASRec finds and the policy misses).
 RARE, RAREST = 9, 4
-train_count = np.bincount([i for h in histories for i in h], minlength=vocab.n_items)
+train_count = item_counts(histories, vocab.n_items)
 # Transitions the training rows hold (a directly followed by b): `seen_*` scores the users whose
 # newest item -> target step is one of them, the step SASRec recalls more often on Beauty's test.
-train_steps = {(a, b) for h in histories for a, b in zip(h[:-1], h[1:])}
+train_steps = training_steps(histories)
 
 
 # Bigram recall on the training rows themselves: a sample of their steps a -> b, ranked from the
 # one-item history [a] (a excluded), split by both items being rare or both common. On Beauty,
 # SASRec recalls rare steps about twice as often as the policy does (docs/BENCHMARKS.md).
-_rng = np.random.default_rng(0)
-_steps = sorted(train_steps)
-BIGRAMS = {}
-for _name, _keep in (("rare", lambda a, b: train_count[a] <= RARE and train_count[b] <= RARE),
-                     ("common", lambda a, b: train_count[a] > RARE and train_count[b] > RARE)):
-    _pool = [st for st in _steps if _keep(*st)]
-    BIGRAMS[_name] = [_pool[i] for i in _rng.choice(len(_pool), min(1500, len(_pool)), replace=False)]
+BIGRAMS = sample_steps(train_steps, train_count, rare=RARE)
 
 
 def bigram_recall(score_fn):
     """{bigram_<rare|common>_hr}: HR@10 of b when ranking from [a]; score_fn(list of a) -> [N, n_items]."""
-    out = {}
-    for name, steps in BIGRAMS.items():
-        a = [st[0] for st in steps]
-        s = torch.as_tensor(score_fn(a)).float()
-        s[torch.arange(len(a)), torch.tensor(a)] = float("-inf")
-        top = torch.topk(s, 10, dim=-1).indices
-        out[f"bigram_{name}_hr"] = float((top == torch.tensor([st[1] for st in steps])[:, None]).any(1).float().mean())
-    return out
+    return {f"bigram_{name}_hr": step_recall(score_fn([st[0] for st in steps]), steps)
+            for name, steps in BIGRAMS.items()}
 
 
 def metrics(ranked, targets, newest):

@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from pagellm.eval.transitions import item_counts
+
 ap = argparse.ArgumentParser()
 ap.add_argument("--run", required=True, help="a run folder with data/ and eval/per_user.parquet")
 ap.add_argument("--split", required=True, choices=["val", "test"], help="the split eval/ was scored on")
@@ -31,8 +33,7 @@ ap.add_argument("--out", help="also write the tables as JSON here")
 args = ap.parse_args()
 run = Path(args.run)
 evals = pd.read_parquet(run / "data" / "eval.parquet").set_index("user_index")
-count = np.bincount(np.concatenate([np.asarray(h, dtype=np.int64) for h in evals["train_positives"]]),
-                    minlength=len(pd.read_parquet(run / "data" / "items.parquet")))
+count = item_counts(evals["train_positives"], len(pd.read_parquet(run / "data" / "items.parquet")))
 hits = pd.read_parquet(run / "eval" / "per_user.parquet").pivot_table(index="user_index", columns="model",
                                                                       values="hr@10")
 users = evals.loc[hits.index]

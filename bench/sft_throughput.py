@@ -72,7 +72,7 @@ def plain_pytorch(cfg: Config, data_dir: Path, steps: int, warmup: int) -> dict:
     torch.manual_seed(cfg.seed)
     model, layout, rows = make_rows(cfg, data_dir)
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.sft.lr, betas=(0.9, 0.95))
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.sft.lr, betas=(0.9, cfg.sft.adam_beta2))
 
     def step(batch):
         loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],

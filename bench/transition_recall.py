@@ -19,7 +19,6 @@ SASRec's; AdamW's second-moment decay (sft.adam_beta2) was the cause (docs/BENCH
 """
 import argparse
 import json
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +27,7 @@ import torch
 from safetensors.torch import load_file
 
 from pagellm.eval.baselines.sasrec import SASRec
+from pagellm.eval.transitions import item_counts, sample_steps, step_recall, training_steps
 from pagellm.models.decoding import first_item_scores
 from pagellm.models.policy import load_policy
 from pagellm.vocab import PromptEncoder
@@ -44,8 +44,8 @@ run = Path(args.run)
 evals = pd.read_parquet(run / "data" / "eval.parquet").set_index("user_index")
 n_items = len(pd.read_parquet(run / "data" / "items.parquet"))
 histories = [list(map(int, h)) for h in evals["train_positives"]]
-count = np.bincount(np.concatenate([np.asarray(h, dtype=np.int64) for h in histories]), minlength=n_items)
-steps = Counter((a, b) for h in histories for a, b in zip(h[:-1], h[1:]))
+count = item_counts(histories, n_items)
+steps = training_steps(histories)
 out = {"run": str(run), "split": args.split, "rare": args.rare}
 
 # 1. Per user: is the step to the target one the training rows hold?
@@ -75,12 +75,7 @@ for r in rows:
     print(f"| {r['users']} | {r['n']:,} | " + " | ".join(f"{r[m]:.4f}" for m in models) + " |")
 
 # 2. Bigram recall of the training rows' own steps.
-rng = np.random.default_rng(0)
-pool = sorted(steps)
-buckets = {
-    "rare -> rare": [s for s in pool if count[s[0]] <= args.rare and count[s[1]] <= args.rare],
-    "common -> common": [s for s in pool if count[s[0]] > args.rare and count[s[1]] > args.rare],
-}
+samples = sample_steps(steps, count, rare=args.rare, per_bucket=args.bigrams)
 policy, tokenizer, layout = load_policy(run / "sft", trainable=False)
 encoder = PromptEncoder(tokenizer, layout)
 sasrec = SASRec({})
@@ -90,22 +85,15 @@ if not cached:
 sasrec.restore(load_file(cached[0]), n_items)
 
 
-def recall(scores: torch.Tensor, sample: list[tuple[int, int]]) -> float:
-    a = torch.tensor([s[0] for s in sample])
-    scores[torch.arange(len(sample)), a] = float("-inf")
-    top = torch.topk(scores, 10, dim=-1).indices
-    return float((top == torch.tensor([s[1] for s in sample])[:, None]).any(1).float().mean())
-
-
 out["bigram"] = {}
 print("\nbigram recall (HR@10 of b from the history [a]) on the training rows' steps")
 print("| steps | n | sasrec | sft |\n|---|---|---|---|")
-for name, bucket in buckets.items():
-    sample = [bucket[i] for i in rng.choice(len(bucket), min(args.bigrams, len(bucket)), replace=False)]
+for bucket, sample in samples.items():
+    name = f"{bucket} -> {bucket}"
     prompts = [encoder.encode_prompt(None, [a]) for a, _ in sample]
     pol = torch.cat([first_item_scores(policy, layout, prompts[i:i + 256]) for i in range(0, len(prompts), 256)])
     sas = torch.from_numpy(sasrec.score([[a] for a, _ in sample]))
-    out["bigram"][name] = {"n": len(sample), "sasrec": recall(sas, sample), "sft": recall(pol.float(), sample)}
+    out["bigram"][name] = {"n": len(sample), "sasrec": step_recall(sas, sample), "sft": step_recall(pol, sample)}
     r = out["bigram"][name]
     print(f"| {name} | {r['n']:,} | {r['sasrec']:.3f} | {r['sft']:.3f} |")
 if args.out:

@@ -320,17 +320,19 @@ def test_a_weight_average_is_what_is_validated_and_published_and_resumes(loop_re
 
 
 def test_train_config_and_batch_split():
-    cfg = train_ds_config(zero_stage=3, micro_batch_size=4, grad_accum=2, lr=1e-4, total_steps=100, warmup_steps=5)
+    cfg = train_ds_config(zero_stage=3, micro_batch_size=4, grad_accum=2, lr=1e-4, total_steps=100, warmup_steps=5,
+                          betas=(0.9, 0.98))
     assert cfg["zero_optimization"] == {"stage": 3}
     assert cfg["optimizer"]["params"]["torch_adam"] is True and "train_batch_size" not in cfg
-    assert cfg["scheduler"]["params"]["total_num_steps"] == 100
-    offload = train_ds_config(zero_stage=3, micro_batch_size=4, lr=1e-4, total_steps=10, bf16=True, offload=True)
+    assert cfg["scheduler"]["params"]["total_num_steps"] == 100 and cfg["optimizer"]["params"]["betas"] == [0.9, 0.98]
+    offload = train_ds_config(zero_stage=3, micro_batch_size=4, lr=1e-4, total_steps=10, bf16=True, offload=True,
+                              betas=(0.9, 0.95))
     assert offload["zero_optimization"]["offload_param"]["device"] == "cpu"
     assert offload["optimizer"]["params"]["torch_adam"] is False and offload["bf16"]["enabled"]
     with pytest.raises(ValueError, match="stage"):
-        train_ds_config(zero_stage=4, micro_batch_size=1, lr=1e-4, total_steps=1)
+        train_ds_config(zero_stage=4, micro_batch_size=1, lr=1e-4, total_steps=1, betas=(0.9, 0.95))
     with pytest.raises(ValueError, match="offload"):
-        train_ds_config(zero_stage=0, micro_batch_size=1, lr=1e-4, total_steps=1, offload=True)
+        train_ds_config(zero_stage=0, micro_batch_size=1, lr=1e-4, total_steps=1, offload=True, betas=(0.9, 0.95))
     assert micro_batch_size(32, 2) == 16 and micro_batch_size(32, 2, grad_accum=4) == 4
     with pytest.raises(ValueError, match="not divisible"):
         micro_batch_size(30, 4)

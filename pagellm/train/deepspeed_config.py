@@ -51,13 +51,14 @@ def train_ds_config(
     weight_decay: float = 0.0,
     warmup_steps: int = 0,
     total_steps: int,
-    betas: tuple[float, float] = (0.9, 0.95),
+    betas: tuple[float, float],
     eps: float = 1e-8,
 ) -> dict[str, Any]:
     """DeepSpeed config for a trained model.
 
     `total_steps` and `warmup_steps` count optimizer steps (micro-batches / grad_accum).
-    `grad_clip <= 0` turns clipping off.
+    `grad_clip <= 0` turns clipping off. `betas` has no default: the training config's
+    `adam_beta2` (pagellm/config/sections.py) is its one definition.
     """
     if micro_batch_size < 1 or grad_accum < 1:
         raise ValueError(f"micro_batch_size and grad_accum must be >= 1, got {micro_batch_size}, {grad_accum}")
