@@ -12,7 +12,7 @@ from pagellm.eval.baselines.sasrec import SASRec
 N = 20  # items in the synthetic successor task: the next item is always (i + 1) mod N
 
 TINY = {"hidden": 32, "blocks": 1, "heads": 1, "max_len": 8, "dropout": 0.1, "lr": 5e-3,
-        "batch_size": 32, "epochs": 12, "seed": 0, "verbose": False}
+        "batch_size": 32, "fixed_epochs": 12, "seed": 0, "verbose": False}
 
 
 def successor_sequences(n_users: int, seed: int) -> list[list[int]]:
@@ -54,7 +54,7 @@ def test_sasrec_learns_the_successor_rule(sasrec: SASRec):
     top1 = rank(sasrec, histories, k=1)
     hr1 = np.mean([t[0] == (h[-1] + 1) % N for t, h in zip(top1, histories)])
     assert hr1 >= 0.9, f"HR@1 {hr1:.2f} on a deterministic successor task"
-    assert [r["epoch"] for r in sasrec.training_log] == list(range(1, TINY["epochs"] + 1))
+    assert [r["epoch"] for r in sasrec.training_log] == list(range(1, TINY["fixed_epochs"] + 1))
     assert sasrec.training_log[-1]["loss"] < sasrec.training_log[0]["loss"]
 
 
@@ -71,7 +71,7 @@ def test_sasrec_ranking_masks_history_and_handles_long_histories(sasrec: SASRec)
 
 def test_sasrec_is_seeded_and_validates():
     seqs = successor_sequences(40, seed=3)
-    a, b = SASRec({**TINY, "epochs": 1}), SASRec({**TINY, "epochs": 1})
+    a, b = SASRec({**TINY, "fixed_epochs": 1}), SASRec({**TINY, "fixed_epochs": 1})
     a.fit(seqs, N)
     b.fit(seqs, N)
     np.testing.assert_array_equal(a.score(seqs[:5]), b.score(seqs[:5]))

@@ -88,3 +88,25 @@ def test_a_run_that_reuses_the_cache_scores_what_a_fresh_run_does(run_template, 
     run_eval_stage(load_config(None, SMALL + ["eval.sasrec.epochs=1"]), variant, log=lines.append)
     assert not any("reusing" in line for line in lines)
     assert len(list((variant / CACHE_DIR).iterdir())) == 4
+
+
+def test_sasrec_selects_its_epoch_on_the_validation_step_only_in_a_test_evaluation(run_template, capsys):
+    """As the policy does, SASRec keeps its best epoch on validation (not a fixed count) when
+    test is evaluated; evaluating the validation split itself leaves nothing to select on."""
+    import pandas as pd
+
+    from pagellm.eval.runner import baseline_output, load_eval_set
+
+    test, val = load_eval_set(run_template / "data", "test", None), load_eval_set(run_template / "data", "val", None)
+    evals = pd.read_parquet(run_template / "data" / "eval.parquet")
+    assert val.val_targets is None and val.val_histories is None
+    assert test.val_targets == [list(v) for v in evals["val_items"] if len(v)]  # validation items, never test
+    assert test.val_histories == [list(h) for h, v in zip(evals["train_positives"], evals["val_items"]) if len(v)]
+    params = {"epochs": 3, "fixed_epochs": 2, "patience": 100, "verbose": True}
+    capsys.readouterr()
+    baseline_output("sasrec", params, test, 10, seed=0)
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("sasrec epoch")]
+    assert len(lines) == 3 and all("/3" in ln and "val ndcg@10" in ln for ln in lines)
+    baseline_output("sasrec", params, val, 10, seed=0)
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("sasrec epoch")]
+    assert len(lines) == 2 and not any("val ndcg@10" in ln for ln in lines)

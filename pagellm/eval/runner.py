@@ -38,6 +38,11 @@ class EvalSet:
     n_items: int
     cats_of: dict[int, set[str]]
     popularity: np.ndarray
+    # The validation step (training positives -> validation items) a trained baseline may
+    # select its epoch on, as the policy does: only when the evaluated split is test (an
+    # evaluation of the validation split has nothing held out to select on).
+    val_histories: list[list[int]] | None = None
+    val_targets: list[list[int]] | None = None
 
 
 def load_eval_set(data_dir: Path, split: str, max_users: int | None) -> EvalSet:
@@ -54,6 +59,11 @@ def load_eval_set(data_dir: Path, split: str, max_users: int | None) -> EvalSet:
     keep = np.flatnonzero(targets.map(len).to_numpy() > 0)
     if max_users:
         keep = keep[:max_users]
+    val_histories = val_targets = None
+    if split == "test":  # every user with a validation item, not only the evaluated ones
+        has_val = np.flatnonzero(evals["val_items"].map(len).to_numpy() > 0)
+        val_histories = [list(evals["train_positives"].iloc[i]) for i in has_val]
+        val_targets = [list(evals["val_items"].iloc[i]) for i in has_val]
     return EvalSet(
         user_index=evals["user_index"].to_numpy()[keep],
         prompts=[list(prompts.iloc[i]) for i in keep],
@@ -64,6 +74,8 @@ def load_eval_set(data_dir: Path, split: str, max_users: int | None) -> EvalSet:
         n_items=len(items),
         cats_of={int(i): set(c) for i, c in zip(items["index"], items["categories"])},
         popularity=items["popularity"].to_numpy(),
+        val_histories=val_histories,
+        val_targets=val_targets,
     )
 
 
@@ -77,19 +89,28 @@ class ModelOutput:
 def baseline_output(name: str, params: dict, es: EvalSet, list_len: int, seed: int,
                     cache: OutputCache | None = None, log=print) -> ModelOutput:
     """A baseline fitted on the training sequences and its ranked lists. SASRec's fit is
-    taken from `cache` when one with the same parameters, seed and sequences is there."""
+    taken from `cache` when one with the same parameters, seed and sequences is there.
+
+    SASRec selects its epoch on the validation step when the evaluation has one (a test
+    evaluation), up to `eval.sasrec.epochs`, as the policy selects its checkpoint: a fixed
+    short schedule leaves it undertrained on small data (MovieLens: its loss still falling
+    steeply at epoch 20). Without one it trains `eval.sasrec.fixed_epochs`."""
     t0 = time.perf_counter()
     torch.manual_seed(seed)
     if name == "sasrec":  # SASRec seeds its own init and order: one run's seed for every model
         params = {"seed": seed, **params}
     model = make_baseline(name, params if name != "popularity" else None)
-    key = input_key(name, model.params, es.train_sequences, es.n_items) if name == "sasrec" else None
+    validation = (es.val_histories, es.val_targets) if es.val_targets is not None else (None, None)
+    key = input_key(name, model.params, es.train_sequences, es.n_items, validation[1]) if name == "sasrec" else None
     state = cache.state(name, key) if cache is not None and key else None
     if state is not None:
         model.restore(state, es.n_items)
         log(f"[eval] {name}: reusing its fit on the same sequences ({cache.directory}/{name}-{key}.safetensors)")
     else:
-        model.fit(es.train_sequences, es.n_items)
+        if name == "sasrec":
+            model.fit(es.train_sequences, es.n_items, *validation)
+        else:
+            model.fit(es.train_sequences, es.n_items)
         if cache is not None and key:
             cache.put_state(name, key, model.net.state_dict())
     lists = rank(model, es.histories, list_len, exclude=es.exclude)

@@ -158,8 +158,9 @@ class SASRec:
         """Train on every position of each training sequence (last max_len + 1 items).
 
         With val_histories/val_targets, full-ranking NDCG@10 (history items masked) is
-        measured after each epoch; training stops after `patience` epochs without a new
-        best and the best epoch's weights are kept.
+        measured after each epoch, for at most `epochs`; training stops after `patience`
+        epochs without a new best and the best epoch's weights are kept. Without them it
+        trains `fixed_epochs`.
         """
         p = self.params
         if n_items < 1:
@@ -182,7 +183,8 @@ class SASRec:
         self.training_log = []
         best, best_state, stale = -1.0, None, 0
         with _Threads(p["threads"]):
-            for epoch in range(1, p["epochs"] + 1):
+            n_epochs = p["epochs"] if val_histories is not None else p["fixed_epochs"]
+            for epoch in range(1, n_epochs + 1):
                 t0 = time.perf_counter()
                 self.net.train()
                 total, positions = 0.0, 0
@@ -199,7 +201,7 @@ class SASRec:
                     total += loss.item() * n
                     positions += n
                 record = {"epoch": epoch, "loss": total / positions, "seconds": time.perf_counter() - t0}
-                line = f"sasrec epoch {epoch}/{p['epochs']} loss {record['loss']:.4f} {record['seconds']:.1f}s"
+                line = f"sasrec epoch {epoch}/{n_epochs} loss {record['loss']:.4f} {record['seconds']:.1f}s"
                 if val_histories is not None:
                     t0 = time.perf_counter()
                     ndcg = self.validate(val_histories, val_targets)
