@@ -100,15 +100,14 @@ def baseline_output(name: str, params: dict, es: EvalSet, list_len: int, seed: i
     if name == "sasrec":  # SASRec seeds its own init and order: one run's seed for every model
         params = {"seed": seed, **params}
     model = make_baseline(name, params if name != "popularity" else None)
-    validation = (es.val_histories, es.val_targets) if es.val_targets is not None else (None, None)
-    key = input_key(name, model.params, es.train_sequences, es.n_items, validation[1]) if name == "sasrec" else None
+    key = input_key(name, model.params, es.train_sequences, es.n_items, es.val_targets) if name == "sasrec" else None
     state = cache.state(name, key) if cache is not None and key else None
     if state is not None:
         model.restore(state, es.n_items)
         log(f"[eval] {name}: reusing its fit on the same sequences ({cache.directory}/{name}-{key}.safetensors)")
     else:
         if name == "sasrec":
-            model.fit(es.train_sequences, es.n_items, *validation)
+            model.fit(es.train_sequences, es.n_items, es.val_histories, es.val_targets)
         else:
             model.fit(es.train_sequences, es.n_items)
         if cache is not None and key:
