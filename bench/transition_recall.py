@@ -24,9 +24,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from safetensors.torch import load_file
 
-from pagellm.eval.baselines.sasrec import SASRec
+from pagellm.config import load_config
+from pagellm.eval.output_cache import CACHE_DIR, OutputCache
+from pagellm.eval.runner import fitted_baseline, load_eval_set
 from pagellm.eval.transitions import item_counts, sample_steps, step_recall, training_steps
 from pagellm.models.decoding import first_item_scores
 from pagellm.models.policy import load_policy
@@ -78,11 +79,11 @@ for r in rows:
 samples = sample_steps(steps, count, rare=args.rare, per_bucket=args.bigrams)
 policy, tokenizer, layout = load_policy(run / "sft", trainable=False)
 encoder = PromptEncoder(tokenizer, layout)
-sasrec = SASRec({})
-cached = sorted((run / "eval_cache").glob("sasrec-*.safetensors"))
-if not cached:
-    raise SystemExit(f"{run}/eval_cache has no SASRec fit: run the evaluation first")
-sasrec.restore(load_file(cached[0]), n_items)
+# The evaluation's own SASRec: its fit is read from the run's cache under the key the
+# evaluation of this split wrote (fitted here, and cached, when it is not there).
+cfg = load_config(run / "config.yaml", [])
+sasrec = fitted_baseline("sasrec", cfg.eval.sasrec, load_eval_set(run / "data", args.split, cfg.eval.max_users),
+                         cfg.seed, OutputCache(run / CACHE_DIR))
 
 
 out["bigram"] = {}

@@ -86,16 +86,15 @@ class ModelOutput:
     seconds: float
 
 
-def baseline_output(name: str, params: dict, es: EvalSet, list_len: int, seed: int,
-                    cache: OutputCache | None = None, log=print) -> ModelOutput:
-    """A baseline fitted on the training sequences and its ranked lists. SASRec's fit is
-    taken from `cache` when one with the same parameters, seed and sequences is there.
+def fitted_baseline(name: str, params: dict, es: EvalSet, seed: int, cache: OutputCache | None = None,
+                    log=print):
+    """A baseline fitted on the eval set's training sequences. SASRec's fit is taken from
+    `cache` when one with the same parameters, seed, sequences and validation step is there.
 
     SASRec selects its epoch on the validation step when the evaluation has one (a test
     evaluation), up to `eval.sasrec.epochs`, as the policy selects its checkpoint: a fixed
     short schedule leaves it undertrained on small data (MovieLens: its loss still falling
     steeply at epoch 20). Without one it trains `eval.sasrec.fixed_epochs`."""
-    t0 = time.perf_counter()
     torch.manual_seed(seed)
     if name == "sasrec":  # SASRec seeds its own init and order: one run's seed for every model
         params = {"seed": seed, **params}
@@ -112,6 +111,14 @@ def baseline_output(name: str, params: dict, es: EvalSet, list_len: int, seed: i
             model.fit(es.train_sequences, es.n_items)
         if cache is not None and key:
             cache.put_state(name, key, model.net.state_dict())
+    return model
+
+
+def baseline_output(name: str, params: dict, es: EvalSet, list_len: int, seed: int,
+                    cache: OutputCache | None = None, log=print) -> ModelOutput:
+    """A fitted baseline's ranked lists and item scores for the eval set's users."""
+    t0 = time.perf_counter()
+    model = fitted_baseline(name, params, es, seed, cache, log)
     lists = rank(model, es.histories, list_len, exclude=es.exclude)
     return ModelOutput(lists, lambda a, b: model.score(es.histories[a:b]), time.perf_counter() - t0)
 
