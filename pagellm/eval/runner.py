@@ -105,10 +105,7 @@ def fitted_baseline(name: str, params: dict, es: EvalSet, seed: int, cache: Outp
         model.restore(state, es.n_items)
         log(f"[eval] {name}: reusing its fit on the same sequences ({cache.directory}/{name}-{key}.safetensors)")
     else:
-        if name == "sasrec":
-            model.fit(es.train_sequences, es.n_items, es.val_histories, es.val_targets)
-        else:
-            model.fit(es.train_sequences, es.n_items)
+        model.fit(es.train_sequences, es.n_items, es.val_histories, es.val_targets)
         if cache is not None and key:
             cache.put_state(name, key, model.net.state_dict())
     return model

@@ -18,8 +18,10 @@ import numpy as np
 class Baseline(Protocol):
     name: str
 
-    def fit(self, train_sequences: list[list[int]], n_items: int) -> None:
-        """Learn from each user's training items in time order."""
+    def fit(self, train_sequences: list[list[int]], n_items: int, val_histories: list[list[int]] | None = None,
+            val_targets: list[list[int]] | None = None) -> None:
+        """Learn from each user's training items in time order. A trained baseline selects
+        its epoch on the validation step (history -> held-out items) when one is given."""
 
     def score(self, histories: list[list[int]]) -> np.ndarray:
         """[len(histories), n_items] float scores, higher = recommend first."""

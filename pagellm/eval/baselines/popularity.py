@@ -13,7 +13,9 @@ class PopularityBaseline:
     def __init__(self) -> None:
         self.counts: np.ndarray | None = None
 
-    def fit(self, train_sequences: list[list[int]], n_items: int) -> None:
+    def fit(self, train_sequences: list[list[int]], n_items: int, val_histories: list[list[int]] | None = None,
+            val_targets: list[list[int]] | None = None) -> None:
+        """Counts of the training items; nothing is trained, so a validation step is unused."""
         if n_items < 1:
             raise ValueError(f"n_items must be >= 1, got {n_items}")
         check_sequences(train_sequences, n_items, "train_sequences")
