@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from pagellm.models.page_prior import PagePrior, fit_page_prior, page_tensors, standardise, step_gains
+from pagellm.models.page_prior import (PagePrior, fit_page_prior, page_tensors, satiation_from_logs, standardise,
+                                         step_gains)
 
 
 def test_page_tensors_count_earlier_items_of_the_same_category():
@@ -85,3 +86,44 @@ def test_the_default_fit_keeps_the_preference_weight_at_one():
     z = rng.normal(size=(200, 3)) * 5  # a feature that separates nothing, at any scale
     a, b, c = fit_page_prior(z, chosen, z, rejected, quality, cat)
     assert a == 1.0 and np.isfinite(b) and 0 < c < 1
+
+
+def _markov_logs(odds: float, seed: int, users: int = 300, length: int = 60, cats: int = 6) -> list[np.ndarray]:
+    """Users with their own category tastes whose next item repeats the previous one's
+    category `odds` times as often as the taste alone would make it."""
+    rng = np.random.default_rng(seed)
+    logs = []
+    for _ in range(users):
+        taste = rng.dirichlet(np.full(cats, 0.5))
+        seq = [rng.choice(cats, p=taste)]
+        for _ in range(length - 1):
+            w = taste.copy()
+            w[seq[-1]] *= odds
+            seq.append(rng.choice(cats, p=w / w.sum()))
+        logs.append(np.array(seq))
+    return logs
+
+
+def test_satiation_from_logs_reads_how_rarely_a_category_repeats():
+    # A user who simply likes one category is no evidence: without an effect the odds are 1.
+    null = satiation_from_logs(_markov_logs(1.0, seed=0))
+    assert null["odds"] == pytest.approx(1.0, abs=0.08) and null["satiation"] < 0.08
+    strong, weak = satiation_from_logs(_markov_logs(0.1, seed=1)), satiation_from_logs(_markov_logs(0.5, seed=2))
+    assert 0.75 < strong["satiation"] < 0.95 and 0.3 < weak["satiation"] < 0.6
+    # Logs that cluster (binge a category) give no discount at all, not a negative one.
+    binge = satiation_from_logs(_markov_logs(2.0, seed=3))
+    assert binge["satiation"] == 0.0 and binge["odds"] > 1.5
+    # No categories (or one item per user): nothing to read, no discount.
+    assert satiation_from_logs([np.array([], dtype=np.int64), np.array([3])]) == {"satiation": 0.0, "odds": 1.0, "steps": 0}
+
+
+def test_a_held_satiation_is_kept_and_the_quality_weight_still_fits():
+    rng = np.random.default_rng(4)
+    cat, quality = rng.integers(0, 3, 12), standardise(rng.normal(size=12))
+    pages = [rng.choice(12, size=(2, 3), replace=False) for _ in range(300)]
+    better = [p[int(np.argmax([quality[p[0]].sum(), quality[p[1]].sum()]))].tolist() for p in pages]
+    worse = [p[int(np.argmin([quality[p[0]].sum(), quality[p[1]].sum()]))].tolist() for p in pages]
+    z = np.zeros((300, 3))
+    for held in (0.0, 0.3):
+        a, b, c = fit_page_prior(z, better, z, worse, quality, cat, satiation=held)
+        assert a == 1.0 and c == held and b > 1.0  # pairs that favour quality: b grows

@@ -114,6 +114,10 @@ def test_reward_stage_writes_checkpoint_and_metrics(reward_run):
         folder.data / "items.parquet"))
     assert fit["train_pairs"] == metrics["pairs"]["train"] and fit["heldout_pairs"] == metrics["pairs"]["val"]
     assert fit["heldout_accuracy"]["preference"] > 0.8 and fit["heldout_accuracy"]["diversity"] > 0.8
+    # Its category discount is the one the training logs show (the simulator's visits satiate,
+    # so the next item repeats the previous one's category less often than chance).
+    assert fit["satiation_source"] == "logs" and fit["log_repeat_odds"] < 1 and fit["log_steps"] > 100
+    assert prior.satiation == pytest.approx(1 - fit["log_repeat_odds"])
 
 
 def test_heads_keep_their_own_peak_lr_under_deepspeeds_schedule():

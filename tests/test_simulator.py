@@ -121,6 +121,21 @@ def test_satiation_penalises_pages_of_one_category():
     assert same < 0.5 * diverse
 
 
+def test_logs_show_the_satiation_the_utility_applies():
+    """A visit's items are drawn with the page's category discount, so the next item repeats
+    the previous one's category less often the more a repeat satiates: a stage can read it
+    off the logs (page_prior.satiation_from_logs) instead of the judge."""
+    def repeat_rate(satiation: float) -> float:
+        sim = Simulator(SimulatorConfig(users=300, items=200, satiation=satiation), seed=2)
+        df = sim.generate().interactions.sort_values(["user_id", "timestamp"])
+        cat = sim.item_category[df["item_id"].str[1:].astype(int).to_numpy()]
+        same_user = df["user_id"].to_numpy()[1:] == df["user_id"].to_numpy()[:-1]
+        return float((cat[1:] == cat[:-1])[same_user].mean())
+
+    none, half, full = repeat_rate(0.0), repeat_rate(0.5), repeat_rate(1.0)
+    assert half < 0.7 * none and full < 0.25 * none  # across visits a repeat is still free
+
+
 def test_position_bias_rewards_the_best_item_first(world):
     sim, _, users, seen = world
     pages = sim.oracle_page(users, 10, seen)

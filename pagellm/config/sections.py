@@ -225,6 +225,11 @@ class RewardConfig(TrainCommon):
     # Also fit the page prior (pagellm/models/page_prior.py: SFT preference, item quality and
     # a category discount, three parameters, Bradley-Terry on the same pairs); cheap.
     page_prior: bool = True
+    # Where the prior's category discount c comes from: "logs" reads it off the training
+    # logs (how much less often the next item repeats the previous one's category than a
+    # reordering of the user's own items would; pagellm/models/page_prior.py), "pairs" fits
+    # it with the other weights on the pairs, whose one-category corruptions drive it to ~1.
+    prior_satiation: Literal["logs", "pairs"] = "logs"
 
 
 class EvalConfig(Strict):

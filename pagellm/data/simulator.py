@@ -7,8 +7,9 @@ World (docs/ARCHITECTURE.md §3):
   real catalogues, which is what makes popularity a non-trivial baseline);
 - users: a latent taste concentrated on 1-3 categories that drifts as a random walk
   (`taste_drift` x taste norm per step);
-- histories: items sampled without repeats from softmax(taste . item + exponent x log pop),
-  rated by a noisy, clipped, rounded function of taste . item + quality;
+- histories: visits of BLOCK items, each drawn without repeats from softmax(taste . item +
+  exponent x log pop) and discounted by (1 - satiation)^(earlier items of its category in
+  the visit), rated by a noisy, clipped, rounded function of taste . item + quality;
 - page utility: sum_k exam(k) . sigmoid(taste . item_k + quality_k - bias)
   . (1 - satiation)^(earlier page items of the same category), at the user's current
   taste (the end of their history). The greedy oracle page is the reference.
@@ -87,6 +88,28 @@ def _first_distinct(cand: np.ndarray, bad: np.ndarray, want: np.ndarray, width: 
     return out, np.minimum(rank[:, -1], want)
 
 
+def _first_accepted(cand: np.ndarray, bad: np.ndarray, log_u: np.ndarray, want: np.ndarray, width: int,
+                    category: np.ndarray, log_keep: float):
+    """_first_distinct with satiation: scanning each row's draws in order, a draw that is
+    neither `bad` nor a repeat is kept with probability (1 - satiation)^(items of its
+    category kept before it), i.e. log_u < log_keep x that count. Rejection from the
+    undiscounted softmax, so the kept items follow the discounted one exactly."""
+    rows = np.arange(len(cand))
+    out = np.full((len(cand), width), -1, dtype=np.int64)
+    have = np.zeros(len(cand), dtype=np.int64)
+    counts = np.zeros((len(cand), int(category.max(initial=0)) + 1))
+    for j in range(cand.shape[1]):
+        item = cand[:, j]
+        cat = category[item]
+        ok = ~bad[:, j] & (have < want) & ~(out == item[:, None]).any(axis=1)
+        ok &= log_u[:, j] < log_keep * counts[rows, cat]
+        r = rows[ok]
+        out[r, have[r]] = item[r]
+        have[r] += 1
+        counts[r, cat[r]] += 1
+    return out, have
+
+
 def _inverse_cdf(rng: np.random.Generator, cdf: np.ndarray, m: int) -> np.ndarray:
     """`m` draws per row of the index i taken with weight cdf[i] - cdf[i-1] (cdf rows are
     running sums over the last axis). u stays strictly below the total, so an index of
@@ -97,13 +120,17 @@ def _inverse_cdf(rng: np.random.Generator, cdf: np.ndarray, m: int) -> np.ndarra
 
 
 def _draw_without_replacement(
-    rng: np.random.Generator, score: np.ndarray, seen: np.ndarray, want: np.ndarray
+    rng: np.random.Generator, score: np.ndarray, seen: np.ndarray, want: np.ndarray,
+    category: np.ndarray | None = None, log_keep: float = 0.0,
 ) -> np.ndarray:
     """Sequential sampling without replacement from softmax(score) over items not `seen`,
     `want[r]` items for row r, in draw order. Drawing with replacement and skipping
     repeats is exact. Each draw picks a bucket of GROUP items by its weight, then an item
-    in it: bucket totals are far cheaper than a full-width CDF per row. `score` is
-    overwritten; pass a width that is a multiple of GROUP to avoid a padded copy."""
+    in it: bucket totals are far cheaper than a full-width CDF per row. With `category`
+    and log_keep = log(1 - satiation) < 0, each item's weight is also discounted by
+    (1 - satiation)^(earlier draws of its category in the row), by rejection
+    (`_first_accepted`). `score` is overwritten; pass a width that is a multiple of GROUP
+    to avoid a padded copy."""
     n_rows, n_items = score.shape
     np.copyto(score, -np.inf, where=seen)
     score -= score.max(axis=1, keepdims=True)
@@ -122,14 +149,23 @@ def _draw_without_replacement(
     out = np.full((n_rows, width), -1, dtype=np.int64)
     have = np.zeros(n_rows, dtype=np.int64)
     active = np.arange(n_rows)
+    satiates = category is not None and log_keep < 0
     cand = draw(active, 2 * BLOCK)
-    for _ in range(5):  # rows whose draws kept repeating a heavy item draw on
-        out[active], have[active] = _first_distinct(cand, seen[active[:, None], cand], want[active], width)
+    log_u = np.log(rng.random(cand.shape)) if satiates else None
+    for _ in range(8 if satiates else 5):  # rows whose draws kept repeating (or being rejected) draw on
+        bad = seen[active[:, None], cand]
+        if satiates:
+            out[active], have[active] = _first_accepted(cand, bad, log_u, want[active], width, category, log_keep)
+        else:
+            out[active], have[active] = _first_distinct(cand, bad, want[active], width)
         short = have[active] < want[active]
         if not short.any():
             return out
         active = active[short]
-        cand = np.concatenate([cand[short], draw(active, cand.shape[1])], axis=1)
+        more = draw(active, cand.shape[1])
+        cand = np.concatenate([cand[short], more], axis=1)
+        if satiates:  # the same uniforms for the same draws: the rescan keeps what it kept
+            log_u = np.concatenate([log_u[short], np.log(rng.random(more.shape))], axis=1)
     # Only reachable when weights underflow (extreme popularity_exponent): fill the rest
     # with the heaviest remaining unseen items so histories keep their length.
     for r in np.flatnonzero(have < want):
@@ -241,8 +277,11 @@ class Simulator:
 
     def _sample_histories(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         """Each user's items in time order (flat, users end to end) and the block each
-        came from. Within a block the taste is fixed and items are drawn without
-        replacement from softmax(taste . item + exponent x log pop) over unseen items."""
+        came from. A block is one visit: the taste is fixed and items are drawn in order
+        without replacement from softmax(taste . item + exponent x log pop) over unseen
+        items, each weight times (1 - satiation)^(items of its category already drawn in
+        the visit). That is the discount page_utility applies to a page, so the logs carry
+        the satiation the judge rewards (a world whose logs did not could never teach it)."""
         lengths = self.user_length
         n_blocks = -(-lengths // BLOCK)
         block_start = np.cumsum(n_blocks) - n_blocks
@@ -257,6 +296,10 @@ class Simulator:
         table = table.astype(np.float32)
         tastes = np.hstack([self.block_taste, np.ones((len(self.block_taste), 1))]).astype(np.float32)
         n_items = table.shape[1]
+        category = np.pad(self.item_category, (0, n_items - len(self.item_category)))  # padding: never drawn
+        # Satiation 1 (a repeat worth nothing) as a weight of 1e-9, not 0: a visit longer than
+        # the number of categories must still draw something.
+        log_keep = np.float32(np.log1p(-min(self.cfg.satiation, 1.0 - 1e-9)))
         chunk = int(np.clip(CHUNK_ELEMENTS // n_items, 64, 4096))
         for lo in range(0, len(lengths), chunk):
             users = np.arange(lo, min(lo + chunk, len(lengths)))
@@ -266,7 +309,7 @@ class Simulator:
                 blocks = block_start[users[rows]] + b
                 # einsum, not BLAS: with 9 inner terms threaded BLAS only adds contention.
                 score = np.einsum("bd,di->bi", tastes[blocks], table)
-                picks = _draw_without_replacement(rng, score, seen[rows], self.block_steps[blocks])
+                picks = _draw_without_replacement(rng, score, seen[rows], self.block_steps[blocks], category, log_keep)
                 r, c = np.nonzero(picks >= 0)
                 where = user_start[users[rows]][r] + b * BLOCK + c
                 items[where] = picks[r, c]

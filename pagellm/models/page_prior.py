@@ -132,10 +132,12 @@ def step_gains(prior: PagePrior, z: np.ndarray, prefixes: list[list[int]], item_
 
 def fit_page_prior(z_chosen: np.ndarray, chosen: list[list[int]], z_rejected: np.ndarray,
                    rejected: list[list[int]], quality: np.ndarray, item_cat: np.ndarray,
-                   steps: int = 200, fit_pref: bool = False) -> tuple[float, float, float]:
+                   steps: int = 200, fit_pref: bool = False,
+                   satiation: float | None = None) -> tuple[float, float, float]:
     """(a, b, c) maximising the Bradley-Terry log-likelihood sum log sigmoid(R_p(chosen) -
     R_p(rejected)) over the pairs (L-BFGS from a = b = 1, c = 1/2). z_* [P, K] are the pair
-    user's standardised preferences for each page item, 0-padded.
+    user's standardised preferences for each page item, 0-padded. `satiation` given: c is
+    held there (the reward stage reads it from the logs, `satiation_from_logs`).
 
     `fit_pref=False` (what the reward stage uses) keeps a = 1: every chosen page is a golden
     page the SFT policy was trained to write, so its preference feature separates the
@@ -148,12 +150,18 @@ def fit_page_prior(z_chosen: np.ndarray, chosen: list[list[int]], z_rejected: np
     tc, tr = page_tensors(chosen, item_cat), page_tensors(rejected, item_cat)
     a = torch.ones((), dtype=torch.float64, requires_grad=fit_pref)
     b = torch.ones((), dtype=torch.float64, requires_grad=True)
-    c_logit = torch.zeros((), dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([a, b, c_logit] if fit_pref else [b, c_logit], max_iter=steps, line_search_fn="strong_wolfe")
+    fixed_c = satiation is not None
+    start = float(np.log(satiation / (1 - satiation))) if fixed_c and 0 < satiation < 1 else 0.0
+    c_logit = torch.tensor(start, dtype=torch.float64, requires_grad=not fixed_c)
+    free = [a] * fit_pref + [b] + [c_logit] * (not fixed_c)
+    opt = torch.optim.LBFGS(free, max_iter=steps, line_search_fn="strong_wolfe")
+
+    def current_c() -> torch.Tensor:  # a held c of exactly 0 (no discount) stays 0
+        return torch.tensor(float(satiation), dtype=torch.float64) if fixed_c else torch.sigmoid(c_logit).clamp(_EPS, 1 - _EPS)
 
     def loss_fn():
         opt.zero_grad()
-        c = torch.sigmoid(c_logit).clamp(_EPS, 1 - _EPS)
+        c = current_c()
         margin = page_log_value(zc, q, *tc, a, b, c) - page_log_value(zr, q, *tr, a, b, c)
         loss = -torch.nn.functional.logsigmoid(margin).mean()
         loss.backward()
@@ -161,7 +169,53 @@ def fit_page_prior(z_chosen: np.ndarray, chosen: list[list[int]], z_rejected: np
 
     opt.step(loss_fn)
     with torch.no_grad():
-        return float(a), float(b), float(torch.sigmoid(c_logit).clamp(_EPS, 1 - _EPS))
+        return float(a), float(b), float(current_c())
+
+
+def satiation_from_logs(categories: list[np.ndarray]) -> dict:
+    """The repeated-category discount the logs show: c = 1 - min(odds, 1), where `odds` is
+    the maximum-likelihood odds ratio of the next item sharing the previous item's category,
+    against a random reordering of the same user's items. `categories` holds each user's
+    training items' categories in time order, uncategorised items (< 0) left out.
+
+    The model of a step: P(next category = k) is proportional to r_k (the user's items of k
+    not yet placed: their training count less the previous item's, so the reference is
+    exactly a random permutation of the user's own items and a user who simply likes one
+    category shows no effect) times `odds` when k is the previous item's category. The
+    log-likelihood needs three numbers per step, so the fit is one-dimensional and exact.
+
+    Why from the logs: the pairs cannot say it. Their rejected pages are one-category and
+    clustered corruptions, so a Bradley-Terry fit of c on them drives it to ~1 whatever the
+    users do (0.86-1.00 on the simulator, 1.00 on MovieLens, docs/BENCHMARKS.md). Only the
+    previous item is used: visits are not marked in a log, and lag 1 is the lag most often
+    inside one (longer windows measured weaker on the simulator). Real logs mostly cluster
+    (odds > 1: MovieLens 1.5, Beauty 1.5), and then c is 0."""
+    same, alike, rest = [], [], []
+    for seq in categories:
+        seq = np.asarray(seq, dtype=np.int64)
+        if len(seq) < 2:
+            continue
+        _, inverse, counts = np.unique(seq, return_inverse=True, return_counts=True)
+        prev = inverse[:-1]
+        same.append(inverse[1:] == prev)
+        alike.append(counts[prev] - 1.0)  # the previous item's category among the items left
+        rest.append(np.full(len(prev), len(seq) - 1.0))  # every item but the previous one
+    if not same:
+        return {"satiation": 0.0, "odds": 1.0, "steps": 0}
+    same, alike, rest = (np.concatenate(x) for x in (same, alike, rest))
+    keep = alike > 0  # a step whose previous category has no other item says nothing
+    same, alike, rest = same[keep], alike[keep], rest[keep]
+    if not len(same) or same.all() or not same.any() or (alike == rest).all():
+        return {"satiation": 0.0, "odds": 1.0, "steps": int(len(same))}
+
+    def neg_loglik(log_odds: float) -> float:
+        return -float(np.sum(log_odds * same - np.log(rest - alike + alike * np.exp(log_odds))))
+
+    from scipy.optimize import minimize_scalar
+
+    log_odds = float(minimize_scalar(neg_loglik, bounds=(-20.0, 5.0), method="bounded").x)
+    odds = float(np.exp(log_odds))
+    return {"satiation": float(max(0.0, 1.0 - odds)), "odds": odds, "steps": int(len(same))}
 
 
 

@@ -3,7 +3,8 @@
 Runs in the reward stage after the heads are trained, on the same users: fitted on the
 training users' pairs, its held-out pair accuracy per family reported on the others. The
 preference feature comes from the SFT policy (its first-item log-probabilities for each
-pair's prompt), so the prior belongs to the policy that stage 3 starts from.
+pair's prompt), so the prior belongs to the policy that stage 3 starts from. The category
+discount is read off the training logs by default (`reward.prior_satiation`), not the pairs.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pagellm.models.page_prior import PagePrior, fit_page_prior, standardise
+from pagellm.models.page_prior import PagePrior, fit_page_prior, satiation_from_logs, standardise
 from pagellm.train.harness import in_worker
 
 BATCH = 256  # prompts per forward pass of the SFT policy
@@ -52,11 +53,23 @@ def prompt_preferences(sft_dir: Path, users: list[int], prompts: list[list[int]]
     return out
 
 
-def run_prior_fit(run_dir: Path, pairs: pd.DataFrame, val: np.ndarray, log=print) -> dict:
-    """Fit on pairs[~val], judge on pairs[val]; writes <run>/reward/page_prior.json."""
+def training_categories(run_dir: Path, item_cat: np.ndarray) -> list[np.ndarray]:
+    """Each user's training interactions' categories in time order (uncategorised items
+    left out). Only the train split: nothing held out informs a stage."""
+    log = pd.read_parquet(run_dir / "data" / "interactions.parquet", columns=["user_index", "item_index", "timestamp", "split"])
+    log = log[log["split"] == "train"].sort_values(["user_index", "timestamp"], kind="stable")
+    cats = item_cat[log["item_index"].to_numpy()]
+    users = log["user_index"].to_numpy()
+    return [seq[seq >= 0] for seq in np.split(cats, np.flatnonzero(np.diff(users)) + 1)]
+
+
+def run_prior_fit(run_dir: Path, pairs: pd.DataFrame, val: np.ndarray, source: str = "logs", log=print) -> dict:
+    """Fit on pairs[~val], judge on pairs[val]; writes <run>/reward/page_prior.json. `source`
+    says where the category discount comes from (`reward.prior_satiation`)."""
     t0 = time.perf_counter()
     items = pd.read_parquet(run_dir / "data" / "items.parquet").sort_values("index")
     quality, item_cat = standardise(items["score"].to_numpy(dtype=np.float64)), items["cat_index"].to_numpy()
+    from_logs = satiation_from_logs(training_categories(run_dir, item_cat)) if source == "logs" else None
     chosen = [list(map(int, p)) for p in pairs["chosen"]]
     rejected = [list(map(int, p)) for p in pairs["rejected"]]
     width = max(max(map(len, chosen)), max(map(len, rejected)))
@@ -66,7 +79,8 @@ def run_prior_fit(run_dir: Path, pairs: pd.DataFrame, val: np.ndarray, log=print
                                      [list(map(int, p)) for p in pairs["prompt"]], [chosen, rejected], width)
     train = np.flatnonzero(~val)
     a, b, c = fit_page_prior(z_chosen[train], [chosen[i] for i in train], z_rejected[train],
-                             [rejected[i] for i in train], quality, item_cat)
+                             [rejected[i] for i in train], quality, item_cat,
+                             satiation=from_logs["satiation"] if from_logs else None)
     prior = PagePrior(a, b, c, quality.tolist())
     held = np.flatnonzero(val)
     margin = (prior.value(z_chosen[held], [chosen[i] for i in held], item_cat)
@@ -74,11 +88,13 @@ def run_prior_fit(run_dir: Path, pairs: pd.DataFrame, val: np.ndarray, log=print
     families = pairs["family"].to_numpy()[held]
     accuracy = {str(f): float((margin[families == f] > 0).mean()) for f in pd.unique(families)}
     accuracy["all"] = float((margin > 0).mean())
-    stats = {"pref_weight": a, "quality_weight": b, "satiation": c, "heldout_accuracy": accuracy,
+    stats = {"pref_weight": a, "quality_weight": b, "satiation": c, "satiation_source": source,
+             **({"log_repeat_odds": from_logs["odds"], "log_steps": from_logs["steps"]} if from_logs else {}),
+             "heldout_accuracy": accuracy,
              "train_pairs": int(len(train)), "heldout_pairs": int(len(held)),
              "seconds": round(time.perf_counter() - t0, 1)}
     prior.save(run_dir / "reward", {"fit": stats})
-    log(f"[reward] page prior: a {a:.3f} (preference), b {b:.3f} (quality), c {c:.3f} (satiation); held-out "
+    log(f"[reward] page prior: a {a:.3f} (preference), b {b:.3f} (quality), c {c:.3f} (satiation, from the {source}); held-out "
         "accuracy " + ", ".join(f"{f} {v:.3f}" for f, v in accuracy.items()))
     return stats
 

@@ -302,7 +302,7 @@ def run_reward_stage(cfg: Config, run_dir: Path, log=print) -> dict:
     if rc.page_prior:  # before metrics.json, which marks the stage done
         from pagellm.train.prior import run_prior_fit
 
-        metrics["page_prior"] = run_prior_fit(run_dir, pairs, val, log)
+        metrics["page_prior"] = run_prior_fit(run_dir, pairs, val, rc.prior_satiation, log)
     write_json(out_dir / "metrics.json", metrics)
     plot_accuracy(metrics["pair_accuracy"], out_dir / "accuracy_by_family.png")
     write_report(metrics, out_dir / "report.md")
