@@ -113,9 +113,11 @@ def test_reward_stage_writes_checkpoint_and_metrics(reward_run):
     assert prior is not None and 0 < prior.satiation < 1 and len(prior.quality) == len(pd.read_parquet(
         folder.data / "items.parquet"))
     assert fit["train_pairs"] == metrics["pairs"]["train"] and fit["heldout_pairs"] == metrics["pairs"]["val"]
-    assert fit["heldout_accuracy"]["preference"] > 0.8 and fit["heldout_accuracy"]["diversity"] > 0.8
     # Its category discount is the one the training logs show (the simulator's visits satiate,
-    # so the next item repeats the previous one's category less often than chance).
+    # so the next item repeats the previous one's category less often than chance), not one
+    # fitted on these pairs, so the one-category corruption is ordered less perfectly than a
+    # fit on it would (0.77 here where the pairs' own fit gave > 0.8), but still mostly right.
+    assert fit["heldout_accuracy"]["preference"] > 0.8 and fit["heldout_accuracy"]["diversity"] > 0.7
     assert fit["satiation_source"] == "logs" and fit["log_repeat_odds"] < 1 and fit["log_steps"] > 100
     assert prior.satiation == pytest.approx(1 - fit["log_repeat_odds"])
 
