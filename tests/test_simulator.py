@@ -122,11 +122,11 @@ def test_satiation_penalises_pages_of_one_category():
 
 
 def test_logs_show_the_satiation_the_utility_applies():
-    """A visit's items are drawn with the page's category discount, so the next item repeats
+    """With visit_satiation a visit's items are drawn with the page's category discount, so the next item repeats
     the previous one's category less often the more a repeat satiates: a stage can read it
     off the logs (page_prior.satiation_from_logs) instead of the judge."""
     def repeat_rate(satiation: float) -> float:
-        sim = Simulator(SimulatorConfig(users=300, items=200, satiation=satiation), seed=2)
+        sim = Simulator(SimulatorConfig(users=300, items=200, satiation=satiation, visit_satiation=True), seed=2)
         df = sim.generate().interactions.sort_values(["user_id", "timestamp"])
         cat = sim.item_category[df["item_id"].str[1:].astype(int).to_numpy()]
         same_user = df["user_id"].to_numpy()[1:] == df["user_id"].to_numpy()[:-1]
@@ -134,6 +134,18 @@ def test_logs_show_the_satiation_the_utility_applies():
 
     none, half, full = repeat_rate(0.0), repeat_rate(0.5), repeat_rate(1.0)
     assert half < 0.7 * none and full < 0.25 * none  # across visits a repeat is still free
+
+
+def test_without_visit_satiation_histories_ignore_it_draw_for_draw():
+    # The option off is the world every earlier number was measured in: the same histories
+    # whatever the satiation, which then only enters the utility.
+    def log(**kw) -> pd.DataFrame:
+        return Simulator(SimulatorConfig(users=80, items=100, **kw), seed=5).generate().interactions
+
+    plain = log(satiation=0.0)
+    pd.testing.assert_frame_equal(plain, log(satiation=0.5))
+    pd.testing.assert_frame_equal(plain, log(satiation=0.0, visit_satiation=True))  # nothing to discount
+    assert not log(satiation=0.5, visit_satiation=True).equals(plain)
 
 
 def test_position_bias_rewards_the_best_item_first(world):

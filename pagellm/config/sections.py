@@ -20,6 +20,12 @@ class SimulatorConfig(Strict):
     rating_noise: float = Field(0.5, ge=0.0)
     popularity_exponent: float = Field(1.0, ge=0.0)
     satiation: float = Field(0.5, ge=0.0, le=1.0)
+    # Visits satiate as pages do: each item of a history visit is drawn with weight x
+    # (1 - satiation)^(earlier items of its category in the visit), so the logs carry the
+    # discount the utility applies (docs/BENCHMARKS.md, "A world whose logs carry its
+    # satiation"). Off: histories ignore satiation, the world every tiny number before
+    # 2026-12-07 was measured in.
+    visit_satiation: bool = False
 
 
 class DataConfig(Strict):
@@ -225,11 +231,12 @@ class RewardConfig(TrainCommon):
     # Also fit the page prior (pagellm/models/page_prior.py: SFT preference, item quality and
     # a category discount, three parameters, Bradley-Terry on the same pairs); cheap.
     page_prior: bool = True
-    # Where the prior's category discount c comes from: "logs" reads it off the training
-    # logs (how much less often the next item repeats the previous one's category than a
-    # reordering of the user's own items would; pagellm/models/page_prior.py), "pairs" fits
-    # it with the other weights on the pairs, whose one-category corruptions drive it to ~1.
-    prior_satiation: Literal["logs", "pairs"] = "logs"
+    # Where the prior's category discount c comes from: "pairs" fits it with the quality
+    # weight on the pairs (whose one-category corruptions drive it to ~1); "logs" reads it
+    # off the training logs: how much less often the next item repeats the previous one's
+    # category than a reordering of the user's own items would (page_prior.py). Measured
+    # alike on the simulator; real logs cluster, so there "logs" gives c = 0.
+    prior_satiation: Literal["logs", "pairs"] = "pairs"
 
 
 class EvalConfig(Strict):

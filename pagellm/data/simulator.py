@@ -8,8 +8,9 @@ World (docs/ARCHITECTURE.md §3):
 - users: a latent taste concentrated on 1-3 categories that drifts as a random walk
   (`taste_drift` x taste norm per step);
 - histories: visits of BLOCK items, each drawn without repeats from softmax(taste . item +
-  exponent x log pop) and discounted by (1 - satiation)^(earlier items of its category in
-  the visit), rated by a noisy, clipped, rounded function of taste . item + quality;
+  exponent x log pop) (with `visit_satiation`, also discounted by (1 - satiation)^(earlier
+  items of its category in the visit)), rated by a noisy, clipped, rounded function of
+  taste . item + quality;
 - page utility: sum_k exam(k) . sigmoid(taste . item_k + quality_k - bias)
   . (1 - satiation)^(earlier page items of the same category), at the user's current
   taste (the end of their history). The greedy oracle page is the reference.
@@ -279,9 +280,9 @@ class Simulator:
         """Each user's items in time order (flat, users end to end) and the block each
         came from. A block is one visit: the taste is fixed and items are drawn in order
         without replacement from softmax(taste . item + exponent x log pop) over unseen
-        items, each weight times (1 - satiation)^(items of its category already drawn in
-        the visit). That is the discount page_utility applies to a page, so the logs carry
-        the satiation the judge rewards (a world whose logs did not could never teach it)."""
+        items; with `visit_satiation`, each weight times (1 - satiation)^(items of its
+        category already drawn in the visit): the discount page_utility applies to a page,
+        so the logs carry the satiation the judge rewards."""
         lengths = self.user_length
         n_blocks = -(-lengths // BLOCK)
         block_start = np.cumsum(n_blocks) - n_blocks
@@ -298,8 +299,10 @@ class Simulator:
         n_items = table.shape[1]
         category = np.pad(self.item_category, (0, n_items - len(self.item_category)))  # padding: never drawn
         # Satiation 1 (a repeat worth nothing) as a weight of 1e-9, not 0: a visit longer than
-        # the number of categories must still draw something.
-        log_keep = np.float32(np.log1p(-min(self.cfg.satiation, 1.0 - 1e-9)))
+        # the number of categories must still draw something. Without visit_satiation the
+        # sampler is the plain one, draw for draw (the same worlds as before the option).
+        satiation = self.cfg.satiation if self.cfg.visit_satiation else 0.0
+        log_keep = np.float32(np.log1p(-min(satiation, 1.0 - 1e-9)))
         chunk = int(np.clip(CHUNK_ELEMENTS // n_items, 64, 4096))
         for lo in range(0, len(lengths), chunk):
             users = np.arange(lo, min(lo + chunk, len(lengths)))

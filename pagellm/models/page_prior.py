@@ -137,7 +137,7 @@ def fit_page_prior(z_chosen: np.ndarray, chosen: list[list[int]], z_rejected: np
     """(a, b, c) maximising the Bradley-Terry log-likelihood sum log sigmoid(R_p(chosen) -
     R_p(rejected)) over the pairs (L-BFGS from a = b = 1, c = 1/2). z_* [P, K] are the pair
     user's standardised preferences for each page item, 0-padded. `satiation` given: c is
-    held there (the reward stage reads it from the logs, `satiation_from_logs`).
+    held there (`reward.prior_satiation: logs` reads it off the logs, `satiation_from_logs`).
 
     `fit_pref=False` (what the reward stage uses) keeps a = 1: every chosen page is a golden
     page the SFT policy was trained to write, so its preference feature separates the
@@ -184,9 +184,9 @@ def satiation_from_logs(categories: list[np.ndarray]) -> dict:
     category shows no effect) times `odds` when k is the previous item's category. The
     log-likelihood needs three numbers per step, so the fit is one-dimensional and exact.
 
-    Why from the logs: the pairs cannot say it. Their rejected pages are one-category and
-    clustered corruptions, so a Bradley-Terry fit of c on them drives it to ~1 whatever the
-    users do (0.86-1.00 on the simulator, 1.00 on MovieLens, docs/BENCHMARKS.md). Only the
+    Why from the logs: the pairs say little about it. Their rejected pages are one-category
+    and clustered corruptions, so a Bradley-Terry fit of c on them drives it to ~1 whatever
+    the users do (0.86-1.00 on the simulator, 1.00 on MovieLens, docs/BENCHMARKS.md). Only the
     previous item is used: visits are not marked in a log, and lag 1 is the lag most often
     inside one (longer windows measured weaker on the simulator). Real logs mostly cluster
     (odds > 1: MovieLens 1.5, Beauty 1.5), and then c is 0."""

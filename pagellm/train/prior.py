@@ -4,7 +4,7 @@ Runs in the reward stage after the heads are trained, on the same users: fitted 
 training users' pairs, its held-out pair accuracy per family reported on the others. The
 preference feature comes from the SFT policy (its first-item log-probabilities for each
 pair's prompt), so the prior belongs to the policy that stage 3 starts from. The category
-discount is read off the training logs by default (`reward.prior_satiation`), not the pairs.
+discount is fitted on the pairs too, or read off the training logs (`reward.prior_satiation`).
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def training_categories(run_dir: Path, item_cat: np.ndarray) -> list[np.ndarray]
     return [seq[seq >= 0] for seq in np.split(cats, np.flatnonzero(np.diff(users)) + 1)]
 
 
-def run_prior_fit(run_dir: Path, pairs: pd.DataFrame, val: np.ndarray, source: str = "logs", log=print) -> dict:
+def run_prior_fit(run_dir: Path, pairs: pd.DataFrame, val: np.ndarray, source: str = "pairs", log=print) -> dict:
     """Fit on pairs[~val], judge on pairs[val]; writes <run>/reward/page_prior.json. `source`
     says where the category discount comes from (`reward.prior_satiation`)."""
     t0 = time.perf_counter()
