@@ -113,6 +113,9 @@ def test_satiation_from_logs_reads_how_rarely_a_category_repeats():
     # Logs that cluster (binge a category) give no discount at all, not a negative one.
     binge = satiation_from_logs(_markov_logs(2.0, seed=3))
     assert binge["satiation"] == 0.0 and binge["odds"] > 1.5
+    # Logs that never repeat a category in a row read as a full discount.
+    alternating = [np.array([0, 1] * 10), np.array([2, 0, 1] * 7)]
+    assert satiation_from_logs(alternating)["satiation"] > 0.99
     # No categories (or one item per user): nothing to read, no discount.
     assert satiation_from_logs([np.array([], dtype=np.int64), np.array([3])]) == {"satiation": 0.0, "odds": 1.0, "steps": 0}
 

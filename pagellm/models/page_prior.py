@@ -151,8 +151,7 @@ def fit_page_prior(z_chosen: np.ndarray, chosen: list[list[int]], z_rejected: np
     a = torch.ones((), dtype=torch.float64, requires_grad=fit_pref)
     b = torch.ones((), dtype=torch.float64, requires_grad=True)
     fixed_c = satiation is not None
-    start = float(np.log(satiation / (1 - satiation))) if fixed_c and 0 < satiation < 1 else 0.0
-    c_logit = torch.tensor(start, dtype=torch.float64, requires_grad=not fixed_c)
+    c_logit = torch.zeros((), dtype=torch.float64, requires_grad=not fixed_c)
     free = [a] * fit_pref + [b] + [c_logit] * (not fixed_c)
     opt = torch.optim.LBFGS(free, max_iter=steps, line_search_fn="strong_wolfe")
 
@@ -205,7 +204,7 @@ def satiation_from_logs(categories: list[np.ndarray]) -> dict:
     same, alike, rest = (np.concatenate(x) for x in (same, alike, rest))
     keep = alike > 0  # a step whose previous category has no other item says nothing
     same, alike, rest = same[keep], alike[keep], rest[keep]
-    if not len(same) or same.all() or not same.any() or (alike == rest).all():
+    if not len(same) or (alike == rest).all():  # no step, or one category only: no evidence either way
         return {"satiation": 0.0, "odds": 1.0, "steps": int(len(same))}
 
     def neg_loglik(log_odds: float) -> float:

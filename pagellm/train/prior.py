@@ -63,7 +63,7 @@ def training_categories(run_dir: Path, item_cat: np.ndarray) -> list[np.ndarray]
     return [seq[seq >= 0] for seq in np.split(cats, np.flatnonzero(np.diff(users)) + 1)]
 
 
-def run_prior_fit(run_dir: Path, pairs: pd.DataFrame, val: np.ndarray, source: str = "pairs", log=print) -> dict:
+def run_prior_fit(run_dir: Path, pairs: pd.DataFrame, val: np.ndarray, source: str, log=print) -> dict:
     """Fit on pairs[~val], judge on pairs[val]; writes <run>/reward/page_prior.json. `source`
     says where the category discount comes from (`reward.prior_satiation`)."""
     t0 = time.perf_counter()
