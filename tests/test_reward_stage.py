@@ -122,11 +122,11 @@ def test_training_categories_read_only_the_train_split_in_time_order(tmp_path):
 
     (tmp_path / "data").mkdir()
     pd.DataFrame({
-        "user_index": [1, 0, 0, 0, 1, 0],
-        "item_index": [3, 2, 0, 1, 0, 3],
-        "timestamp": [5, 30, 10, 20, 1, 40],
-        "split": ["train", "train", "train", "train", "train", "test"],
-    }).to_parquet(tmp_path / "data" / "interactions.parquet")
+        "user_index": [0, 1],
+        "train_items": [[0, 2, 1], [0, 3]],  # in the data stage's time order
+        "val_items": [[], [1]],
+        "test_items": [[3], [2]],
+    }).to_parquet(tmp_path / "data" / "eval.parquet")
     item_cat = np.array([7, 8, -1, 9])  # item 2 has no category
     got = training_categories(tmp_path, item_cat)
     assert [g.tolist() for g in got] == [[7, 8], [7, 9]]  # user 0: items 0, 1 (2 uncategorised, 3 is test)

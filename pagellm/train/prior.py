@@ -54,13 +54,12 @@ def prompt_preferences(sft_dir: Path, users: list[int], prompts: list[list[int]]
 
 
 def training_categories(run_dir: Path, item_cat: np.ndarray) -> list[np.ndarray]:
-    """Each user's training interactions' categories in time order (uncategorised items
-    left out). Only the train split: nothing held out informs a stage."""
-    log = pd.read_parquet(run_dir / "data" / "interactions.parquet", columns=["user_index", "item_index", "timestamp", "split"])
-    log = log[log["split"] == "train"].sort_values(["user_index", "timestamp"], kind="stable")
-    cats = item_cat[log["item_index"].to_numpy()]
-    users = log["user_index"].to_numpy()
-    return [seq[seq >= 0] for seq in np.split(cats, np.flatnonzero(np.diff(users)) + 1)]
+    """Each user's training items' categories in the data stage's time order (eval.parquet's
+    `train_items`, the same sequence every stage reads), uncategorised items left out. Only
+    the train split: nothing held out informs a stage."""
+    train_items = pd.read_parquet(run_dir / "data" / "eval.parquet", columns=["train_items"])["train_items"]
+    categories = [item_cat[np.asarray(items, dtype=np.int64)] for items in train_items]
+    return [seq[seq >= 0] for seq in categories]
 
 
 def run_prior_fit(run_dir: Path, pairs: pd.DataFrame, val: np.ndarray, source: str, log=print) -> dict:
