@@ -50,7 +50,7 @@ FIDELITY = ["spearman/R", "spearman/R_c", "spearman/R_f", "oracle_above_greedy/R
 GAIN_METRICS = ["sim_utility", "ndcg@100", "ndcg@10", "hr@10"]
 # Facts, not scores: no "best" is bolded (bench/stage3_compare.py adds the stage's cost).
 NOT_RANKED = {"kl", "kl_to_sft", "published_step", "stage_seconds", "pages_generated", "pages_per_s"}
-STAGE3_SECTIONS = ("stage3.", "ppo.", "dpo.", "degre.", "reward.", "eval.")  # what a variant may change
+STAGE3_SECTIONS = ("stage3.", "ppo.", "dpo.", "degre.", "guided.", "reward.", "eval.")  # what a variant may change
 KL_STEPS = 5  # the stage-3 KL reported: mean over the last this-many PPO steps
 
 

@@ -13,6 +13,7 @@ STAGES = {
     "ppo": ("jobs.ppo", "stage 3, ppo or grpo: asynchronous RL against R_c + R_f"),
     "dpo": ("jobs.dpo", "stage 3, dpo: direct preference optimisation on page pairs"),
     "degre": ("jobs.degre", "stage 3, degre: evaluator-mined pages distilled into the policy"),
+    "guided": ("jobs.guided", "stage 3, guided: the page prior's category term in the policy's decoding"),
     "eval": ("jobs.eval", "metrics, baselines, report and plots"),
     "serve": ("jobs.serve", "serve the policy with Ray Serve"),
 }

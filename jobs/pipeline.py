@@ -1,6 +1,6 @@
 """The whole pipeline in one Ray session: data → sft → reward → stage 3 → eval (+ report).
 
-Stage 3 is `stage3.algorithm`: ppo, grpo, dpo or degre (or none).
+Stage 3 is `stage3.algorithm`: ppo, grpo, dpo, degre or guided (or none).
 
     pagellm run --config configs/tiny.yaml --out runs/demo
     ray job submit --working-dir . --runtime-env-json '{"env_vars": {"PAGELLM_STORAGE": "/mnt/shared"}}' \
@@ -19,7 +19,7 @@ from jobs.common import open_run, ray_session, stage_parser
 
 STAGES = ["data", "sft", "reward", "stage3", "eval"]
 # The module that runs stage 3 for each `stage3.algorithm` (ppo and grpo share the RL loop).
-STAGE3_JOBS = {"ppo": "ppo", "grpo": "ppo", "dpo": "dpo", "degre": "degre"}
+STAGE3_JOBS = {"ppo": "ppo", "grpo": "ppo", "dpo": "dpo", "degre": "degre", "guided": "guided"}
 
 
 def stage_dir(folder, cfg, stage: str):

@@ -21,8 +21,9 @@ KL_ESTIMATORS: tuple[str, ...] = ("k1", "k2", "k3")
 # `stage3.algorithm`: what turns the SFT policy into the published one. Each writes its
 # policy to <run>/<algorithm>/ (pagellm.names.stage3_dir); "none" publishes SFT as final.
 # ppo and grpo are the actor-based RL loop (actors/), grpo with group-relative advantages
-# and no critic; dpo and degre train on Ray Train like SFT (pagellm/train/).
-STAGE3_ALGORITHMS: tuple[str, ...] = ("ppo", "grpo", "dpo", "degre")
+# and no critic; dpo and degre train on Ray Train like SFT (pagellm/train/); guided writes
+# the page prior's category term into the SFT policy's decoding (pagellm/train/guided.py).
+STAGE3_ALGORITHMS: tuple[str, ...] = ("ppo", "grpo", "dpo", "degre", "guided")
 RL_ALGORITHMS: tuple[str, ...] = ("ppo", "grpo")  # run by actors/orchestrator.py
 
 # The data stage's pair families (pagellm/data/user_rows.py builds them).

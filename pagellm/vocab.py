@@ -130,6 +130,12 @@ class TokenLayout:
     # model.ranking_prior: weight of the first page position's item logits added to every
     # later position's when pages are decoded or scored (pagellm/models/decoding.py).
     ranking_prior: float = 0.0
+    # The guided stage's page-writing term (pagellm/train/guided.py): at each of the first
+    # `penalty_positions` positions (the page), an item's logit is lowered by repeat_penalty x
+    # the page items already placed in its category (item_category[i]; -1 = none). 0 = off.
+    repeat_penalty: float = 0.0
+    penalty_positions: int = 0
+    item_category: list[int] | None = None
 
     def drop_tail(self) -> None:
         """Prompts end with the history's last item (model.prompt_tail false): the page's first

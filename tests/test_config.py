@@ -62,6 +62,11 @@ def test_every_declared_name_loads():
         (["eval.fidelity_samples=1"], "at least 2 samples per user"),
         (["eval.hr_pct_pages=99"], "HR@1% needs at least 100 random pages"),
         (["eval.hr_pct_pages=-1"], "greater than or equal to 0"),
+        (["stage3.algorithm=guided", "reward.page_prior=false"], "guided follows the page prior"),
+        (["guided.guard=[ndcg10]"], "expected ndcg@K or hr@K"),
+        (["guided.guard=[mrr@10]"], "expected ndcg@K or hr@K"),
+        (["guided.penalties=[0.5, 0]"], "must all be > 0"),
+        (["guided.margin=1.5"], "less than 1"),
     ],
 )
 def test_stage3_settings_that_cannot_work_fail_at_load(overrides, says):
@@ -92,7 +97,8 @@ def test_a_hits_only_reward_trains_no_reward_model():
      (["stage3.algorithm=dpo", "dpo.on_policy=true"], "jobs.dpo", "dpo", True),
      (["stage3.algorithm=dpo", "dpo.on_policy=true", "dpo.ranker=next_item"], "jobs.dpo", "dpo", False),
      (["stage3.algorithm=degre"], "jobs.degre", "degre", False),
-     (["stage3.algorithm=degre", "degre.value_model=page_prior"], "jobs.degre", "degre", True)],  # the prior's fit
+     (["stage3.algorithm=degre", "degre.value_model=page_prior"], "jobs.degre", "degre", True),  # the prior's fit
+     (["stage3.algorithm=guided"], "jobs.guided", "guided", True)],
 )
 def test_stage3_algorithm_picks_the_module_the_folder_and_whether_a_reward_model_is_trained(
         overrides, module, folder, reward, tmp_path):

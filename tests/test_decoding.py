@@ -108,9 +108,11 @@ def test_batched_left_padded_decoding_equals_one_by_one(arch, gpt2):
         assert batch.attention_mask[row].sum() == len(prompt) + K + 1
 
 
-def reference_greedy(model, layout, prompt, k, exclude, prior: float = 0.0):
+def reference_greedy(model, layout, prompt, k, exclude, prior: float = 0.0, penalty: float = 0.0,
+                     cats: list[int] | None = None, positions: int = 0):
     """No cache, no padding, constraints in plain Python: an independent reading of the rule.
-    `prior`: model.ranking_prior, the first step's item logits added at every later step."""
+    `prior`: model.ranking_prior, the first step's item logits added at every later step;
+    `penalty`: at steps < `positions`, minus penalty x earlier items of the item's category."""
     seq, used, items, logps = list(prompt), set(), [], []
     item_ids = slice(layout.item_offset, layout.item_offset + layout.n_items)
     for t in range(k + 1):
@@ -120,6 +122,10 @@ def reference_greedy(model, layout, prompt, k, exclude, prior: float = 0.0):
             first = logits[item_ids].clone()
         else:
             logits[item_ids] += prior * first
+        if penalty and t < positions:
+            for i in range(layout.n_items):
+                if cats[i] >= 0:
+                    logits[layout.item_token(i)] -= penalty * sum(cats[j] == cats[i] for j in items)
         allowed = [i for i in range(layout.n_items) if i not in used and i not in exclude] if t < k else []
         ids = [layout.item_token(i) for i in allowed] or [layout.eos_id]
         logp = torch.log_softmax(logits[ids], dim=-1)
@@ -167,6 +173,36 @@ def test_the_ranking_prior_adds_the_first_steps_item_logits_to_every_later_step(
         scores[row, list(ex)] = float("-inf")
     dominant = generate_pages(model, dataclasses.replace(plain, ranking_prior=1e6), prompts, K, exclude=exclude)
     assert dominant.items == scores.topk(K, dim=1).indices.tolist()
+
+
+def test_the_repeat_penalty_lowers_items_of_categories_already_on_the_page(gpt2):
+    """The guided stage's page term (layout.repeat_penalty): greedy pages follow the rule
+    above, only over the first penalty_positions steps; teacher-forced logprobs match the
+    sampled pages' (the KL to SFT and any later RL read them); a dominant penalty writes a
+    page whose first positions never repeat a category; uncategorised items are never lowered."""
+    model, plain, enc = gpt2
+    cats = [-1 if n % 7 == 0 else n % 3 for n in range(N_ITEMS)]
+    layout = dataclasses.replace(plain, ranking_prior=0.5, repeat_penalty=0.8, penalty_positions=3,
+                                 item_category=cats)
+    prompts, exclude = prompts_of(enc, HISTORIES), [set(h) for h in HISTORIES]
+    batch = generate_pages(model, layout, prompts, K, exclude=exclude)
+    for row, prompt in enumerate(prompts):
+        items, logps = reference_greedy(model, layout, prompt, K, exclude[row], prior=0.5, penalty=0.8, cats=cats,
+                                        positions=3)
+        assert batch.items[row] == items
+        torch.testing.assert_close(batch.logprobs[row], torch.tensor(logps), atol=1e-5, rtol=0)
+    sampled = generate_pages(model, layout, prompts * 2, K, mode="sample", exclude=exclude * 2,
+                             generator=torch.Generator().manual_seed(5))
+    logp = constrained_logprobs(model, layout, prompts * 2, sampled.response_ids, exclude * 2, k=K)[0]
+    torch.testing.assert_close(logp, sampled.logprobs, atol=1e-5, rtol=0)
+
+    dominant = generate_pages(model, dataclasses.replace(layout, repeat_penalty=1e6), prompts, K, exclude=exclude)
+    for page in dominant.items:
+        placed = [cats[i] for i in page[:3] if cats[i] >= 0]
+        assert len(placed) == len(set(placed))
+    off = dataclasses.replace(layout, repeat_penalty=0.0)
+    assert generate_pages(model, off, prompts, K, exclude=exclude).items == generate_pages(
+        model, dataclasses.replace(plain, ranking_prior=0.5), prompts, K, exclude=exclude).items
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])

@@ -8,10 +8,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from run_template import untrained_run
 from served_page import assert_serves_its_stage3_policy
 
 from pagellm.config import load_config
-from pagellm.data.pipeline import run_data_stage
 from pagellm.models.beam_mining import EvaluatorGains, PriorGains, mine_pages
 from pagellm.models.lookahead import (
     LookaheadEvaluator,
@@ -24,7 +24,7 @@ from pagellm.models.lookahead import (
 )
 from pagellm.models.decoding import constrained_logprobs, first_item_scores
 from pagellm.models.page_prior import PagePrior, standardise, step_gains
-from pagellm.models.policy import build_policy, save_policy
+from pagellm.models.policy import build_policy
 from pagellm.train.distill_loss import distill_loss, page_weights, soft_labels
 from pagellm.vocab import PromptEncoder, Vocab
 
@@ -168,13 +168,7 @@ def test_mining_with_the_page_prior_writes_its_greedy_page_and_counts_the_policy
 @pytest.fixture(scope="module")
 def run_template(ray_local, tmp_path_factory):
     """A run folder with data and an (untrained) SFT policy."""
-    root = tmp_path_factory.mktemp("degre") / "run"
-    cfg = load_config(None, SMALL)
-    run_data_stage(cfg, root / "data", **QUIET)
-    model, tok, layout = build_policy(cfg.model, Vocab.from_parquet(root / "data" / "vocab.parquet"), seed=0)
-    save_policy(model, tok, layout, root / "sft")
-    (root / "sft" / "metrics.json").write_text("{}")
-    return root
+    return untrained_run(tmp_path_factory.mktemp("degre") / "run", SMALL)
 
 
 def test_degre_stage_publishes_a_distilled_policy_that_serve_reads(run_template, tmp_path):

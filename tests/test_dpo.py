@@ -8,12 +8,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from run_template import untrained_run
 from served_page import assert_serves_its_stage3_policy
 
 from pagellm.config import load_config
-from pagellm.data.pipeline import run_data_stage
 from pagellm.models.decoding import constrained_logprobs
-from pagellm.models.policy import build_policy, load_policy, save_policy
+from pagellm.models.policy import build_policy, load_policy
 from pagellm.models.positions import prompt_anchor
 from pagellm.train.dpo_loss import dpo_loss, page_logprobs
 from pagellm.train.dpo_pairs import best_and_worst, build_pairs, ranking_page, reference_logprobs
@@ -97,12 +97,7 @@ def test_policy_and_reference_score_pages_with_the_constrained_decoding_likeliho
 @pytest.fixture(scope="module")
 def run_template(ray_local, tmp_path_factory):
     """A run folder with data and an (untrained) SFT policy."""
-    root = tmp_path_factory.mktemp("dpo") / "run"
-    cfg = load_config(None, SMALL)
-    run_data_stage(cfg, root / "data", **QUIET)
-    model, tok, layout = build_policy(cfg.model, Vocab.from_parquet(root / "data" / "vocab.parquet"), seed=0)
-    save_policy(model, tok, layout, root / "sft")
-    return root
+    return untrained_run(tmp_path_factory.mktemp("dpo") / "run", SMALL)
 
 
 def fresh_copy(template, tmp_path):

@@ -10,7 +10,7 @@ from pagellm.config.base import Strict, one_of
 from pagellm.config.loading import DEFAULT_CONFIG, ConfigError, load_config, parse_override, save_config
 from pagellm.config.sections import (DataConfig, EvalConfig, LoraConfig, ModelConfig, ProbedTraining, RewardConfig,
                                      ServeConfig, SFTConfig, SimulatorConfig, TrainCommon)
-from pagellm.config.stage3 import (GRPO_GROUP, DeGReConfig, DPOConfig, EvaluatorConfig, PPOConfig,
+from pagellm.config.stage3 import (GRPO_GROUP, DeGReConfig, DPOConfig, EvaluatorConfig, GuidedConfig, PPOConfig,
                                    Stage3Config)
 from pagellm.config.tree import Config
 

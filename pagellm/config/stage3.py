@@ -151,6 +151,36 @@ class DeGReConfig(ProbedTraining):
     evaluator: EvaluatorConfig = Field(default_factory=EvaluatorConfig)
 
 
+class GuidedConfig(Strict):
+    """The page prior's category term in the policy's decoding (pagellm/train/guided.py): the
+    largest repeat penalty validation accuracy allows."""
+
+    # Candidate penalties (logit units per earlier page item of the same category), tried in
+    # increasing order; the search stops at the first that costs more than `margin`.
+    penalties: list[float] = Field(default_factory=lambda: [0.25, 0.5, 1.0, 1.5, 2.0, 3.0], min_length=1)
+    # Accuracy metrics that must hold (ndcg@K / hr@K of the written list on validation users).
+    guard: list[str] = Field(default_factory=lambda: ["ndcg@10"], min_length=1)
+    # How far below the SFT decoding's mean a guarded metric may fall, relative (0.01 = 1 %).
+    margin: float = Field(0.01, ge=0.0, lt=1.0)
+    val_users: int = Field(2000, ge=2)  # validation users scored, evenly spread
+
+    @model_validator(mode="after")
+    def _check(self) -> "GuidedConfig":
+        if any(p <= 0 for p in self.penalties):
+            raise ValueError(f"guided.penalties must all be > 0, got {self.penalties}")
+        for name in self.guard:
+            parse_guard(name)
+        return self
+
+
+def parse_guard(name: str) -> tuple[str, int]:
+    """'ndcg@10' -> ('ndcg', 10): a `guided.guard` entry."""
+    metric, _, k = name.partition("@")
+    if metric not in ("ndcg", "hr") or not k.isdigit() or int(k) < 1:
+        raise ValueError(f"guided.guard entry {name!r}: expected ndcg@K or hr@K with K >= 1")
+    return metric, int(k)
+
+
 class Stage3Config(Strict):
     # What stage 3 runs (pagellm/names.py STAGE3_ALGORITHMS); "none" = the SFT policy is final.
     algorithm: Annotated[str, one_of("stage-3 algorithm", (*STAGE3_ALGORITHMS, "none"))] = "ppo"

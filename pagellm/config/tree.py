@@ -8,7 +8,7 @@ from pydantic import Field, model_validator
 
 from pagellm.config.base import Strict
 from pagellm.config.sections import DataConfig, EvalConfig, ModelConfig, RewardConfig, ServeConfig, SFTConfig
-from pagellm.config.stage3 import (DeGReConfig, DPOConfig, PPOConfig, Stage3Config, grpo_presets,
+from pagellm.config.stage3 import (DeGReConfig, DPOConfig, GuidedConfig, PPOConfig, Stage3Config, grpo_presets,
                                    stage3_keys)
 from pagellm.names import REWARD_HEADS, RL_ALGORITHMS
 
@@ -27,6 +27,7 @@ class Config(Strict):
     ppo: PPOConfig = Field(default_factory=PPOConfig)
     dpo: DPOConfig = Field(default_factory=DPOConfig)
     degre: DeGReConfig = Field(default_factory=DeGReConfig)
+    guided: GuidedConfig = Field(default_factory=GuidedConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
 
@@ -56,6 +57,8 @@ class Config(Strict):
             raise ValueError("dpo.ranker=prior needs the page prior: set reward.page_prior=true")
         if self.stage3.algorithm == "degre" and self.degre.value_model == "page_prior" and not self.reward.page_prior:
             raise ValueError("degre.value_model=page_prior needs the page prior: set reward.page_prior=true")
+        if self.stage3.algorithm == "guided" and not self.reward.page_prior:
+            raise ValueError("stage3.algorithm=guided follows the page prior's category discount: set reward.page_prior=true")
         return self
 
     def uses_reward_model(self) -> bool:
@@ -65,6 +68,8 @@ class Config(Strict):
             return self.ppo.model_reward_weight > 0 or self.ppo.prior_reward_weight > 0
         if algo == "degre":
             return self.degre.value_model == "page_prior"
+        if algo == "guided":
+            return True
         return algo == "dpo" and self.dpo.on_policy and self.dpo.ranker != "next_item"
 
 

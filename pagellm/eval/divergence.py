@@ -24,7 +24,8 @@ def kl_to_reference(policy_dir: Path, reference_dir: Path, prompts: list[list[in
     from pagellm.models.policy import load_policy
 
     policy, _, layout = load_policy(policy_dir, trainable=False)
-    reference, _, _ = load_policy(reference_dir, trainable=False)
+    # Each policy decodes with its own layout: the guided stage's page term lives there.
+    reference, _, ref_layout = load_policy(reference_dir, trainable=False)
     policy.eval()
     reference.eval()
     generator = torch.Generator().manual_seed(seed)
@@ -35,7 +36,7 @@ def kl_to_reference(policy_dir: Path, reference_dir: Path, prompts: list[list[in
             r = rows[a : a + batch_size]
             p, banned = [prompts[i] for i in r], [exclude[i] for i in r]
             batch = generate_pages(policy, layout, p, k=k, mode="sample", exclude=banned, generator=generator)
-            ref, _, _ = constrained_logprobs(reference, layout, p, batch.response_ids, exclude=banned, k=k)
+            ref, _, _ = constrained_logprobs(reference, ref_layout, p, batch.response_ids, exclude=banned, k=k)
             ratios.append((batch.logprobs.sum(dim=1) - ref.sum(dim=1)).float().numpy())
     values = np.concatenate(ratios)
     return {"kl_to_sft": float(values.mean()), "kl_to_sft_se": float(values.std(ddof=1) / np.sqrt(len(values)))

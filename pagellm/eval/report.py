@@ -185,6 +185,8 @@ def stage3_section(run_dir: Path, algorithm: str, out_dir: Path) -> list[str]:
                       f"{_fmt(last.get('reward_mean'))}, kl {_fmt(last.get('kl'))}, stale batches dropped "
                       f"{last.get('stale_dropped', 0)}.", "", "![RL curves](ppo_curves.png)", ""]
     selection = _read_json(stage_dir / "selection.json")
+    if selection and selection.get("unit") == "penalty":
+        return guided_section(selection)
     if selection:
         key, step = selection["metric"], selection["published_step"]
         unit = "step" if rl_file.exists() else "epoch"
@@ -193,3 +195,22 @@ def stage3_section(run_dir: Path, algorithm: str, out_dir: Path) -> list[str]:
             f"Published: {what}, validation {key} {_fmt(selection['published_' + key])} "
             f"(SFT {_fmt(selection['sft_' + key])}).", ""]
     return parts
+
+
+def guided_section(selection: dict) -> list[str]:
+    """What the guided stage tried on validation and which repeat penalty it published."""
+    parts = ["## GUIDED: the repeat penalty chosen on validation", ""]
+    if selection.get("reason"):
+        return parts + [f"Published the SFT policy as it is: {selection['reason']}.", ""]
+    guard = selection["guard"]
+    chosen = selection["repeat_penalty"]
+    parts += [f"{selection['users']:,} validation users; guarded {', '.join(guard)} within "
+              f"{selection['margin']:.1%} of the SFT decoding; published "
+              + (f"repeat penalty {chosen:g}." if chosen else "the SFT decoding (no penalty kept accuracy)."), "",
+              "| penalty | " + " | ".join(f"{m} change (± se)" for m in guard) + " | page prior value | kept accuracy |",
+              "|---" * (len(guard) + 3) + "|"]
+    for r in sorted(selection["history"], key=lambda r: r["penalty"]):
+        cells = " | ".join(f"{r[m + '_change']:+.4f} ± {r[m + '_change_se']:.4f}" for m in guard)
+        parts.append(f"| {r['penalty']:g} | {cells} | {_fmt(r.get('prior_value'))} | {'yes' if r['passes'] else 'no'} |")
+    return parts + [f"SFT decoding: " + ", ".join(f"{m} {_fmt(v)}" for m, v in selection["sft"].items())
+                    + f"; page prior value {_fmt(selection.get('prior_sft'))}.", ""]

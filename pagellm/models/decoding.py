@@ -99,20 +99,51 @@ def first_item_logits(logits: torch.Tensor, layout: TokenLayout) -> torch.Tensor
     return logits[:, layout.item_offset : layout.item_offset + layout.n_items].float()
 
 
+class RepeatCounter:
+    """Per row, how many placed page items share each category: the state of
+    layout.repeat_penalty (the guided stage's page term). A no-op when the layout has none."""
+
+    def __init__(self, layout: TokenLayout, rows: int, device):
+        self.active = bool(layout.repeat_penalty) and layout.item_category is not None
+        if not self.active:
+            return
+        self.layout = layout
+        cat = torch.as_tensor(layout.item_category, dtype=torch.long, device=device)
+        self.has_cat = cat >= 0
+        self.cat = cat.clamp(min=0)
+        self.counts = torch.zeros((rows, int(self.cat.max()) + 1 if len(cat) else 1), device=device)
+
+    def penalty(self, t: int) -> torch.Tensor | None:
+        """[N, n_items] to subtract from the item logits at position t (None: nothing)."""
+        if not self.active or t >= self.layout.penalty_positions:
+            return None
+        return self.layout.repeat_penalty * self.counts[:, self.cat] * self.has_cat
+
+    def place(self, rows: torch.Tensor, items: torch.Tensor) -> None:
+        """Rows `rows` placed item indices `items` (eos rows left out by the caller)."""
+        if self.active and len(rows):
+            keep = self.has_cat[items]
+            self.counts.index_put_((rows[keep], self.cat[items[keep]]), torch.ones_like(rows[keep], dtype=self.counts.dtype),
+                                   accumulate=True)
+
+
 def _step_logprobs(
     logits: torch.Tensor, layout: TokenLayout, blocked: torch.Tensor, t: int, k: int, temperature: float,
-    first: torch.Tensor | None = None,
+    first: torch.Tensor | None = None, penalty: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Constrained log-probabilities over [item_0..item_{n-1}, eos] at position t.
 
     logits [N, V]; blocked [N, n_items] (used or excluded); `first`: the page's first
     position's item logits (first_item_logits), added with weight layout.ranking_prior from
-    t = 1 on: the page model times its own next-item ranking. Returns [N, n_items + 1].
+    t = 1 on: the page model times its own next-item ranking; `penalty` [N, n_items]:
+    subtracted from the item logits (RepeatCounter.penalty). Returns [N, n_items + 1].
     """
     lo, hi = layout.item_offset, layout.item_offset + layout.n_items
     items = logits[:, lo:hi].float()
     if first is not None and t > 0:
         items = items + layout.ranking_prior * first
+    if penalty is not None:
+        items = items - penalty
     scores = torch.cat([items, logits[:, layout.eos_id : layout.eos_id + 1].float()], dim=-1)
     scores = scores / temperature
     items_ok = ~blocked if t < k else torch.zeros_like(blocked)
@@ -212,8 +243,9 @@ def _token_by_token(model, layout, ids, mask, positions, blocked, k, temperature
     out = _forward(model, ids, mask, positions)
     past, last_pos = out.past_key_values, positions[:, -1:]
     first = first_item_logits(out.logits[:, -1], layout)
+    repeats = RepeatCounter(layout, batch, device)
     for t in range(k + 1):
-        logp = _step_logprobs(out.logits[:, -1], layout, blocked, t, k, temperature, first)
+        logp = _step_logprobs(out.logits[:, -1], layout, blocked, t, k, temperature, first, repeats.penalty(t))
         if mode == "greedy":
             choice = logp.argmax(dim=-1)
         else:
@@ -225,6 +257,7 @@ def _token_by_token(model, layout, ids, mask, positions, blocked, k, temperature
         done |= is_eos
         item_rows = ~done
         blocked[rows[item_rows], choice[item_rows]] = True
+        repeats.place(rows[item_rows], choice[item_rows])
         if bool(done.all()) or t == k:
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
@@ -296,12 +329,14 @@ def constrained_logprobs(
     rows = torch.arange(batch, device=device)
     logps, entropies = [], []
     first = first_item_logits(logits[:, 0], layout)
+    repeats = RepeatCounter(layout, batch, device)
     for t in range(width):
-        step = _step_logprobs(logits[:, t], layout, blocked, t, k, temperature, first)
+        step = _step_logprobs(logits[:, t], layout, blocked, t, k, temperature, first, repeats.penalty(t))
         logps.append(step[rows, slot[:, t]])
         entropies.append(_entropy(step))
         item_rows = is_item[:, t]
         blocked[rows[item_rows], slot[item_rows, t]] = True
+        repeats.place(rows[item_rows], slot[item_rows, t])
     logprobs = torch.stack(logps, dim=1).masked_fill(~mask, 0.0)
     entropy = torch.stack(entropies, dim=1).masked_fill(~mask, 0.0)
     if torch.isinf(logprobs).any():

@@ -41,6 +41,19 @@ def _probe_sft(run_dir: Path, page_len: int, val_users: int) -> dict[str, float]
         return {f"val_{k}": v for k, v in probe(model, layout).items()}
 
 
+def copy_policy(source: Path, out: Path) -> None:
+    """A save_policy directory's files into `out` (replacing what is there), without the
+    stage records (metrics.json, DONE) a stage leaves beside its policy."""
+    out.mkdir(parents=True, exist_ok=True)
+    for item in source.iterdir():
+        if item.name in ("metrics.json", "DONE"):  # the SFT stage's own records stay in sft/
+            continue
+        dest = out / item.name
+        if dest.is_dir():
+            shutil.rmtree(dest)
+        (shutil.copytree if item.is_dir() else shutil.copy2)(item, dest)
+
+
 def publish_epochs(cfg: Config, run_dir: Path, history: list[dict], best_dir: str | None, last_dir: str | None,
                    sft_record: dict[str, float], summary: dict, log=print) -> dict:
     """Copy the chosen checkpoint to <run>/<algorithm>/ and write selection.json and DONE.
@@ -60,13 +73,7 @@ def publish_epochs(cfg: Config, run_dir: Path, history: list[dict], best_dir: st
         source = run_dir / "sft" if chosen == 0 else Path(best_dir)
     else:
         chosen, source = records[-1]["step"], Path(last_dir)
-    for item in source.iterdir():
-        if item.name in ("metrics.json", "DONE"):  # the SFT stage's own records stay in sft/
-            continue
-        dest = out / item.name
-        if dest.is_dir():
-            shutil.rmtree(dest)
-        (shutil.copytree if item.is_dir() else shutil.copy2)(item, dest)
+    copy_policy(source, out)
     score = next(r[key] for r in records if r["step"] == chosen)
     selection = {"publish": cfg.stage3.publish, "published_step": chosen, "unit": "epoch", "metric": key,
                  "published_" + key: score, "sft_" + key: records[0][key], "history": records}

@@ -1,0 +1,27 @@
+"""Stage 3, `stage3.algorithm: guided`: the page prior's category term written into the SFT
+policy's decoding, the largest repeat penalty validation accuracy allows
+(pagellm/train/guided.py). Needs the reward stage's page prior; trains nothing.
+
+    python -m jobs.guided --run runs/demo [--set guided.margin=0.02]
+"""
+
+from __future__ import annotations
+
+import sys
+
+from jobs.common import stage_main
+from pagellm.train.guided import run_guided_stage
+
+
+def run(folder, cfg) -> dict:
+    return run_guided_stage(cfg, folder.root)
+
+
+def main(argv: list[str] | None = None) -> None:
+    # The subcommand names the algorithm: the run folder's config records it.
+    argv = list(sys.argv[1:] if argv is None else argv)
+    stage_main("guided", __doc__, run, [*argv, "--set", "stage3.algorithm=guided"])
+
+
+if __name__ == "__main__":
+    main()
