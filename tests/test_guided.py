@@ -36,6 +36,19 @@ def test_the_largest_penalty_within_the_margin_is_chosen_and_the_search_stops_at
     assert choose_penalty([0.5], sft, [{"ndcg@10": sft["ndcg@10"] - 0.1}], margin=0.01)[0] == -1
 
 
+def test_a_change_validation_cannot_tell_from_a_loss_beyond_the_margin_is_refused():
+    # Mean change -0.5 % of the SFT mean (inside a 1 % margin) but spread over users: its
+    # standard error (0.006) puts the change 1 se down at -1.7 %, beyond the margin.
+    sft = {"ndcg@10": np.full(4, 0.5)}
+    noisy = {"ndcg@10": sft["ndcg@10"] + np.array([-0.0025, 0.0075 * 2 - 0.0025, -0.0025, -0.0075 * 2 - 0.0025])}
+    se = noisy["ndcg@10"].std(ddof=1) / 2
+    assert se == pytest.approx(np.std([0, 0.015, 0, -0.015], ddof=1) / 2)
+    chosen, records = choose_penalty([1.0], sft, [noisy], margin=0.01, standard_errors=1.0)
+    assert chosen == -1 and records[0]["ndcg@10_change"] == pytest.approx(-0.0025)
+    assert records[0]["ndcg@10_change_se"] == pytest.approx(se)
+    assert choose_penalty([1.0], sft, [noisy], margin=0.01, standard_errors=0.0)[0] == 0  # the point estimate passes
+
+
 def test_every_guarded_metric_must_hold():
     sft = {"ndcg@10": np.full(3, 0.4), "ndcg@100": np.full(3, 0.6)}
     cands = [{"ndcg@10": np.full(3, 0.41), "ndcg@100": np.full(3, 0.5)}]

@@ -205,7 +205,8 @@ def guided_section(selection: dict) -> list[str]:
     guard = selection["guard"]
     chosen = selection["repeat_penalty"]
     parts += [f"{selection['users']:,} validation users; guarded {', '.join(guard)} within "
-              f"{selection['margin']:.1%} of the SFT decoding; published "
+              f"{selection['margin']:.1%} of the SFT decoding, less {selection.get('standard_errors', 0):g} "
+              f"standard error(s); published "
               + (f"repeat penalty {chosen:g}." if chosen else "the SFT decoding (no penalty kept accuracy)."), "",
               "| penalty | " + " | ".join(f"{m} change (± se)" for m in guard) + " | page prior value | kept accuracy |",
               "|---" * (len(guard) + 3) + "|"]

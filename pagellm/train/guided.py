@@ -19,8 +19,10 @@ delta is chosen on validation, as a stage-3 checkpoint is: the policy writes the
 `guided.val_users` validation users (evenly spread) once per candidate in `guided.penalties`,
 and each candidate's per-user accuracy (`guided.guard`, e.g. ndcg@10) is paired with the
 same users' under the SFT policy's own decoding. Going up the grid, the stage keeps the
-largest delta whose mean paired change stays within `guided.margin` (relative) of the SFT
-policy's on every guarded metric, stopping at the first that does not. Validation only
+largest delta whose mean paired change, less `guided.standard_errors` of its standard error,
+stays within `guided.margin` (relative) of the SFT policy's mean on every guarded metric,
+stopping at the first that does not: a penalty is kept only when validation can tell its
+cost is within the margin. Validation only
 judges; nothing trains. The published policy is the SFT checkpoint with delta (and the item
 categories) in its token layout, so evaluation, KL and serving decode it as published.
 
@@ -45,12 +47,12 @@ ALGORITHM = "guided"
 
 
 def choose_penalty(penalties: list[float], sft: dict[str, np.ndarray], scored: list[dict[str, np.ndarray]],
-                   margin: float) -> tuple[int, list[dict]]:
+                   margin: float, standard_errors: float = 1.0) -> tuple[int, list[dict]]:
     """Index into `penalties` of the delta to publish (-1: none, the SFT decoding) and one
     record per candidate. `sft[m]` and `scored[j][m]` are per-user values of guarded metric
     m (same users, same order) under the SFT decoding and under candidate j. Candidates are
-    tried in increasing order; the first whose mean paired change on some metric falls below
-    -margin x the SFT mean ends the search."""
+    tried in increasing order; the first whose mean paired change less `standard_errors`
+    standard errors falls below -margin x the SFT mean, on some metric, ends the search."""
     order = np.argsort(penalties)
     chosen, records, stopped = -1, [None] * len(penalties), False
     for j in order:
@@ -61,7 +63,7 @@ def choose_penalty(penalties: list[float], sft: dict[str, np.ndarray], scored: l
             se = float(diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else 0.0
             record |= {metric: float(scored[j][metric].mean()), f"{metric}_change": float(diff.mean()),
                        f"{metric}_change_se": se}
-            ok &= bool(diff.mean() >= -margin * base.mean())
+            ok &= bool(diff.mean() - standard_errors * se >= -margin * base.mean())
         record["passes"] = ok
         if ok and not stopped:
             chosen = int(j)
@@ -189,9 +191,11 @@ def run_guided_stage(cfg: Config, run_dir: Path, log=print) -> dict:
         return selection
     log(f"[guided] page prior: repeated category worth x{1 - prior.satiation:.2f}; trying repeat penalties "
         f"{', '.join(f'{d:g}' for d in gcfg.penalties)} on up to {gcfg.val_users:,} validation users, guarding "
-        f"{', '.join(gcfg.guard)} within {gcfg.margin:.1%} of the SFT policy's decoding")
+        f"{', '.join(gcfg.guard)} within {gcfg.margin:.1%} of the SFT policy's decoding "
+        f"(mean paired change less {gcfg.standard_errors:g} standard error(s))")
     found = in_worker(validate_penalties, run_dir, cfg.model_dump(mode="json"))
-    chosen, records = choose_penalty(list(gcfg.penalties), found["sft"], found["candidates"], gcfg.margin)
+    chosen, records = choose_penalty(list(gcfg.penalties), found["sft"], found["candidates"], gcfg.margin,
+                                     gcfg.standard_errors)
     for record, value in zip(records, found["prior"]):
         record["prior_value"] = value
         changes = ", ".join(f"{m} {record[f'{m}_change']:+.4f} ± {record[f'{m}_change_se']:.4f}" for m in gcfg.guard)
@@ -202,7 +206,7 @@ def run_guided_stage(cfg: Config, run_dir: Path, log=print) -> dict:
     sft_record = {m: float(v.mean()) for m, v in found["sft"].items()}
     step = int(np.argsort(np.argsort(gcfg.penalties))[chosen]) + 1 if chosen >= 0 else 0
     selection = {"published_step": step, "unit": "penalty", "repeat_penalty": delta or 0.0, "guard": list(gcfg.guard),
-                 "margin": gcfg.margin, "users": found["users"], "sft": sft_record,
+                 "margin": gcfg.margin, "standard_errors": gcfg.standard_errors, "users": found["users"], "sft": sft_record,
                  "prior_sft": found["prior_sft"], "history": records}
     write_json(out / "selection.json", selection)
     pages = found["users"] * (len(gcfg.penalties) + 1)
