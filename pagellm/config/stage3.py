@@ -153,7 +153,8 @@ class DeGReConfig(ProbedTraining):
 
 class GuidedConfig(Strict):
     """The page prior's category term in the policy's decoding (pagellm/train/guided.py): the
-    largest repeat penalty validation accuracy allows."""
+    largest repeat penalty validation accuracy allows. Its own rule publishes (the SFT decoding
+    when no penalty passes); `stage3.publish` does not apply to it."""
 
     # Candidate penalties (logit units per earlier page item of the same category), tried in
     # increasing order; the search stops at the first that costs more than `margin`.
