@@ -132,6 +132,27 @@ def test_training_categories_read_only_the_train_split_in_time_order(tmp_path):
     assert [g.tolist() for g in got] == [[7, 8], [7, 9]]  # user 0: items 0, 1 (2 uncategorised, 3 is test)
 
 
+def test_a_prior_fitted_on_data_without_categories_holds_no_category_discount(tmp_path, monkeypatch):
+    """No item has a category: no page repeats one, so c has nothing to fit; it is 0, not the
+    fit's starting 0.5 (which the guided stage would read as a discount the data showed)."""
+    import pagellm.train.prior as prior_mod
+    from pagellm.models.page_prior import PagePrior
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "reward").mkdir()  # the reward stage has written its heads there first
+    pd.DataFrame({"index": range(6), "score": [4.5, 4.0, 3.0, 2.5, 4.8, 3.3],
+                  "cat_index": [-1] * 6}).to_parquet(tmp_path / "data" / "items.parquet")
+    pairs = pd.DataFrame({"user_index": [0, 1, 2, 3], "family": ["preference"] * 4, "prompt": [[5]] * 4,
+                          "chosen": [[0, 4], [4, 1], [0, 1], [4, 0]], "rejected": [[3, 2], [2, 5], [3, 5], [2, 3]]})
+    # The SFT policy's preferences come from a Ray worker; here, none (all items alike).
+    monkeypatch.setattr(prior_mod, "in_worker", lambda fn, *args: [np.zeros((4, 2)), np.zeros((4, 2))])
+    stats = prior_mod.run_prior_fit(tmp_path, pairs, np.array([False, False, False, True]), "pairs",
+                                    log=lambda *_: None)
+    assert stats["satiation"] == 0.0 and stats["satiation_source"] == "no categories"
+    assert PagePrior.load(tmp_path / "reward").satiation == 0.0
+    assert stats["quality_weight"] > 0  # chosen pages hold the better-rated items
+
+
 def test_heads_keep_their_own_peak_lr_under_deepspeeds_schedule():
     """train_ds_config gives WarmupDecayLR one peak lr; the heads must still get lr x head_lr_mult."""
     from types import SimpleNamespace

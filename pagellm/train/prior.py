@@ -77,9 +77,14 @@ def run_prior_fit(run_dir: Path, pairs: pd.DataFrame, val: np.ndarray, source: s
                                      pairs["user_index"].astype(int).tolist(),
                                      [list(map(int, p)) for p in pairs["prompt"]], [chosen, rejected], width)
     train = np.flatnonzero(~val)
+    # Without categories no page repeats one: c has no gradient and would stay at its start
+    # (0.5), read later as a discount the data never showed; it is 0 there.
+    no_categories = not (item_cat >= 0).any()
+    if no_categories:
+        source = "no categories"
+    held_c = 0.0 if no_categories else (from_logs["satiation"] if from_logs else None)
     a, b, c = fit_page_prior(z_chosen[train], [chosen[i] for i in train], z_rejected[train],
-                             [rejected[i] for i in train], quality, item_cat,
-                             satiation=from_logs["satiation"] if from_logs else None)
+                             [rejected[i] for i in train], quality, item_cat, satiation=held_c)
     prior = PagePrior(a, b, c, quality.tolist())
     held = np.flatnonzero(val)
     margin = (prior.value(z_chosen[held], [chosen[i] for i in held], item_cat)
@@ -93,7 +98,8 @@ def run_prior_fit(run_dir: Path, pairs: pd.DataFrame, val: np.ndarray, source: s
              "train_pairs": int(len(train)), "heldout_pairs": int(len(held)),
              "seconds": round(time.perf_counter() - t0, 1)}
     prior.save(run_dir / "reward", {"fit": stats})
-    log(f"[reward] page prior: a {a:.3f} (preference), b {b:.3f} (quality), c {c:.3f} (satiation, from the {source}); held-out "
+    log(f"[reward] page prior: a {a:.3f} (preference), b {b:.3f} (quality), c {c:.3f} (satiation, "
+        f"{'the data has no categories' if no_categories else 'from the ' + source}); held-out "
         "accuracy " + ", ".join(f"{f} {v:.3f}" for f, v in accuracy.items()))
     return stats
 
