@@ -119,7 +119,9 @@ def validate_penalties(run_dir: Path, cfg_json: dict) -> dict:
     categories = item_categories(run_dir)
     prior = PagePrior.load(run_dir / "reward")
     with torch.inference_mode():
-        pref = first_item_preferences(model, layout, prompts)
+        step = cfg.eval.batch_size  # batches bound the [users, n_items] forward's memory on a large catalogue
+        pref = np.concatenate([first_item_preferences(model, layout, prompts[a : a + step])
+                               for a in range(0, len(prompts), step)])
 
         def prior_value(lists):
             return float(prior.score(pref, [lst[: cfg.data.page_len] for lst in lists], np.asarray(categories)).mean())
