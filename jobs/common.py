@@ -162,4 +162,12 @@ def stage_main(stage: str, doc: str, run, argv: list[str] | None = None) -> None
         run(folder, cfg)
 
 
-__all__ = ["RunFolder", "in_submitted_job", "open_run", "place_run", "ray_session", "stage_main", "stage_parser"]
+def stage3_main(algorithm: str, doc: str, run, argv: list[str] | None = None) -> None:
+    """stage_main for a stage-3 algorithm's own subcommand (`pagellm dpo`, ...): the
+    subcommand names the algorithm, and the run folder's config records it."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    stage_main(algorithm, doc, run, [*argv, "--set", f"stage3.algorithm={algorithm}"])
+
+
+__all__ = ["RunFolder", "in_submitted_job", "open_run", "place_run", "ray_session", "stage3_main", "stage_main",
+           "stage_parser"]

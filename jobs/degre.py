@@ -10,9 +10,7 @@ the distillation from its last Ray Train checkpoint.
 
 from __future__ import annotations
 
-import sys
-
-from jobs.common import stage_main
+from jobs.common import stage3_main
 from pagellm.train.degre import run_degre_stage
 
 
@@ -21,9 +19,7 @@ def run(folder, cfg) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    # The subcommand names the algorithm: the run folder's config records it.
-    argv = list(sys.argv[1:] if argv is None else argv)
-    stage_main("degre", __doc__, run, [*argv, "--set", "stage3.algorithm=degre"])
+    stage3_main("degre", __doc__, run, argv)
 
 
 if __name__ == "__main__":

@@ -8,9 +8,7 @@ Re-running after an interruption resumes from the last Ray Train checkpoint.
 
 from __future__ import annotations
 
-import sys
-
-from jobs.common import stage_main
+from jobs.common import stage3_main
 from pagellm.train.dpo import run_dpo_stage
 
 
@@ -19,9 +17,7 @@ def run(folder, cfg) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    # The subcommand names the algorithm: the run folder's config records it.
-    argv = list(sys.argv[1:] if argv is None else argv)
-    stage_main("dpo", __doc__, run, [*argv, "--set", "stage3.algorithm=dpo"])
+    stage3_main("dpo", __doc__, run, argv)
 
 
 if __name__ == "__main__":

@@ -7,9 +7,7 @@ policy's decoding, the largest repeat penalty validation accuracy allows
 
 from __future__ import annotations
 
-import sys
-
-from jobs.common import stage_main
+from jobs.common import stage3_main
 from pagellm.train.guided import run_guided_stage
 
 
@@ -18,9 +16,7 @@ def run(folder, cfg) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    # The subcommand names the algorithm: the run folder's config records it.
-    argv = list(sys.argv[1:] if argv is None else argv)
-    stage_main("guided", __doc__, run, [*argv, "--set", "stage3.algorithm=guided"])
+    stage3_main("guided", __doc__, run, argv)
 
 
 if __name__ == "__main__":
