@@ -8,16 +8,13 @@ LoRA the rollout actors compute its outputs with their adapter disabled
 from __future__ import annotations
 
 import time
-from pathlib import Path
-
-import pandas as pd
 
 import ray
 import torch
 
 from pagellm.config import Config
 from pagellm.models.decoding import constrained_logprobs
-from pagellm.models.page_prior import PagePrior, first_item_preferences
+from pagellm.models.page_prior import PagePrior, first_item_preferences, item_categories
 from pagellm.models.policy import load_policy, reference_is_base
 from pagellm.models.reward_scorer import RewardScorer
 from pagellm.rl.ppo_update import ScoredBatch, combine_parts, sequence_reward
@@ -47,8 +44,7 @@ class RewardActor:
             self.prior = PagePrior.load(reward_dir)
             if self.prior is None:
                 raise FileNotFoundError(f"{reward_dir}: no page prior; rerun `pagellm reward` with reward.page_prior=true")
-            items = pd.read_parquet(Path(data_dir) / "items.parquet").sort_values("index")
-            self.item_cat = items["cat_index"].to_numpy()
+            self.item_cat = item_categories(data_dir)
 
     def score(self, rollout: dict) -> ScoredBatch:
         t0 = time.perf_counter()

@@ -49,8 +49,9 @@ from pagellm.eval.metrics import ndcg_at_k  # noqa: E402
 from pagellm.eval.output_cache import CACHE_DIR, OutputCache  # noqa: E402
 from pagellm.eval.runner import fitted_baseline, load_eval_set, sim_utilities  # noqa: E402
 from pagellm.models.decoding import first_item_scores, generate_pages  # noqa: E402
-from pagellm.models.page_prior import PagePrior, standardise  # noqa: E402
+from pagellm.models.page_prior import PagePrior, item_categories, standardise  # noqa: E402
 from pagellm.models.policy import load_policy  # noqa: E402
+from pagellm.train.dpo_pairs import ranking_page  # noqa: E402
 from pagellm.vocab import PromptEncoder  # noqa: E402
 
 DISCOUNTS = (0.1, 0.2, 0.3)
@@ -74,12 +75,8 @@ def reranked(value: np.ndarray, lists: list[list[int]], top: int, cat: np.ndarra
 
 
 def ranking_lists(scores: np.ndarray, exclude: list, width: int) -> list[list[int]]:
-    out = []
-    for row, banned in zip(scores, exclude):
-        row = row.copy()
-        row[sorted(banned)] = -np.inf
-        out.append([int(i) for i in np.argsort(-row, kind="stable")[:width]])
-    return out
+    """Each user's top `width` items by score, excluded ones left out (ties by item index)."""
+    return [ranking_page(row, set(banned), width) for row, banned in zip(scores, exclude)]
 
 
 def one_run(run: Path) -> dict[str, dict[str, float]]:
@@ -89,7 +86,7 @@ def one_run(run: Path) -> dict[str, dict[str, float]]:
     user_ids = vocab.loc[vocab["kind"] == "user", "raw_id"].tolist()
     item_ids = vocab.loc[vocab["kind"] == "item", "raw_id"].tolist()
     sim = Simulator.load(run / "data" / "simulator")
-    cat = pd.read_parquet(run / "data" / "items.parquet").sort_values("index")["cat_index"].to_numpy()
+    cat = item_categories(run / "data")
     prior = PagePrior.load(run / "reward")
     if prior is None:
         raise SystemExit(f"{run}/reward holds no page prior: run the reward stage with reward.page_prior=true")

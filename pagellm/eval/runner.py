@@ -262,7 +262,7 @@ def reward_fidelity(policy_dir: Path, reward_dir: Path, es: EvalSet, greedy_list
     summed item popularity, and by the truth."""
     from pagellm.eval.fidelity import fidelity_block
     from pagellm.models.decoding import constrained_logprobs, generate_pages
-    from pagellm.models.page_prior import PagePrior, first_item_preferences
+    from pagellm.models.page_prior import PagePrior, first_item_preferences, item_categories
     from pagellm.models.policy import load_policy
     from pagellm.models.reward_scorer import RewardScorer
     from pagellm.vocab import PromptEncoder
@@ -277,7 +277,7 @@ def reward_fidelity(policy_dir: Path, reward_dir: Path, es: EvalSet, greedy_list
     generator = torch.Generator().manual_seed(seed)
     prior = PagePrior.load(reward_dir)
     if prior is not None:
-        item_cat = pd.read_parquet(reward_dir.parent / "data" / "items.parquet").sort_values("index")["cat_index"].to_numpy()
+        item_cat = item_categories(reward_dir.parent / "data")
 
     def signals(rows: list[int], pages: list[list[int]]) -> dict[str, np.ndarray]:
         """Every signal for page j of user rows[j]."""

@@ -69,6 +69,15 @@ class PagePrior:
                                     for v in (self.pref_weight, self.quality_weight, self.satiation))).numpy()
 
 
+def item_categories(data_dir: str | Path) -> np.ndarray:
+    """[n_items] each item's category index (-1: none) from the data stage's items.parquet,
+    in item order: what the prior counts a page's repeats over."""
+    import pandas as pd
+
+    items = pd.read_parquet(Path(data_dir) / "items.parquet", columns=["index", "cat_index"]).sort_values("index")
+    return items["cat_index"].to_numpy()
+
+
 def standardise(x: np.ndarray) -> np.ndarray:
     """z-score along the last axis (a constant row stays 0)."""
     x = np.asarray(x, dtype=np.float64)

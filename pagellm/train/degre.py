@@ -216,13 +216,12 @@ def value_model(cfg: Config, run_dir: Path, layout):
     """What values the beams (`degre.value_model`): the lookahead evaluator step 1 fitted, or
     the page prior the reward stage fitted."""
     from pagellm.models.beam_mining import EvaluatorGains, PriorGains
-    from pagellm.models.page_prior import PagePrior
+    from pagellm.models.page_prior import PagePrior, item_categories
 
     if cfg.degre.value_model == "lookahead":
         return EvaluatorGains(LookaheadEvaluator.from_pretrained(str(run_dir / "degre" / EVALUATOR_DIR)), layout.pad_id)
     prior = PagePrior.load(run_dir / "reward")  # run_degre_stage checked that it exists
-    items = pd.read_parquet(run_dir / "data" / "items.parquet").sort_values("index")
-    return PriorGains(prior, items["cat_index"].to_numpy())
+    return PriorGains(prior, item_categories(run_dir / "data"))
 
 
 MINING_SETTINGS = ("value_model", "policy_weight", "beam", "expand", "prompts")  # what decides the mined pages

@@ -81,13 +81,13 @@ def make_ranker(cfg: Config, run_dir: Path, model, layout):
             r_c, r_f = scorer.score_tokens(prompts, [encoder.encode_page(p) for p in pages])
             return (r_c + r_f).astype(np.float64)
         return score
-    from pagellm.models.page_prior import PagePrior, first_item_preferences
+    from pagellm.models.page_prior import PagePrior, first_item_preferences, item_categories
 
     prior = PagePrior.load(reward_dir)
     if prior is None:
         raise FileNotFoundError(f"{reward_dir}: no page prior; run `pagellm reward --run {run_dir}` with "
                                 f"reward.page_prior=true first")
-    item_cat = pd.read_parquet(run_dir / "data" / "items.parquet").sort_values("index")["cat_index"].to_numpy()
+    item_cat = item_categories(run_dir / "data")
     # The prior's preference feature is the SFT policy's own first-item log-probs.
     return lambda prompts, pages: prior.score(first_item_preferences(model, layout, prompts), pages,
                                               item_cat).astype(np.float64)

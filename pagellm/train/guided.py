@@ -37,7 +37,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 from pagellm.config import Config
 from pagellm.config.stage3 import parse_guard
@@ -92,7 +91,7 @@ def _score(lists, targets, guard: list[str]) -> dict[str, np.ndarray]:
     return out
 
 
-def validate_penalties(run_dir: Path, cfg_json: dict) -> dict:
+def validate_penalties(run_dir: Path, cfg_json: dict, categories: np.ndarray) -> dict:
     """In a worker (harness.in_worker): the SFT decoding's and each candidate's guarded
     metrics on the validation sample, and the prior's mean value of the pages."""
     import copy
@@ -116,7 +115,6 @@ def validate_penalties(run_dir: Path, cfg_json: dict) -> dict:
     exclude = [es.exclude[i] for i in keep]
     targets = [es.targets[i] for i in keep]
     width = max(cfg.data.page_len, *(parse_guard(g)[1] for g in gcfg.guard))
-    categories = item_categories(run_dir)
     prior = PagePrior.load(run_dir / "reward")
     with torch.inference_mode():
         step = cfg.eval.batch_size  # batches bound the [users, n_items] forward's memory on a large catalogue
@@ -124,7 +122,7 @@ def validate_penalties(run_dir: Path, cfg_json: dict) -> dict:
                                for a in range(0, len(prompts), step)])
 
         def prior_value(lists):
-            return float(prior.score(pref, [lst[: cfg.data.page_len] for lst in lists], np.asarray(categories)).mean())
+            return float(prior.score(pref, [lst[: cfg.data.page_len] for lst in lists], categories).mean())
 
         base_lists = _write_lists(model, layout, prompts, exclude, width, cfg.eval.batch_size)
         out = {"users": len(prompts), "sft": _score(base_lists, targets, gcfg.guard), "candidates": [],
@@ -137,20 +135,14 @@ def validate_penalties(run_dir: Path, cfg_json: dict) -> dict:
     return out
 
 
-def item_categories(run_dir: Path) -> list[int]:
-    """Each item's category index (-1: none), in item order."""
-    items = pd.read_parquet(run_dir / "data" / "items.parquet", columns=["index", "cat_index"]).sort_values("index")
-    return [int(c) for c in items["cat_index"]]
-
-
-def with_penalty(layout, delta: float, positions: int, categories: list[int]):
+def with_penalty(layout, delta: float, positions: int, categories: np.ndarray):
     layout.repeat_penalty = float(delta)
     layout.penalty_positions = int(positions)
-    layout.item_category = list(categories)
+    layout.item_category = [int(c) for c in categories]  # the layout is saved as JSON
     return layout
 
 
-def publish(run_dir: Path, delta: float | None, positions: int, categories: list[int]) -> Path:
+def publish(run_dir: Path, delta: float | None, positions: int, categories: np.ndarray) -> Path:
     """<run>/guided/: the SFT policy's files, its layout carrying delta (None: as it is)."""
     from pagellm.train.stage3_publish import copy_policy
     from pagellm.vocab import TokenLayout
@@ -164,7 +156,7 @@ def publish(run_dir: Path, delta: float | None, positions: int, categories: list
 
 def run_guided_stage(cfg: Config, run_dir: Path, log=print) -> dict:
     """Choose delta on validation and publish <run>/guided; returns the selection record."""
-    from pagellm.models.page_prior import PagePrior
+    from pagellm.models.page_prior import PagePrior, item_categories
     from pagellm.train.harness import in_worker
     from pagellm.vocab import LAYOUT_FILE
 
@@ -177,9 +169,9 @@ def run_guided_stage(cfg: Config, run_dir: Path, log=print) -> dict:
         raise FileNotFoundError(f"{run_dir}/reward: no page prior; run `pagellm reward --run {run_dir}` with "
                                 f"reward.page_prior=true first")
     gcfg, positions = cfg.guided, cfg.data.page_len
-    categories = item_categories(run_dir)
+    categories = item_categories(run_dir / "data")
     why = None
-    if max(categories, default=-1) < 0:
+    if not (categories >= 0).any():
         why = "the data has no item categories"
     elif prior.satiation <= 0:
         why = "the page prior sees no cost in a repeated category (c = 0)"
@@ -195,7 +187,7 @@ def run_guided_stage(cfg: Config, run_dir: Path, log=print) -> dict:
         f"{', '.join(f'{d:g}' for d in gcfg.penalties)} on up to {gcfg.val_users:,} validation users, guarding "
         f"{', '.join(gcfg.guard)} within {gcfg.margin:.1%} of the SFT policy's decoding "
         f"(mean paired change less {gcfg.standard_errors:g} standard error(s))")
-    found = in_worker(validate_penalties, run_dir, cfg.model_dump(mode="json"))
+    found = in_worker(validate_penalties, run_dir, cfg.model_dump(mode="json"), categories)
     chosen, records = choose_penalty(list(gcfg.penalties), found["sft"], found["candidates"], gcfg.margin,
                                      gcfg.standard_errors)
     for record, value in zip(records, found["prior"]):
@@ -206,7 +198,7 @@ def run_guided_stage(cfg: Config, run_dir: Path, log=print) -> dict:
     delta = float(gcfg.penalties[chosen]) if chosen >= 0 else None
     out = publish(run_dir, delta, positions, categories)
     sft_record = {m: float(v.mean()) for m, v in found["sft"].items()}
-    step = int(np.argsort(np.argsort(gcfg.penalties))[chosen]) + 1 if chosen >= 0 else 0
+    step = sorted(gcfg.penalties).index(delta) + 1 if delta is not None else 0  # its rank on the grid
     selection = {"published_step": step, "unit": "penalty", "repeat_penalty": delta or 0.0, "guard": list(gcfg.guard),
                  "margin": gcfg.margin, "standard_errors": gcfg.standard_errors, "users": found["users"], "sft": sft_record,
                  "prior_sft": found["prior_sft"], "history": records}
