@@ -1,8 +1,9 @@
-"""Stage 3, `stage3.algorithm: guided`: the page prior's category term written into the SFT
-policy's decoding, the largest repeat penalty validation accuracy allows
-(pagellm/train/guided.py). Needs the reward stage's page prior; trains nothing.
+"""Stage 3, `stage3.algorithm: guided`: reward terms written into the SFT policy's decoding
+(pagellm/train/guided.py): an independently fitted SASRec's item scores at the weight that
+raises validation accuracy, and the page prior's category discount as far as validation
+accuracy allows. Needs the reward stage's page prior; trains nothing but the evaluator.
 
-    python -m jobs.guided --run runs/demo [--set guided.margin=0.02]
+    python -m jobs.guided --run runs/demo [--set guided.margin=0.02] [--set guided.evaluator=none]
 """
 
 from __future__ import annotations

@@ -136,6 +136,11 @@ class TokenLayout:
     repeat_penalty: float = 0.0
     penalty_positions: int = 0
     item_category: list[int] | None = None
+    # The guided stage's item term (pagellm/models/evaluator.py): an independently trained
+    # next-item model's scores for the user, standardised over items, added to every page
+    # position's item logits at this weight relative to the policy's own first-position
+    # ranking. 0 = off; above 0 a decode must be handed those scores.
+    evaluator_weight: float = 0.0
 
     def drop_tail(self) -> None:
         """Prompts end with the history's last item (model.prompt_tail false): the page's first

@@ -109,10 +109,12 @@ def test_batched_left_padded_decoding_equals_one_by_one(arch, gpt2):
 
 
 def reference_greedy(model, layout, prompt, k, exclude, prior: float = 0.0, penalty: float = 0.0,
-                     cats: list[int] | None = None, positions: int = 0):
+                     cats: list[int] | None = None, positions: int = 0, weight: float = 0.0, scores=None):
     """No cache, no padding, constraints in plain Python: an independent reading of the rule.
     `prior`: model.ranking_prior, the first step's item logits added at every later step;
-    `penalty`: at steps < `positions`, minus penalty x earlier items of the item's category."""
+    `penalty`: at steps < `positions`, minus penalty x earlier items of the item's category;
+    `weight`: plus weight x (spread of the first step's item logits) x the standardised
+    `scores` at every step, times (1 + prior) after the first."""
     seq, used, items, logps = list(prompt), set(), [], []
     item_ids = slice(layout.item_offset, layout.item_offset + layout.n_items)
     for t in range(k + 1):
@@ -122,6 +124,9 @@ def reference_greedy(model, layout, prompt, k, exclude, prior: float = 0.0, pena
             first = logits[item_ids].clone()
         else:
             logits[item_ids] += prior * first
+        if weight:
+            z = (scores - scores.mean()) / scores.std()
+            logits[item_ids] += weight * float(first.std()) * z * (1.0 if t == 0 else 1.0 + prior)
         if penalty and t < positions:
             for i in range(layout.n_items):
                 if cats[i] >= 0:
@@ -203,6 +208,40 @@ def test_the_repeat_penalty_lowers_items_of_categories_already_on_the_page(gpt2)
     off = dataclasses.replace(layout, repeat_penalty=0.0)
     assert generate_pages(model, off, prompts, K, exclude=exclude).items == generate_pages(
         model, dataclasses.replace(plain, ranking_prior=0.5), prompts, K, exclude=exclude).items
+
+
+def test_the_evaluator_term_adds_an_independent_models_scores_in_the_policys_units(gpt2):
+    """The guided stage's item term (layout.evaluator_weight): greedy pages follow the rule of
+    the reference, teacher-forced logprobs match sampled pages' under it, a dominant weight
+    writes the evaluator's own ranking, and a layout that weights an evaluator refuses to
+    decode without its scores (it would silently be another policy)."""
+    model, plain, enc = gpt2
+    layout = dataclasses.replace(plain, ranking_prior=0.5, evaluator_weight=0.7)
+    prompts, exclude = prompts_of(enc, HISTORIES), [set(h) for h in HISTORIES]
+    scores = torch.randn(len(prompts), N_ITEMS, generator=torch.Generator().manual_seed(3))
+    batch = generate_pages(model, layout, prompts, K, exclude=exclude, evaluator_scores=scores)
+    for row, prompt in enumerate(prompts):
+        items, logps = reference_greedy(model, layout, prompt, K, exclude[row], prior=0.5, weight=0.7,
+                                        scores=scores[row])
+        assert batch.items[row] == items
+        torch.testing.assert_close(batch.logprobs[row], torch.tensor(logps), atol=1e-5, rtol=0)
+    assert batch.items != generate_pages(model, dataclasses.replace(layout, evaluator_weight=0.0), prompts, K,
+                                         exclude=exclude).items  # the term changes pages here
+    sampled = generate_pages(model, layout, prompts * 2, K, mode="sample", exclude=exclude * 2,
+                             generator=torch.Generator().manual_seed(5), evaluator_scores=scores.repeat(2, 1))
+    logp = constrained_logprobs(model, layout, prompts * 2, sampled.response_ids, exclude * 2, k=K,
+                                evaluator_scores=scores.repeat(2, 1))[0]
+    torch.testing.assert_close(logp, sampled.logprobs, atol=1e-5, rtol=0)
+
+    dominant = generate_pages(model, dataclasses.replace(layout, evaluator_weight=1e6), prompts, K, exclude=exclude,
+                              evaluator_scores=scores)
+    for row, page in enumerate(dominant.items):
+        ranked = [i for i in scores[row].argsort(descending=True).tolist() if i not in exclude[row]]
+        assert page == ranked[:K]
+    with pytest.raises(ValueError, match="evaluator_scores"):
+        generate_pages(model, layout, prompts, K, exclude=exclude)
+    with pytest.raises(ValueError, match="shape"):
+        generate_pages(model, layout, prompts, K, exclude=exclude, evaluator_scores=scores[:, :3])
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])

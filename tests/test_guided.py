@@ -1,5 +1,6 @@
-"""stage3.algorithm guided: the validation rule that picks the repeat penalty, and a real stage
-run whose published policy carries it (eval, KL and serve decode it from the layout)."""
+"""stage3.algorithm guided: the validation rules that pick the evaluator weight and the repeat
+penalty, and real stage runs whose published policy carries them (eval, KL and serve decode it
+from the layout and the evaluator saved beside it)."""
 
 import json
 import shutil
@@ -14,12 +15,14 @@ from served_page import assert_serves_its_stage3_policy
 from pagellm.config import load_config
 from pagellm.models.page_prior import PagePrior, standardise
 from pagellm.models.policy import load_policy
-from pagellm.train.guided import choose_penalty, run_guided_stage
+from pagellm.train.guided import choose_penalty, choose_weight, publish, run_guided_stage
 from pagellm.vocab import PromptEncoder
 
 SMALL = ["data.simulator.users=40", "data.simulator.items=40", "data.simulator.categories=4",
          "data.simulator.interactions_per_user=20", "model.init.n_layer=1", "model.init.n_embd=32",
-         "stage3.algorithm=guided", "guided.val_users=8"]
+         "stage3.algorithm=guided", "guided.val_users=8",
+         # the evaluator: the evaluation's SASRec, a short fit on this small world
+         "eval.sasrec.epochs=3", "eval.sasrec.patience=1", "eval.sasrec.verbose=false"]
 QUIET = dict(log=lambda *_: None)
 
 
@@ -56,6 +59,22 @@ def test_every_guarded_metric_must_hold():
     assert chosen == -1 and not records[0]["passes"]
 
 
+def test_the_evaluator_weight_with_the_largest_gain_validation_can_tell_is_kept_and_none_without_one():
+    sft = {"ndcg@10": np.full(4, 0.5), "hr@10": np.full(4, 0.5)}
+    up = lambda d, spread=0.0: sft["ndcg@10"] + d + np.array([spread, -spread, spread, -spread])  # noqa: E731
+    # weights 0.25: +2 % certain; 0.5: +6 % on average but too noisy to tell; 1: +4 % certain.
+    cands = [{"ndcg@10": up(0.01), "hr@10": up(0.01)}, {"ndcg@10": up(0.03, 0.2), "hr@10": up(0.03, 0.2)},
+             {"ndcg@10": up(0.02), "hr@10": up(0.02)}]
+    chosen, records = choose_weight([0.25, 0.5, 1.0], sft, cands, standard_errors=1.0)
+    assert chosen == 2 and [r["passes"] for r in records] == [True, False, True]
+    assert records[2]["bound"] == pytest.approx(0.04)
+    assert choose_weight([0.25, 0.5, 1.0], sft, cands, standard_errors=0.0)[0] == 1  # the point estimate
+    # Every guarded metric must gain: a gain on one and a loss on the other is no gain.
+    mixed = [{"ndcg@10": up(0.02), "hr@10": up(-0.01)}]
+    assert choose_weight([1.0], sft, mixed)[0] == -1
+    assert choose_weight([1.0], sft, [{"ndcg@10": up(0.0), "hr@10": up(0.0)}])[0] == -1  # level is not a gain
+
+
 @pytest.fixture(scope="module")
 def run_template(ray_local, tmp_path_factory):
     """A run folder with data and an (untrained) SFT policy."""
@@ -85,6 +104,14 @@ def test_guided_stage_publishes_the_sft_weights_with_the_chosen_penalty_in_the_l
     out = run_dir / "guided"
     assert selection["repeat_penalty"] == 1000 and selection["published_step"] == 2
     assert json.loads((out / "DONE").read_text())["published_step"] == 2
+    # Every list holds every item under every weight too: no gain, no evaluator published.
+    assert selection["evaluator_weight"] == 0 and len(selection["evaluator_history"]) == 4
+    assert not any(r["passes"] for r in selection["evaluator_history"]) and not (out / "evaluator").exists()
+    from pagellm.eval.report import guided_section
+
+    report = "\n".join(guided_section(json.loads((out / "selection.json").read_text())))
+    assert "published repeat penalty 1000." in report and report.count("| no |") == 4  # the four weights
+    assert "| 1000 |" in report and "Evaluator (sasrec) weights" in report
     saved = json.loads((out / "selection.json").read_text())
     assert sorted(r["penalty"] for r in saved["history"]) == [0.5, 1000] and all(r["passes"] for r in saved["history"])
     assert any("published repeat penalty 1000" in line for line in lines)
@@ -104,12 +131,48 @@ def test_guided_stage_publishes_the_sft_weights_with_the_chosen_penalty_in_the_l
     assert_serves_its_stage3_policy(run_dir, cfg, "guided")
 
 
+def test_a_kept_evaluator_weight_is_published_with_its_evaluator_and_served(run_template, tmp_path):
+    from pagellm.eval.output_cache import files_key
+    from pagellm.eval.runner import load_eval_set, policy_output
+    from pagellm.models.decoding import generate_pages
+    from pagellm.models.evaluator import EVALUATOR_DIR, Guidance, fit_evaluator
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(run_template, run_dir)
+    cfg = load_config(None, SMALL)
+    evaluator = fit_evaluator(run_dir / "data", cfg.eval.sasrec, cfg.seed, **QUIET)
+    out = publish(run_dir, {"weight": 50.0}, evaluator)
+    plain_key = files_key(run_dir / "sft")
+    policy, tok, layout = load_policy(out, trainable=False)
+    assert layout.evaluator_weight == 50.0 and (out / EVALUATOR_DIR / "model.safetensors").exists()
+    assert files_key(out) != plain_key  # the evaluator's files key the evaluation's list cache too
+    guidance = Guidance.load(out, layout)
+    es = load_eval_set(run_dir / "data", "test", None)
+    written = policy_output(out, es, 5, 16, exclude=True, **QUIET).lists
+    encoder = PromptEncoder(tok, layout)
+    prompts = [encoder.encode_prompt(int(u), p) for u, p in zip(es.user_index, es.prompts)]
+    scores = guidance.scores(es.prompts)
+    torch.testing.assert_close(scores, evaluator.scores(es.prompts))
+    assert written == generate_pages(policy, layout, prompts, 5, exclude=es.exclude, evaluator_scores=scores).items
+    # At weight 50 the evaluator's ranking decides the page.
+    assert written[0] == [i for i in scores[0].argsort(descending=True).tolist() if i not in es.exclude[0]][:5]
+    assert_serves_its_stage3_policy(run_dir, cfg, "guided")
+    # A second publish without the weight leaves no stale evaluator behind.
+    publish(run_dir, {})
+    assert not (out / EVALUATOR_DIR).exists() and load_policy(out, trainable=False)[2].evaluator_weight == 0
+    shutil.rmtree(out)
+    publish(run_dir, {"weight": 1.0}, evaluator)
+    shutil.rmtree(out / EVALUATOR_DIR)
+    with pytest.raises(FileNotFoundError, match="evaluator/ is missing"):
+        Guidance.load(out, load_policy(out, trainable=False)[2])
+
+
 def test_a_prior_without_a_category_discount_publishes_the_sft_policy_as_it_is(run_template, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(run_template, run_dir)
     with_prior(run_dir, satiation=0.0)
     lines: list[str] = []
-    selection = run_guided_stage(load_config(None, SMALL), run_dir, log=lines.append)
+    selection = run_guided_stage(load_config(None, SMALL + ["guided.evaluator=none"]), run_dir, log=lines.append)
     assert selection["published_step"] == 0 and "c = 0" in selection["reason"]
     assert load_policy(run_dir / "guided", trainable=False)[2].repeat_penalty == 0.0
     assert any("as it is" in line for line in lines)

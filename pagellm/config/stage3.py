@@ -168,11 +168,21 @@ class GuidedConfig(Strict):
     margin: float = Field(0.01, ge=0.0, lt=1.0)
     standard_errors: float = Field(1.0, ge=0.0)
     val_users: int = Field(2000, ge=2)  # validation users scored, evenly spread
+    # The item term (pagellm/models/evaluator.py): an independently trained next-item model
+    # (SASRec, fitted as the evaluation fits its baseline, `eval.sasrec`) whose standardised
+    # scores join every page position's logits at a weight in `evaluator_weights` (units of
+    # the policy's own ranking). Unlike the penalty it is kept only when it raises validation
+    # accuracy: the weight whose guarded change, less `standard_errors` standard errors, is
+    # largest and above 0 on every guarded metric. The penalty is then chosen with it.
+    evaluator: Literal["sasrec", "none"] = "sasrec"
+    evaluator_weights: list[float] = Field(default_factory=lambda: [0.25, 0.5, 1.0, 2.0], min_length=1)
 
     @model_validator(mode="after")
     def _check(self) -> "GuidedConfig":
         if any(p <= 0 for p in self.penalties):
             raise ValueError(f"guided.penalties must all be > 0, got {self.penalties}")
+        if any(w <= 0 for w in self.evaluator_weights):
+            raise ValueError(f"guided.evaluator_weights must all be > 0, got {self.evaluator_weights}")
         for name in self.guard:
             parse_guard(name)
         return self

@@ -21,9 +21,11 @@ def kl_to_reference(policy_dir: Path, reference_dir: Path, prompts: list[list[in
     """`samples` pages per prompt from the policy; returns the mean and standard error of
     the per-page log-ratio (prompts: token ids; exclude: each prompt's banned items)."""
     from pagellm.models.decoding import constrained_logprobs, generate_pages
+    from pagellm.models.evaluator import Guidance, prompt_items
     from pagellm.models.policy import load_policy
 
     policy, _, layout = load_policy(policy_dir, trainable=False)
+    guidance = Guidance.load(policy_dir, layout)  # a guided policy's item term, as it serves
     # Each policy decodes with its own layout: the guided stage's page term lives there.
     reference, _, ref_layout = load_policy(reference_dir, trainable=False)
     policy.eval()
@@ -35,7 +37,8 @@ def kl_to_reference(policy_dir: Path, reference_dir: Path, prompts: list[list[in
         for a in range(0, len(rows), batch_size):
             r = rows[a : a + batch_size]
             p, banned = [prompts[i] for i in r], [exclude[i] for i in r]
-            batch = generate_pages(policy, layout, p, k=k, mode="sample", exclude=banned, generator=generator)
+            batch = generate_pages(policy, layout, p, k=k, mode="sample", exclude=banned, generator=generator,
+                                   evaluator_scores=guidance.scores([prompt_items(layout, x) for x in p]))
             ref, _, _ = constrained_logprobs(reference, ref_layout, p, batch.response_ids, exclude=banned, k=k)
             ratios.append((batch.logprobs.sum(dim=1) - ref.sum(dim=1)).float().numpy())
     values = np.concatenate(ratios)

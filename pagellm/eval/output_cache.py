@@ -49,11 +49,12 @@ def _plain(value: Any):
 
 
 def files_key(directory: Path) -> str:
-    """16 hex digits of a SHA-256 over every file directly in `directory` (names and bytes):
-    a policy's weights, layout and tokenizer."""
+    """16 hex digits of a SHA-256 over every file in `directory` and below (relative names and
+    bytes): a policy's weights, layout and tokenizer, and a guided policy's evaluator/."""
     digest = hashlib.sha256()
-    for path in sorted(p for p in Path(directory).iterdir() if p.is_file()):
-        digest.update(path.name.encode() + b"\x00")
+    root = Path(directory)
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(root)).encode() + b"\x00")
         with path.open("rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 digest.update(block)

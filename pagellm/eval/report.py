@@ -198,20 +198,34 @@ def stage3_section(run_dir: Path, algorithm: str, out_dir: Path) -> list[str]:
 
 
 def guided_section(selection: dict) -> list[str]:
-    """What the guided stage tried on validation and which repeat penalty it published."""
-    parts = ["## GUIDED: the repeat penalty chosen on validation", ""]
-    if selection.get("reason"):
+    """What the guided stage tried on validation: its evaluator weights and repeat penalties,
+    and which it published."""
+    parts = ["## GUIDED: the decoding terms chosen on validation", ""]
+    if selection.get("reason") and "guard" not in selection:
         return parts + [f"Published the SFT policy as it is: {selection['reason']}.", ""]
     guard = selection["guard"]
-    chosen = selection["repeat_penalty"]
-    parts += [f"{selection['users']:,} validation users; guarded {', '.join(guard)} within "
-              f"{selection['margin']:.1%} of the SFT decoding, less {selection.get('standard_errors', 0):g} "
-              f"standard error(s); published "
-              + (f"repeat penalty {chosen:g}." if chosen else "the SFT decoding (no penalty kept accuracy)."), "",
-              "| penalty | " + " | ".join(f"{m} change (± se)" for m in guard) + " | page prior value | kept accuracy |",
-              "|---" * (len(guard) + 3) + "|"]
-    for r in sorted(selection["history"], key=lambda r: r["penalty"]):
-        cells = " | ".join(f"{r[m + '_change']:+.4f} ± {r[m + '_change_se']:.4f}" for m in guard)
-        parts.append(f"| {r['penalty']:g} | {cells} | {_fmt(r.get('prior_value'))} | {'yes' if r['passes'] else 'no'} |")
+    weight, chosen = selection.get("evaluator_weight", 0.0), selection["repeat_penalty"]
+    kept = ([f"evaluator weight {weight:g}"] if weight else []) + ([f"repeat penalty {chosen:g}"] if chosen else [])
+    parts += [f"{selection['users']:,} validation users; guarded {', '.join(guard)}, paired with the SFT decoding, "
+              f"less {selection.get('standard_errors', 0):g} standard error(s); published "
+              + (" and ".join(kept) + "." if kept else "the SFT decoding (no term passed)."), ""]
+    changes = " | ".join(f"{m} change (± se)" for m in guard)
+    if selection.get("evaluator_history"):
+        parts += [f"Evaluator ({selection.get('evaluator', 'sasrec')}) weights, kept only with a gain above 0:", "",
+                  f"| weight | {changes} | page prior value | gain |", "|---" * (len(guard) + 3) + "|"]
+        for r in sorted(selection["evaluator_history"], key=lambda r: r["weight"]):
+            cells = " | ".join(f"{r[m + '_change']:+.4f} ± {r[m + '_change_se']:.4f}" for m in guard)
+            parts.append(f"| {r['weight']:g} | {cells} | {_fmt(r.get('prior_value'))} | {'yes' if r['passes'] else 'no'} |")
+        parts.append("")
+    if selection.get("reason"):
+        parts += [f"No repeat penalty: {selection['reason'].removeprefix('no repeat penalty: ')}.", ""]
+    if selection["history"]:
+        parts += [f"Repeat penalties{f' (with evaluator weight {weight:g})' if weight else ''}, kept within "
+                  f"{selection['margin']:.1%} of the SFT decoding:", "",
+                  f"| penalty | {changes} | page prior value | kept accuracy |", "|---" * (len(guard) + 3) + "|"]
+        for r in sorted(selection["history"], key=lambda r: r["penalty"]):
+            cells = " | ".join(f"{r[m + '_change']:+.4f} ± {r[m + '_change_se']:.4f}" for m in guard)
+            parts.append(f"| {r['penalty']:g} | {cells} | {_fmt(r.get('prior_value'))} | {'yes' if r['passes'] else 'no'} |")
+        parts.append("")
     return parts + [f"SFT decoding: " + ", ".join(f"{m} {_fmt(v)}" for m, v in selection["sft"].items())
                     + f"; page prior value {_fmt(selection.get('prior_sft'))}.", ""]

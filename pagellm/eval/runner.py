@@ -45,6 +45,16 @@ class EvalSet:
     val_targets: list[list[int]] | None = None
 
 
+def fit_sequences(evals: pd.DataFrame) -> tuple[list[list[int]], list[list[int]], list[list[int]]]:
+    """What a trained baseline fits on (from eval.parquet): every user's training positives,
+    and the validation step it selects its epoch on — the training positives and validation
+    items of every user with one. Nothing from test."""
+    has_val = np.flatnonzero(evals["val_items"].map(len).to_numpy() > 0)
+    return ([list(s) for s in evals["train_positives"] if len(s)],
+            [list(evals["train_positives"].iloc[i]) for i in has_val],
+            [list(evals["val_items"].iloc[i]) for i in has_val])
+
+
 def load_eval_set(data_dir: Path, split: str, max_users: int | None) -> EvalSet:
     evals = pd.read_parquet(data_dir / "eval.parquet")
     items = pd.read_parquet(data_dir / "items.parquet")
@@ -59,16 +69,14 @@ def load_eval_set(data_dir: Path, split: str, max_users: int | None) -> EvalSet:
     keep = np.flatnonzero(targets.map(len).to_numpy() > 0)
     if max_users:
         keep = keep[:max_users]
-    val_histories = val_targets = None
-    if split == "test":  # every user with a validation item, not only the evaluated ones
-        has_val = np.flatnonzero(evals["val_items"].map(len).to_numpy() > 0)
-        val_histories = [list(evals["train_positives"].iloc[i]) for i in has_val]
-        val_targets = [list(evals["val_items"].iloc[i]) for i in has_val]
+    train_sequences, val_histories, val_targets = fit_sequences(evals)
+    if split != "test":
+        val_histories = val_targets = None
     return EvalSet(
         user_index=evals["user_index"].to_numpy()[keep],
         prompts=[list(prompts.iloc[i]) for i in keep],
         histories=[histories[i] for i in keep],
-        train_sequences=[list(s) for s in evals["train_positives"] if len(s)],
+        train_sequences=train_sequences,
         exclude=[set(seen.iloc[i]) for i in keep],
         targets=[list(targets.iloc[i]) for i in keep],
         n_items=len(items),
@@ -125,12 +133,14 @@ def policy_output(policy_dir: Path, es: EvalSet, list_len: int, batch_size: int,
     """A policy's greedy constrained lists and its first-position item scores. The lists are
     taken from `cache` when the same policy files wrote them for the same prompts."""
     from pagellm.models.decoding import first_item_scores, generate_pages
+    from pagellm.models.evaluator import Guidance
     from pagellm.models.policy import load_policy
     from pagellm.vocab import PromptEncoder
 
     t0 = time.perf_counter()
     model, tokenizer, layout = load_policy(policy_dir, trainable=False)
     model.eval()
+    guidance = Guidance.load(policy_dir, layout)
     encoder = PromptEncoder(tokenizer, layout)
     prompts = [encoder.encode_prompt(int(u), p) for u, p in zip(es.user_index, es.prompts)]
     banned = es.exclude if exclude else None
@@ -143,7 +153,8 @@ def policy_output(policy_dir: Path, es: EvalSet, list_len: int, batch_size: int,
         with torch.inference_mode():
             for a in range(0, len(prompts), batch_size):
                 batch = generate_pages(model, layout, prompts[a : a + batch_size], k=list_len, mode="greedy",
-                                       exclude=banned[a : a + batch_size] if banned is not None else None)
+                                       exclude=banned[a : a + batch_size] if banned is not None else None,
+                                       evaluator_scores=guidance.scores(es.prompts[a : a + batch_size]))
                 lists.extend(batch.items)
         if cache is not None:
             cache.put_lists("policy", key, lists)

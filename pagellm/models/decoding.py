@@ -127,16 +127,57 @@ class RepeatCounter:
                                    accumulate=True)
 
 
+class EvaluatorBias:
+    """The guided stage's item term: w x s x z_e(i), added to every position's item logits.
+
+    z_e: the evaluator's scores for the row's user, standardised over items; s: the standard
+    deviation of the row's first-position item logits, so that w is in the units of the
+    policy's own ranking (w = 0.5: half a policy-ranking standard deviation per evaluator
+    one, whatever either model's scale). From t = 1 on the decoding also adds
+    layout.ranking_prior x the first-position logits, so the term grows by the same factor
+    (1 + ranking_prior) and keeps its weight against the policy's ranking at every position.
+    A no-op when the layout has no evaluator weight; an error when it has one and no scores
+    were given (a guided policy decoded without its evaluator would be another policy)."""
+
+    def __init__(self, layout: TokenLayout, scores: torch.Tensor | None, rows: int, device):
+        self.weight = float(layout.evaluator_weight or 0.0)
+        self.ranking_prior = float(layout.ranking_prior or 0.0)
+        self.bias = None
+        if not self.weight:
+            return
+        if scores is None:
+            raise ValueError(f"this policy's layout adds an evaluator's item scores at weight {self.weight:g} "
+                             "(the guided stage); pass evaluator_scores (pagellm.models.evaluator.ItemEvaluator)")
+        scores = torch.as_tensor(scores, dtype=torch.float32, device=device)
+        if scores.shape != (rows, layout.n_items):
+            raise ValueError(f"evaluator_scores has shape {tuple(scores.shape)}, expected ({rows}, {layout.n_items})")
+        std = scores.std(dim=-1, keepdim=True)
+        self.z = (scores - scores.mean(dim=-1, keepdim=True)) / torch.where(std > 0, std, torch.ones_like(std))
+
+    def start(self, first_logits: torch.Tensor, layout: TokenLayout) -> None:
+        """Scale the term by each row's first-position item logits [N, V] (called once)."""
+        if not self.weight:
+            return
+        items = first_logits[:, layout.item_offset : layout.item_offset + layout.n_items].float()
+        self.bias = self.weight * items.std(dim=-1, keepdim=True) * self.z
+
+    def at(self, t: int) -> torch.Tensor | None:
+        if self.bias is None:
+            return None
+        return self.bias if t == 0 else self.bias * (1.0 + self.ranking_prior)
+
+
 def _step_logprobs(
     logits: torch.Tensor, layout: TokenLayout, blocked: torch.Tensor, t: int, k: int, temperature: float,
-    first: torch.Tensor | None = None, penalty: torch.Tensor | None = None,
+    first: torch.Tensor | None = None, penalty: torch.Tensor | None = None, bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Constrained log-probabilities over [item_0..item_{n-1}, eos] at position t.
 
     logits [N, V]; blocked [N, n_items] (used or excluded); `first`: the page's first
     position's item logits (first_item_logits), added with weight layout.ranking_prior from
     t = 1 on: the page model times its own next-item ranking; `penalty` [N, n_items]:
-    subtracted from the item logits (RepeatCounter.penalty). Returns [N, n_items + 1].
+    subtracted from the item logits (RepeatCounter.penalty); `bias` [N, n_items]: added to
+    them (EvaluatorBias.at). Returns [N, n_items + 1].
     """
     lo, hi = layout.item_offset, layout.item_offset + layout.n_items
     items = logits[:, lo:hi].float()
@@ -144,6 +185,8 @@ def _step_logprobs(
         items = items + layout.ranking_prior * first
     if penalty is not None:
         items = items - penalty
+    if bias is not None:
+        items = items + bias
     scores = torch.cat([items, logits[:, layout.eos_id : layout.eos_id + 1].float()], dim=-1)
     scores = scores / temperature
     items_ok = ~blocked if t < k else torch.zeros_like(blocked)
@@ -195,9 +238,12 @@ def generate_pages(
     exclude: list | None = None,
     temperature: float = 1.0,
     generator: torch.Generator | None = None,
+    evaluator_scores: torch.Tensor | None = None,
 ) -> PageBatch:
     """Write one page of k items per prompt. Greedy = argmax (evaluation, serving), sample =
-    multinomial (PPO rollouts; pass a `generator` on the model's device for reproducibility)."""
+    multinomial (PPO rollouts; pass a `generator` on the model's device for reproducibility).
+    `evaluator_scores` [B, n_items]: the guided stage's evaluator's scores per prompt, needed
+    (and only used) when layout.evaluator_weight > 0 (EvaluatorBias)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if k < 1:
@@ -208,9 +254,10 @@ def generate_pages(
     check_context(model, max(len(p) for p in prompts), k + 1)
     ids, mask, positions = left_pad(prompts, layout.pad_id, device, prompt_anchor(model))
     blocked = exclusion_mask(exclude, len(prompts), layout.n_items, device)
+    guide = EvaluatorBias(layout, evaluator_scores, len(prompts), device)
     with _EvalMode(model), torch.no_grad():
         tokens, logps, done_at = _token_by_token(model, layout, ids, mask, positions, blocked, k,
-                                                 temperature, mode, generator)
+                                                 temperature, mode, generator, guide)
     steps = torch.arange(k + 1, device=device)
     response_mask = steps[None, :] <= done_at[:, None]
     tokens = tokens.masked_fill(~response_mask, layout.pad_id)
@@ -232,7 +279,7 @@ def _token_of(choice: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
     return torch.where(choice == layout.n_items, torch.full_like(choice, layout.eos_id), choice + layout.item_offset)
 
 
-def _token_by_token(model, layout, ids, mask, positions, blocked, k, temperature, mode, generator):
+def _token_by_token(model, layout, ids, mask, positions, blocked, k, temperature, mode, generator, guide):
     batch, device = ids.shape[0], ids.device
     rows = torch.arange(batch, device=device)
     tokens = torch.full((batch, k + 1), layout.pad_id, dtype=torch.long, device=device)
@@ -243,9 +290,11 @@ def _token_by_token(model, layout, ids, mask, positions, blocked, k, temperature
     out = _forward(model, ids, mask, positions)
     past, last_pos = out.past_key_values, positions[:, -1:]
     first = first_item_logits(out.logits[:, -1], layout)
+    guide.start(out.logits[:, -1], layout)
     repeats = RepeatCounter(layout, batch, device)
     for t in range(k + 1):
-        logp = _step_logprobs(out.logits[:, -1], layout, blocked, t, k, temperature, first, repeats.penalty(t))
+        logp = _step_logprobs(out.logits[:, -1], layout, blocked, t, k, temperature, first, repeats.penalty(t),
+                              guide.at(t))
         if mode == "greedy":
             choice = logp.argmax(dim=-1)
         else:
@@ -288,6 +337,7 @@ def constrained_logprobs(
     k: int | None = None,
     temperature: float = 1.0,
     return_hidden: bool = False,
+    evaluator_scores: torch.Tensor | None = None,
 ):
     """Teacher-forced constrained logprobs of given pages in one forward pass.
 
@@ -298,6 +348,7 @@ def constrained_logprobs(
     hidden layer [B, T, H] at the positions that predict each response token (the state a
     value head scores). Runs with the caller's grad mode and train/eval mode: the learner
     takes gradients through it; put the model in eval() to match rollout logprobs.
+    `evaluator_scores`: as in generate_pages, for a layout with an evaluator weight.
     """
     device = _device(model)
     resp = _response_tensor(responses, layout, None if k is None else k + 1, device)
@@ -329,9 +380,12 @@ def constrained_logprobs(
     rows = torch.arange(batch, device=device)
     logps, entropies = [], []
     first = first_item_logits(logits[:, 0], layout)
+    guide = EvaluatorBias(layout, evaluator_scores, batch, device)
+    guide.start(logits[:, 0], layout)
     repeats = RepeatCounter(layout, batch, device)
     for t in range(width):
-        step = _step_logprobs(logits[:, t], layout, blocked, t, k, temperature, first, repeats.penalty(t))
+        step = _step_logprobs(logits[:, t], layout, blocked, t, k, temperature, first, repeats.penalty(t),
+                              guide.at(t))
         logps.append(step[rows, slot[:, t]])
         entropies.append(_entropy(step))
         item_rows = is_item[:, t]

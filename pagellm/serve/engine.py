@@ -26,6 +26,7 @@ import yaml
 
 from pagellm.config import Config, ModelConfig
 from pagellm.models.decoding import generate_pages
+from pagellm.models.evaluator import Guidance
 from pagellm.models.policy import is_adapter_model, load_policy
 from pagellm.models.positions import context_limit, prompt_room
 from pagellm.names import RL_ALGORITHMS, STAGE3_ALGORITHMS
@@ -163,13 +164,17 @@ def pick_device(device: str | None = None) -> str:
 class PageEngine:
     """A loaded policy plus the id maps and the popularity fallback of one run."""
 
-    def __init__(self, model, layout, vocab: Vocab, items: pd.DataFrame, version: str, history_len: int, max_k: int):
+    def __init__(self, model, layout, vocab: Vocab, items: pd.DataFrame, version: str, history_len: int, max_k: int,
+                 guidance: Guidance | None = None):
         if (vocab.n_items, vocab.n_users) != (layout.n_items, layout.n_users):
             raise ValueError(
                 f"the policy was built for {layout.n_users} users / {layout.n_items} items but the run's "
                 f"vocabulary has {vocab.n_users} / {vocab.n_items}: the checkpoint is from another data build"
             )
         self.model, self.layout, self.vocab = model, layout, vocab
+        if layout.evaluator_weight and (guidance is None or guidance.evaluator is None):
+            raise ValueError("the policy's layout adds an evaluator's scores (guided stage): pass its Guidance")
+        self.guidance = guidance or Guidance(None)
         self.encoder = PromptEncoder(None, layout)
         self.version = version
         self.max_k = max_k
@@ -201,7 +206,8 @@ class PageEngine:
         vocab = Vocab.from_parquet(run_dir / "data" / "vocab.parquet")
         items = pd.read_parquet(run_dir / "data" / "items.parquet", columns=["index", "popularity"])
         version = policy_version(stage, checkpoint, run_dir)
-        return cls(model, layout, vocab, items, version, cfg.data.history_len, cfg.serve.max_k)
+        return cls(model, layout, vocab, items, version, cfg.data.history_len, cfg.serve.max_k,
+                   Guidance.load(checkpoint, layout))
 
     # -- id resolution -------------------------------------------------------------------
 
@@ -268,7 +274,8 @@ class PageEngine:
         k = max(p.k for p in rows)
         with torch.inference_mode():
             batch = generate_pages(
-                self.model, self.layout, prompts, k, mode="greedy", exclude=[p.blocked for p in rows]
+                self.model, self.layout, prompts, k, mode="greedy", exclude=[p.blocked for p in rows],
+                evaluator_scores=self.guidance.scores([p.prompt_items for p in rows])
             )
         logprobs = batch.logprobs.float().cpu().tolist()
         out = []

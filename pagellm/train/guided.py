@@ -1,33 +1,38 @@
-"""Stage 3, `stage3.algorithm: guided`: the page prior's category term written into the
-policy's decoding, as strong as validation accuracy allows.
+"""Stage 3, `stage3.algorithm: guided`: reward terms written into the policy's decoding, as
+strong as validation allows, without moving its weights (reward-guided decoding, as ARGS):
 
-The SFT policy's pages repeat categories, and the page prior the reward stage fits says a
-repeated category is worth less (its discount c, Bradley-Terry on the diversity and
-redundancy pairs). Every trained stage 3 that followed the prior also moved the policy's
-ranking and lost accuracy. Rewriting only the page around the policy's own ranking, a mild
-category discount alone earns +13 % true utility on the simulator for -0.4 % ndcg@100
-(docs/BENCHMARKS.md, "How far a page can move from the policy's own ranking"). This stage
-does that in the policy itself, without touching its weights:
+    logit'(i | page so far) = logit(i | page so far) + w x s x z_e(i)
+                              - delta x (page items already in i's category)
 
-    logit'(i | page so far) = logit(i | page so far) - delta x (page items already in i's category)
+It is the token-level KL-regularised optimum for an item-level reward r(i): pi' proportional
+to pi_SFT x exp(r / beta). Two terms:
 
-at the page's positions only (the first `data.page_len`; the rest of a longer list is the
-policy's ranking as before). It is the token-level KL-regularised optimum for an item-level
-reward of -delta per repeat: pi' proportional to pi_SFT x exp(r / beta), delta = |r| / beta.
+- the item term (`guided.evaluator`, pagellm/models/evaluator.py): z_e, an independently
+  trained next-item model's standardised scores for the user (SASRec, fitted as the
+  evaluation fits its baseline); s, the spread of the policy's own first-position logits,
+  so w is in units of the policy's ranking. The rewards read off the SFT policy itself
+  rank pages as the policy already does; a model trained apart makes different mistakes,
+  and their sum ranked the held-out items better than either on every dataset here;
+- the page term (the page prior's category discount): the SFT policy's pages repeat
+  categories, the prior says a repeat is worth less, and a mild discount on the page
+  alone earns +13 % true utility on the simulator for -0.4 % ndcg@100 (docs/BENCHMARKS.md,
+  "How far a page can move from the policy's own ranking"). Page positions only (the first
+  `data.page_len`; the rest of a longer list is the policy's ranking as before).
 
-delta is chosen on validation, as a stage-3 checkpoint is: the policy writes the lists of
-`guided.val_users` validation users (evenly spread) once per candidate in `guided.penalties`,
-and each candidate's per-user accuracy (`guided.guard`, e.g. ndcg@10) is paired with the
-same users' under the SFT policy's own decoding. Going up the grid, the stage keeps the
-largest delta whose mean paired change, less `guided.standard_errors` of its standard error,
-stays within `guided.margin` (relative) of the SFT policy's mean on every guarded metric,
-stopping at the first that does not: a penalty is kept only when validation can tell its
-cost is within the margin. Validation only
-judges; nothing trains. The published policy is the SFT checkpoint with delta (and the item
-categories) in its token layout, so evaluation, KL and serving decode it as published.
+Both are chosen on validation, as a stage-3 checkpoint is: the policy writes the lists of
+`guided.val_users` validation users (evenly spread) once per candidate, and each
+candidate's per-user accuracy (`guided.guard`, e.g. ndcg@10) is paired with the same users'
+under the SFT policy's own decoding. The weight w must show a gain (`choose_weight`: the
+largest lower bound, paired change less `guided.standard_errors` standard errors, above
+0); the penalty may cost up to `guided.margin` (`choose_penalty`: going up the grid with the
+chosen w, the largest delta whose lower bound stays within the margin, stopping at the first
+miss), because it buys page value the guard cannot see. Validation only judges; nothing
+trains. The published policy is the SFT checkpoint with w and delta (and the item
+categories) in its token layout and the evaluator saved beside it (`evaluator/`), so
+evaluation, KL and serving decode it as published.
 
-When the prior sees no cost in a repeated category (c = 0, e.g. `reward.prior_satiation:
-logs` on logs that cluster) or the data has no categories, the stage publishes the SFT
+Without categories, or when the prior sees no cost in a repeated category (c = 0), only the
+evaluator term is tried; with `guided.evaluator: none` as well, the stage publishes the SFT
 policy as it is and says why.
 """
 
@@ -45,6 +50,19 @@ from pagellm.runfolder import write_json
 ALGORITHM = "guided"
 
 
+def _paired(sft: dict[str, np.ndarray], cand: dict[str, np.ndarray], standard_errors: float) -> tuple[dict, float]:
+    """One candidate's record (mean, paired change and its standard error per guarded metric)
+    and its worst guarded metric's lower bound, (change - standard_errors x se) / SFT mean."""
+    record, worst = {}, np.inf
+    for metric, base in sft.items():
+        diff = cand[metric] - base
+        se = float(diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else 0.0
+        record |= {metric: float(cand[metric].mean()), f"{metric}_change": float(diff.mean()),
+                   f"{metric}_change_se": se}
+        worst = min(worst, (diff.mean() - standard_errors * se) / max(base.mean(), 1e-12))
+    return record, float(worst)
+
+
 def choose_penalty(penalties: list[float], sft: dict[str, np.ndarray], scored: list[dict[str, np.ndarray]],
                    margin: float, standard_errors: float = 1.0) -> tuple[int, list[dict]]:
     """Index into `penalties` of the delta to publish (-1: none, the SFT decoding) and one
@@ -55,15 +73,9 @@ def choose_penalty(penalties: list[float], sft: dict[str, np.ndarray], scored: l
     order = np.argsort(penalties)
     chosen, records, stopped = -1, [None] * len(penalties), False
     for j in order:
-        record = {"penalty": float(penalties[j])}
-        ok = True
-        for metric, base in sft.items():
-            diff = scored[j][metric] - base
-            se = float(diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else 0.0
-            record |= {metric: float(scored[j][metric].mean()), f"{metric}_change": float(diff.mean()),
-                       f"{metric}_change_se": se}
-            ok &= bool(diff.mean() - standard_errors * se >= -margin * base.mean())
-        record["passes"] = ok
+        record, bound = _paired(sft, scored[j], standard_errors)
+        ok = bound >= -margin
+        record = {"penalty": float(penalties[j]), **record, "passes": ok}
         if ok and not stopped:
             chosen = int(j)
         stopped |= not ok
@@ -71,12 +83,29 @@ def choose_penalty(penalties: list[float], sft: dict[str, np.ndarray], scored: l
     return chosen, records
 
 
-def _write_lists(model, layout, prompts, exclude, width: int, batch: int) -> list[list[int]]:
+def choose_weight(weights: list[float], sft: dict[str, np.ndarray], scored: list[dict[str, np.ndarray]],
+                  standard_errors: float = 1.0) -> tuple[int, list[dict]]:
+    """Index into `weights` of the evaluator weight to publish (-1: none) and one record per
+    candidate: the candidate whose worst guarded lower bound (paired change less
+    `standard_errors` standard errors, relative to the SFT mean) is largest, if it is above
+    0. The penalty may cost accuracy within a margin because it buys page value the guard
+    cannot see; the evaluator term buys nothing but accuracy, so it must show a gain."""
+    chosen, best, records = -1, 0.0, []
+    for j, w in enumerate(weights):
+        record, bound = _paired(sft, scored[j], standard_errors)
+        records.append({"weight": float(w), **record, "bound": bound, "passes": bound > 0})
+        if bound > best:
+            chosen, best = j, bound
+    return chosen, records
+
+
+def _write_lists(model, layout, prompts, exclude, width: int, batch: int, scores=None) -> list[list[int]]:
     from pagellm.models.decoding import generate_pages
 
     lists: list[list[int]] = []
     for a in range(0, len(prompts), batch):
-        lists += generate_pages(model, layout, prompts[a : a + batch], k=width, exclude=exclude[a : a + batch]).items
+        lists += generate_pages(model, layout, prompts[a : a + batch], k=width, exclude=exclude[a : a + batch],
+                                evaluator_scores=None if scores is None else scores[a : a + batch]).items
     return lists
 
 
@@ -91,15 +120,18 @@ def _score(lists, targets, guard: list[str]) -> dict[str, np.ndarray]:
     return out
 
 
-def validate_penalties(run_dir: Path, cfg_json: dict, categories: np.ndarray) -> dict:
-    """In a worker (harness.in_worker): the SFT decoding's and each candidate's guarded
-    metrics on the validation sample, and the prior's mean value of the pages."""
+def validate(run_dir: Path, cfg_json: dict, categories: np.ndarray, try_penalty: bool) -> dict:
+    """In a worker (harness.in_worker): fit the evaluator (if any), score the SFT decoding,
+    each evaluator weight, then each penalty on top of the chosen weight (`try_penalty`) on
+    the validation sample; the prior's mean value of every candidate's pages."""
     import copy
 
     import torch
 
     from pagellm.config import Config
+    from pagellm.eval.output_cache import CACHE_DIR
     from pagellm.eval.runner import load_eval_set
+    from pagellm.models.evaluator import fit_evaluator
     from pagellm.models.page_prior import PagePrior, first_item_preferences
     from pagellm.models.policy import load_policy
     from pagellm.vocab import PromptEncoder
@@ -116,46 +148,85 @@ def validate_penalties(run_dir: Path, cfg_json: dict, categories: np.ndarray) ->
     targets = [es.targets[i] for i in keep]
     width = max(cfg.data.page_len, *(parse_guard(g)[1] for g in gcfg.guard))
     prior = PagePrior.load(run_dir / "reward")
+    evaluator = None
+    if gcfg.evaluator == "sasrec":
+        evaluator = fit_evaluator(run_dir / "data", cfg.eval.sasrec, cfg.seed, run_dir / CACHE_DIR)
     with torch.inference_mode():
         step = cfg.eval.batch_size  # batches bound the [users, n_items] forward's memory on a large catalogue
         pref = np.concatenate([first_item_preferences(model, layout, prompts[a : a + step])
                                for a in range(0, len(prompts), step)])
+        scores = evaluator.scores([es.prompts[i] for i in keep]) if evaluator is not None else None
 
-        def prior_value(lists):
-            return float(prior.score(pref, [lst[: cfg.data.page_len] for lst in lists], categories).mean())
+        def written(candidate_layout):
+            lists = _write_lists(model, candidate_layout, prompts, exclude, width, step, scores)
+            value = float(prior.score(pref, [lst[: cfg.data.page_len] for lst in lists], categories).mean())
+            return _score(lists, targets, gcfg.guard), value
 
-        base_lists = _write_lists(model, layout, prompts, exclude, width, cfg.eval.batch_size)
-        out = {"users": len(prompts), "sft": _score(base_lists, targets, gcfg.guard), "candidates": [],
-               "prior_sft": prior_value(base_lists), "prior": []}
-        for delta in gcfg.penalties:
-            guided = with_penalty(copy.deepcopy(layout), delta, cfg.data.page_len, categories)
-            lists = _write_lists(model, guided, prompts, exclude, width, cfg.eval.batch_size)
-            out["candidates"].append(_score(lists, targets, gcfg.guard))
-            out["prior"].append(prior_value(lists))
+        sft, prior_sft = written(layout)
+        out = {"users": len(prompts), "sft": sft, "prior_sft": prior_sft, "evaluator": evaluator,
+               "weights": [], "weight_prior": [], "weight": None, "penalties": [], "penalty_prior": []}
+        if evaluator is not None:
+            for w in gcfg.evaluator_weights:
+                found, value = written(with_guidance(copy.deepcopy(layout), weight=w))
+                out["weights"].append(found)
+                out["weight_prior"].append(value)
+            chosen, out["weight_records"] = choose_weight(list(gcfg.evaluator_weights), sft, out["weights"],
+                                                          gcfg.standard_errors)
+            out["weight"] = float(gcfg.evaluator_weights[chosen]) if chosen >= 0 else None
+        if try_penalty:
+            for delta in gcfg.penalties:
+                candidate = with_guidance(copy.deepcopy(layout), weight=out["weight"], delta=delta,
+                                          positions=cfg.data.page_len, categories=categories)
+                found, value = written(candidate)
+                out["penalties"].append(found)
+                out["penalty_prior"].append(value)
     return out
 
 
-def with_penalty(layout, delta: float, positions: int, categories: np.ndarray):
-    layout.repeat_penalty = float(delta)
-    layout.penalty_positions = int(positions)
-    layout.item_category = [int(c) for c in categories]  # the layout is saved as JSON
+def with_guidance(layout, weight: float | None = None, delta: float | None = None, positions: int = 0,
+                  categories: np.ndarray | None = None):
+    """The layout with the evaluator weight and/or the repeat penalty (None: left off)."""
+    if weight:
+        layout.evaluator_weight = float(weight)
+    if delta:
+        layout.repeat_penalty = float(delta)
+        layout.penalty_positions = int(positions)
+        layout.item_category = [int(c) for c in categories]  # the layout is saved as JSON
     return layout
 
 
-def publish(run_dir: Path, delta: float | None, positions: int, categories: np.ndarray) -> Path:
-    """<run>/guided/: the SFT policy's files, its layout carrying delta (None: as it is)."""
+def publish(run_dir: Path, layout_terms: dict, evaluator=None) -> Path:
+    """<run>/guided/: the SFT policy's files, its layout carrying the chosen terms (none: as it
+    is), and the evaluator beside it when its weight was kept."""
+    from pagellm.models.evaluator import EVALUATOR_DIR
     from pagellm.train.stage3_publish import copy_policy
     from pagellm.vocab import TokenLayout
 
     out = run_dir / ALGORITHM
     copy_policy(run_dir / "sft", out)
-    if delta is not None:
-        with_penalty(TokenLayout.load(out), delta, positions, categories).save(out)
+    if (out / EVALUATOR_DIR).exists():  # an earlier publish's evaluator, not this one's
+        import shutil
+
+        shutil.rmtree(out / EVALUATOR_DIR)
+    if any(v for k, v in layout_terms.items() if k in ("weight", "delta")):
+        with_guidance(TokenLayout.load(out), **layout_terms).save(out)
+    if layout_terms.get("weight"):
+        evaluator.save(out)
     return out
 
 
+def _grid_step(grid: list[float], value: float | None) -> int:
+    """1-based rank of value on its sorted grid, 0 for None."""
+    return sorted(grid).index(value) + 1 if value is not None else 0
+
+
+def _changes(record: dict, guard: list[str]) -> str:
+    return ", ".join(f"{m} {record[f'{m}_change']:+.4f} ± {record[f'{m}_change_se']:.4f}" for m in guard)
+
+
 def run_guided_stage(cfg: Config, run_dir: Path, log=print) -> dict:
-    """Choose delta on validation and publish <run>/guided; returns the selection record."""
+    """Choose the evaluator weight and the repeat penalty on validation and publish
+    <run>/guided; returns the selection record."""
     from pagellm.models.page_prior import PagePrior, item_categories
     from pagellm.train.harness import in_worker
     from pagellm.vocab import LAYOUT_FILE
@@ -175,37 +246,61 @@ def run_guided_stage(cfg: Config, run_dir: Path, log=print) -> dict:
         why = "the data has no item categories"
     elif prior.satiation <= 0:
         why = "the page prior sees no cost in a repeated category (c = 0)"
-    if why:
-        out = publish(run_dir, None, positions, categories)
-        selection = {"published_step": 0, "unit": "penalty", "repeat_penalty": 0.0, "reason": why, "history": []}
+    if why and gcfg.evaluator == "none":
+        out = publish(run_dir, {})
+        selection = {"published_step": 0, "unit": "penalty", "repeat_penalty": 0.0, "evaluator_weight": 0.0,
+                     "reason": why, "history": []}
         write_json(out / "selection.json", selection)
         write_json(out / "DONE", {"seconds": round(time.perf_counter() - t0, 1), "published_step": 0,
-                                  "repeat_penalty": 0.0, "pages_generated": 0})
+                                  "repeat_penalty": 0.0, "evaluator_weight": 0.0, "pages_generated": 0})
         log(f"[guided] done: published the SFT policy as it is ({why}) -> {out}")
         return selection
-    log(f"[guided] page prior: repeated category worth x{1 - prior.satiation:.2f}; trying repeat penalties "
-        f"{', '.join(f'{d:g}' for d in gcfg.penalties)} on up to {gcfg.val_users:,} validation users, guarding "
-        f"{', '.join(gcfg.guard)} within {gcfg.margin:.1%} of the SFT policy's decoding "
-        f"(mean paired change less {gcfg.standard_errors:g} standard error(s))")
-    found = in_worker(validate_penalties, run_dir, cfg.model_dump(mode="json"), categories)
-    chosen, records = choose_penalty(list(gcfg.penalties), found["sft"], found["candidates"], gcfg.margin,
-                                     gcfg.standard_errors)
-    for record, value in zip(records, found["prior"]):
+    rule = (f"on up to {gcfg.val_users:,} validation users, guarding {', '.join(gcfg.guard)} (mean paired change "
+            f"less {gcfg.standard_errors:g} standard error(s))")
+    if gcfg.evaluator != "none":
+        log(f"[guided] fitting the {gcfg.evaluator} evaluator (as the evaluation fits its baseline), then trying "
+            f"its weights {', '.join(f'{w:g}' for w in gcfg.evaluator_weights)} {rule}: kept only above the SFT "
+            f"decoding")
+    if why:
+        log(f"[guided] no repeat penalty: {why}")
+    else:
+        log(f"[guided] page prior: repeated category worth x{1 - prior.satiation:.2f}; trying repeat penalties "
+            f"{', '.join(f'{d:g}' for d in gcfg.penalties)} {rule}: kept within {gcfg.margin:.1%} of the SFT "
+            f"decoding")
+    found = in_worker(validate, run_dir, cfg.model_dump(mode="json"), categories, why is None)
+    weight_records = found.get("weight_records", [])
+    for record, value in zip(weight_records, found["weight_prior"]):
         record["prior_value"] = value
-        changes = ", ".join(f"{m} {record[f'{m}_change']:+.4f} ± {record[f'{m}_change_se']:.4f}" for m in gcfg.guard)
-        log(f"[guided] penalty {record['penalty']:g}: {changes} vs SFT; prior value {value:.3f} "
-            f"(SFT {found['prior_sft']:.3f}){'' if record['passes'] else ' -- outside the margin'}")
-    delta = float(gcfg.penalties[chosen]) if chosen >= 0 else None
-    out = publish(run_dir, delta, positions, categories)
-    sft_record = {m: float(v.mean()) for m, v in found["sft"].items()}
-    step = sorted(gcfg.penalties).index(delta) + 1 if delta is not None else 0  # its rank on the grid
-    selection = {"published_step": step, "unit": "penalty", "repeat_penalty": delta or 0.0, "guard": list(gcfg.guard),
-                 "margin": gcfg.margin, "standard_errors": gcfg.standard_errors, "users": found["users"], "sft": sft_record,
-                 "prior_sft": found["prior_sft"], "history": records}
+        log(f"[guided] evaluator weight {record['weight']:g}: {_changes(record, gcfg.guard)} vs SFT"
+            f"{'' if record['passes'] else ' -- no gain validation can tell'}")
+    weight = found["weight"]
+    delta, records = None, []
+    if why is None:
+        chosen, records = choose_penalty(list(gcfg.penalties), found["sft"], found["penalties"], gcfg.margin,
+                                         gcfg.standard_errors)
+        for record, value in zip(records, found["penalty_prior"]):
+            record["prior_value"] = value
+            log(f"[guided] penalty {record['penalty']:g}"
+                f"{f' (evaluator weight {weight:g})' if weight else ''}: {_changes(record, gcfg.guard)} vs SFT; prior "
+                f"value {value:.3f} (SFT {found['prior_sft']:.3f}){'' if record['passes'] else ' -- outside the margin'}")
+        delta = float(gcfg.penalties[chosen]) if chosen >= 0 else None
+    out = publish(run_dir, {"weight": weight, "delta": delta, "positions": positions, "categories": categories},
+                  found["evaluator"])
+    # The grid point published: penalty rank + (penalties + 1) x weight rank; 0 = the SFT decoding.
+    step = _grid_step(gcfg.penalties, delta) + (len(gcfg.penalties) + 1) * _grid_step(gcfg.evaluator_weights, weight)
+    selection = {"published_step": step, "unit": "penalty", "repeat_penalty": delta or 0.0,
+                 "evaluator": gcfg.evaluator, "evaluator_weight": weight or 0.0, "guard": list(gcfg.guard),
+                 "margin": gcfg.margin, "standard_errors": gcfg.standard_errors, "users": found["users"],
+                 "sft": {m: float(v.mean()) for m, v in found["sft"].items()}, "prior_sft": found["prior_sft"],
+                 "evaluator_history": weight_records, "history": records}
+    if why:
+        selection["reason"] = f"no repeat penalty: {why}"
     write_json(out / "selection.json", selection)
-    pages = found["users"] * (len(gcfg.penalties) + 1)
+    pages = found["users"] * (1 + len(found["weights"]) + len(found["penalties"]))
     write_json(out / "DONE", {"seconds": round(time.perf_counter() - t0, 1), "published_step": step,
-                              "repeat_penalty": delta or 0.0, "pages_generated": pages})
-    what = f"repeat penalty {delta:g}" if delta is not None else "the SFT decoding: no penalty kept accuracy"
+                              "repeat_penalty": delta or 0.0, "evaluator_weight": weight or 0.0,
+                              "pages_generated": pages})
+    kept = ([f"evaluator weight {weight:g}"] if weight else []) + ([f"repeat penalty {delta:g}"] if delta else [])
+    what = " and ".join(kept) if kept else "the SFT decoding: no term passed validation"
     log(f"[guided] done: published {what} -> {out}")
     return selection
