@@ -15,7 +15,7 @@ from served_page import assert_serves_its_stage3_policy
 from pagellm.config import load_config
 from pagellm.models.page_prior import PagePrior, standardise
 from pagellm.models.policy import load_policy
-from pagellm.train.guided import choose_penalty, choose_weight, publish, run_guided_stage
+from pagellm.train.guided import choose_penalty, choose_weight, judged_rows, publish, run_guided_stage
 from pagellm.vocab import PromptEncoder
 
 SMALL = ["data.simulator.users=40", "data.simulator.items=40", "data.simulator.categories=4",
@@ -73,6 +73,19 @@ def test_the_evaluator_weight_with_the_largest_gain_validation_can_tell_is_kept_
     mixed = [{"ndcg@10": up(0.02), "hr@10": up(-0.01)}]
     assert choose_weight([1.0], sft, mixed)[0] == -1
     assert choose_weight([1.0], sft, [{"ndcg@10": up(0.0), "hr@10": up(0.0)}])[0] == -1  # level is not a gain
+
+
+def test_the_stage_judges_on_validation_users_the_sft_stage_did_not_select_on():
+    from pagellm.eval.probe import probe_rows
+
+    for n, sft_users, users in [(670, 2000, 2000), (400, 100, 2000), (5000, 1000, 300), (3, 2000, 2000)]:
+        rows = judged_rows(n, sft_users, users)
+        assert not set(rows) & set(probe_rows(n, sft_users, "sft"))
+        assert len(rows) == min(users, n - len(probe_rows(n, sft_users, "sft"))) and len(set(rows)) == len(rows)
+    assert len(judged_rows(670, 2000, 2000)) == 335  # the stage-3 half, as the other algorithms'
+    spread = judged_rows(5000, 1000, 300)
+    assert spread.min() < 50 and spread.max() > 4950  # evenly over the users, not the first 300
+    assert list(judged_rows(1, 2000, 2000)) == [0]
 
 
 @pytest.fixture(scope="module")

@@ -25,6 +25,13 @@ from pagellm.vocab import PromptEncoder
 PROBE_PARTS = ("sft", "stage3")
 
 
+def probe_rows(n: int, users: int, part: str) -> np.ndarray:
+    """Rows (of the n validation users, load_eval_set's order) of probe half `part` when each
+    half holds up to `users`: every other row of one evenly spread sample."""
+    sample = np.unique(np.linspace(0, n - 1, min(len(PROBE_PARTS) * users, n)).round().astype(int))
+    return sample[PROBE_PARTS.index(part)::len(PROBE_PARTS)]
+
+
 @dataclass
 class RankingProbe:
     """Validation users as the evaluation sees them: the pages the policy writes for them
@@ -51,8 +58,7 @@ class RankingProbe:
         if n < len(PROBE_PARTS):
             raise ValueError(f"{data_dir}: {n} user(s) with validation positives; checkpoint selection needs "
                              f"at least {len(PROBE_PARTS)} (one per selecting stage)")
-        sample = np.unique(np.linspace(0, n - 1, min(len(PROBE_PARTS) * users, n)).round().astype(int))
-        keep = sample[PROBE_PARTS.index(part)::len(PROBE_PARTS)]
+        keep = probe_rows(n, users, part)
         return cls({int(es.user_index[i]) for i in keep},
                    [encoder.encode_prompt(int(es.user_index[i]), es.prompts[i]) for i in keep],
                    [es.exclude[i] for i in keep], [es.targets[i] for i in keep], page_len)

@@ -19,8 +19,9 @@ to pi_SFT x exp(r / beta). Two terms:
   "How far a page can move from the policy's own ranking"). Page positions only (the first
   `data.page_len`; the rest of a longer list is the policy's ranking as before).
 
-Both are chosen on validation, as a stage-3 checkpoint is: the policy writes the lists of
-`guided.val_users` validation users (evenly spread) once per candidate, and each
+Both are chosen on validation, as a stage-3 checkpoint is: the policy writes the lists of up to
+`guided.val_users` validation users (evenly spread, none from the half the SFT stage selected
+its checkpoint on, where SFT is flattered) once per candidate, and each
 candidate's per-user accuracy (`guided.guard`, e.g. ndcg@10) is paired with the same users'
 under the SFT policy's own decoding. The weight w must show a gain (`choose_weight`: the
 largest lower bound, paired change less `guided.standard_errors` standard errors, above
@@ -120,6 +121,17 @@ def _score(lists, targets, guard: list[str]) -> dict[str, np.ndarray]:
     return out
 
 
+def judged_rows(n: int, sft_users: int, users: int) -> np.ndarray:
+    """Up to `users` validation rows, evenly spread, none from the half the SFT stage chose its
+    checkpoint on (probe part "sft" of `sft_users`): there the SFT policy is flattered by its
+    own selection, and every candidate here is paired against it. With one validation user
+    only, that user."""
+    from pagellm.eval.probe import probe_rows
+
+    rest = np.setdiff1d(np.arange(n), probe_rows(n, sft_users, "sft")) if n > 1 else np.arange(n)
+    return rest[np.unique(np.linspace(0, len(rest) - 1, min(users, len(rest))).round().astype(int))]
+
+
 def validate(run_dir: Path, cfg_json: dict, categories: np.ndarray, try_penalty: bool) -> dict:
     """In a worker (harness.in_worker): fit the evaluator (if any), score the SFT decoding,
     each evaluator weight, then each penalty on top of the chosen weight (`try_penalty`) on
@@ -141,7 +153,7 @@ def validate(run_dir: Path, cfg_json: dict, categories: np.ndarray, try_penalty:
     model, tokenizer, layout = load_policy(run_dir / "sft", trainable=False)
     model.eval()
     es = load_eval_set(run_dir / "data", "val", None)
-    keep = np.unique(np.linspace(0, len(es.prompts) - 1, min(gcfg.val_users, len(es.prompts))).round().astype(int))
+    keep = judged_rows(len(es.prompts), cfg.sft.val_users, gcfg.val_users)
     encoder = PromptEncoder(tokenizer, layout)
     prompts = [encoder.encode_prompt(int(es.user_index[i]), es.prompts[i]) for i in keep]
     exclude = [es.exclude[i] for i in keep]
