@@ -180,6 +180,12 @@ def test_a_kept_evaluator_weight_is_published_with_its_evaluator_and_served(run_
         Guidance.load(out, load_policy(out, trainable=False)[2])
 
 
+def test_guided_config_needs_a_term_to_choose():
+    with pytest.raises(ValueError, match="no term to choose"):
+        load_config(None, SMALL + ["guided.penalties=[]", "guided.evaluator=none"])
+    assert load_config(None, SMALL + ["guided.penalties=[]"]).guided.penalties == []  # the evaluator alone
+
+
 def test_a_prior_without_a_category_discount_publishes_the_sft_policy_as_it_is(run_template, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(run_template, run_dir)

@@ -157,8 +157,9 @@ class GuidedConfig(Strict):
     when no penalty passes); `stage3.publish` does not apply to it."""
 
     # Candidate penalties (logit units per earlier page item of the same category), tried in
-    # increasing order; the search stops at the first that costs more than `margin`.
-    penalties: list[float] = Field(default_factory=lambda: [0.25, 0.5, 1.0, 1.5, 2.0, 3.0], min_length=1)
+    # increasing order; the search stops at the first that costs more than `margin`. Empty: no
+    # page term (the evaluator's alone).
+    penalties: list[float] = Field(default_factory=lambda: [0.25, 0.5, 1.0, 1.5, 2.0, 3.0])
     # Accuracy metrics that must hold (ndcg@K / hr@K of the written list on validation users).
     guard: list[str] = Field(default_factory=lambda: ["ndcg@10"], min_length=1)
     # How far below the SFT decoding's mean a guarded metric may fall, relative (0.01 = 1 %),
@@ -181,6 +182,8 @@ class GuidedConfig(Strict):
     def _check(self) -> "GuidedConfig":
         if any(p <= 0 for p in self.penalties):
             raise ValueError(f"guided.penalties must all be > 0, got {self.penalties}")
+        if not self.penalties and self.evaluator == "none":
+            raise ValueError("guided: no term to choose (guided.penalties is empty and guided.evaluator is none)")
         if any(w <= 0 for w in self.evaluator_weights):
             raise ValueError(f"guided.evaluator_weights must all be > 0, got {self.evaluator_weights}")
         for name in self.guard:

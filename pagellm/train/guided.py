@@ -254,7 +254,9 @@ def run_guided_stage(cfg: Config, run_dir: Path, log=print) -> dict:
     gcfg, positions = cfg.guided, cfg.data.page_len
     categories = item_categories(run_dir / "data")
     why = None
-    if not (categories >= 0).any():
+    if not gcfg.penalties:
+        why = "guided.penalties is empty"
+    elif not (categories >= 0).any():
         why = "the data has no item categories"
     elif prior.satiation <= 0:
         why = "the page prior sees no cost in a repeated category (c = 0)"
