@@ -28,6 +28,13 @@ def test_keys_follow_the_inputs_not_their_order_or_container(tmp_path):
     first = files_key(tmp_path)
     (tmp_path / "w.bin").write_bytes(b"abd")
     assert files_key(tmp_path) != first
+    second = files_key(tmp_path)
+    (tmp_path / "checkpoints" / "step_1").mkdir(parents=True)  # an RL run's checkpoints: not the policy
+    (tmp_path / "checkpoints" / "step_1" / "w.bin").write_bytes(b"x")
+    assert files_key(tmp_path) == second
+    (tmp_path / "evaluator").mkdir()  # a guided policy's evaluator: its pages depend on it
+    (tmp_path / "evaluator" / "model.safetensors").write_bytes(b"y")
+    assert files_key(tmp_path) != second
 
 
 def test_lists_and_weights_round_trip(tmp_path):

@@ -49,11 +49,18 @@ def _plain(value: Any):
 
 
 def files_key(directory: Path) -> str:
-    """16 hex digits of a SHA-256 over every file in `directory` and below (relative names and
-    bytes): a policy's weights, layout and tokenizer, and a guided policy's evaluator/."""
+    """16 hex digits of a SHA-256 over every file directly in `directory` and in its
+    `evaluator/` (relative names and bytes): a policy's weights, layout and tokenizer, and a
+    guided policy's evaluator, which its pages depend on. Other folders (an RL run's
+    checkpoints/) are not the published policy and are left out."""
+    from pagellm.models.evaluator import EVALUATOR_DIR
+
     digest = hashlib.sha256()
     root = Path(directory)
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+    files = [p for p in root.iterdir() if p.is_file()]
+    if (root / EVALUATOR_DIR).is_dir():
+        files += [p for p in (root / EVALUATOR_DIR).iterdir() if p.is_file()]
+    for path in sorted(files):
         digest.update(str(path.relative_to(root)).encode() + b"\x00")
         with path.open("rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
