@@ -1,6 +1,6 @@
 """Serving latency and throughput of the Ray Serve app, over real HTTP, K = 10.
 
-    python bench/serve_latency.py [--out runs/bench_serve] [--models tiny gpt2-small]
+    python bench/serve_latency.py [--out runs/bench_serve] [--models tiny tiny-guided gpt2-small]
                                   [--ingress proxy haproxy] [--duration 60] [--concurrency 16]
                                   [--requests 300]
     python bench/serve_latency.py --routers hand fastapi [--ingress proxy] [--rounds 6]
@@ -47,12 +47,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from jobs.common import ray_session  # noqa: E402
 from pagellm.config import load_config, save_config  # noqa: E402
 from pagellm.data.pipeline import run_data_stage  # noqa: E402
+from pagellm.models.evaluator import fit_evaluator  # noqa: E402
 from pagellm.models.policy import build_policy, save_policy  # noqa: E402
+from pagellm.train.guided import publish  # noqa: E402
 from pagellm.serve.ingress import prepare_ingress  # noqa: E402
 from pagellm.vocab import Vocab  # noqa: E402
 
 SHAPES = {
     "tiny": [],  # configs/tiny.yaml: 2 layers, 64 wide
+    # The tiny policy published by the guided stage with its evaluator term (weight 1, a
+    # 1-epoch SASRec): what serving pays for the evaluator's pass per request.
+    "tiny-guided": ["stage3.algorithm=guided"],
     "gpt2-small": ["model.init={n_layer: 12, n_embd: 768, n_head: 12, n_positions: 1024}"],
 }
 K = 10
@@ -70,6 +75,9 @@ def build_run(out: Path, shape: str, overrides: list[str]) -> tuple[Path, object
         if not (run / "data").exists():
             (run / "data").symlink_to(data.resolve())
         save_policy(*build_policy(cfg.model, Vocab.from_parquet(data / "vocab.parquet"), seed=0), run / "sft")
+    if cfg.stage3.algorithm == "guided" and not (run / "guided" / "evaluator").exists():
+        evaluator = fit_evaluator(data, {**cfg.eval.sasrec, "epochs": 1, "verbose": False}, cfg.seed)
+        publish(run, {"weight": 1.0}, evaluator)
     save_config(cfg, run / "config.yaml")
     return run, cfg
 
