@@ -49,8 +49,8 @@ from pagellm.config import load_config, save_config  # noqa: E402
 from pagellm.data.pipeline import run_data_stage  # noqa: E402
 from pagellm.models.evaluator import fit_evaluator  # noqa: E402
 from pagellm.models.policy import build_policy, save_policy  # noqa: E402
-from pagellm.train.guided import publish  # noqa: E402
 from pagellm.serve.ingress import prepare_ingress  # noqa: E402
+from pagellm.train.guided import publish  # noqa: E402
 from pagellm.vocab import Vocab  # noqa: E402
 
 SHAPES = {

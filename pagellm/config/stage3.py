@@ -152,9 +152,10 @@ class DeGReConfig(ProbedTraining):
 
 
 class GuidedConfig(Strict):
-    """The page prior's category term in the policy's decoding (pagellm/train/guided.py): the
-    largest repeat penalty validation accuracy allows. Its own rule publishes (the SFT decoding
-    when no penalty passes); `stage3.publish` does not apply to it."""
+    """Reward terms in the policy's decoding (pagellm/train/guided.py): an independent
+    evaluator's item scores at the weight with a validation gain, and the page prior's
+    category term, the largest repeat penalty validation accuracy allows. Its own rules publish
+    (the SFT decoding when no term passes); `stage3.publish` does not apply to it."""
 
     # Candidate penalties (logit units per earlier page item of the same category), tried in
     # increasing order; the search stops at the first that costs more than `margin`. Empty: no

@@ -25,11 +25,15 @@ from pagellm.vocab import PromptEncoder
 PROBE_PARTS = ("sft", "stage3")
 
 
+def evenly_spread(n: int, count: int) -> np.ndarray:
+    """Up to `count` distinct positions in range(n), evenly spread over it (all n when count >= n)."""
+    return np.unique(np.linspace(0, n - 1, min(count, n)).round().astype(int))
+
+
 def probe_rows(n: int, users: int, part: str) -> np.ndarray:
     """Rows (of the n validation users, load_eval_set's order) of probe half `part` when each
     half holds up to `users`: every other row of one evenly spread sample."""
-    sample = np.unique(np.linspace(0, n - 1, min(len(PROBE_PARTS) * users, n)).round().astype(int))
-    return sample[PROBE_PARTS.index(part)::len(PROBE_PARTS)]
+    return evenly_spread(n, len(PROBE_PARTS) * users)[PROBE_PARTS.index(part)::len(PROBE_PARTS)]
 
 
 @dataclass

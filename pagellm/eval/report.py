@@ -204,11 +204,13 @@ def guided_section(selection: dict) -> list[str]:
     if selection.get("reason") and "guard" not in selection:
         return parts + [f"Published the SFT policy as it is: {selection['reason']}.", ""]
     guard = selection["guard"]
-    weight, chosen = selection.get("evaluator_weight", 0.0), selection["repeat_penalty"]
-    kept = ([f"evaluator weight {weight:g}"] if weight else []) + ([f"repeat penalty {chosen:g}"] if chosen else [])
+    from pagellm.train.guided import published_terms
+
+    weight = selection.get("evaluator_weight", 0.0)
+    kept = published_terms(weight, selection["repeat_penalty"])
     parts += [f"{selection['users']:,} validation users; guarded {', '.join(guard)}, paired with the SFT decoding, "
               f"less {selection.get('standard_errors', 0):g} standard error(s); published "
-              + (" and ".join(kept) + "." if kept else "the SFT decoding (no term passed)."), ""]
+              + (kept + "." if kept else "the SFT decoding (no term passed)."), ""]
     changes = " | ".join(f"{m} change (± se)" for m in guard)
     if selection.get("evaluator_history"):
         parts += [f"Evaluator ({selection.get('evaluator', 'sasrec')}) weights, kept only with a gain above 0:", "",

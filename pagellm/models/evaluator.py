@@ -6,10 +6,11 @@ likelihood ranked pages much as the policy already does (docs/BENCHMARKS.md, "Re
 fidelity"), so nothing built on it could add accuracy. A sequential recommender trained on
 the same training sequences makes different mistakes: its scores in the guided decoding
 raised test ndcg@100 on MovieLens and Musical Instruments (+2.3 %, +2.6 %, 3 seeds), though
-not hits at 10 per user (docs/BENCHMARKS.md, "An independent evaluator in the decoding"). The evaluator is SASRec, fitted exactly as
-the evaluation fits its baseline (same parameters, `eval.sasrec`, same seed, epoch chosen
-on the validation step, the fit shared through the run's eval_cache), so the published
-policy is "policy + the baseline it is compared with", and the report says so.
+not hits at 10 per user (docs/BENCHMARKS.md, "An independent evaluator in the decoding").
+The evaluator is SASRec, fitted exactly as the evaluation fits its baseline (same
+parameters, `eval.sasrec`, same seed, epoch chosen on the validation step, the fit shared
+through the run's eval_cache), so the published policy is "policy + the baseline it is
+compared with", and the report says so.
 
 It scores the item sequence of the prompt (the user's most recent `data.history_len`
 positives, SASRec's own window), so evaluation and serving feed it what the policy sees.

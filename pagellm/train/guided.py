@@ -126,10 +126,10 @@ def judged_rows(n: int, sft_users: int, users: int) -> np.ndarray:
     checkpoint on (probe part "sft" of `sft_users`): there the SFT policy is flattered by its
     own selection, and every candidate here is paired against it. With one validation user
     only, that user."""
-    from pagellm.eval.probe import probe_rows
+    from pagellm.eval.probe import evenly_spread, probe_rows
 
     rest = np.setdiff1d(np.arange(n), probe_rows(n, sft_users, "sft")) if n > 1 else np.arange(n)
-    return rest[np.unique(np.linspace(0, len(rest) - 1, min(users, len(rest))).round().astype(int))]
+    return rest[evenly_spread(len(rest), users)]
 
 
 def validate(run_dir: Path, cfg_json: dict, categories: np.ndarray, try_penalty: bool) -> dict:
@@ -220,11 +220,17 @@ def publish(run_dir: Path, layout_terms: dict, evaluator=None) -> Path:
         import shutil
 
         shutil.rmtree(out / EVALUATOR_DIR)
-    if any(v for k, v in layout_terms.items() if k in ("weight", "delta")):
+    if layout_terms.get("weight") or layout_terms.get("delta"):
         with_guidance(TokenLayout.load(out), **layout_terms).save(out)
     if layout_terms.get("weight"):
         evaluator.save(out)
     return out
+
+
+def published_terms(weight: float | None, delta: float | None) -> str:
+    """'evaluator weight 2 and repeat penalty 0.25', '' when neither was kept."""
+    kept = ([f"evaluator weight {weight:g}"] if weight else []) + ([f"repeat penalty {delta:g}"] if delta else [])
+    return " and ".join(kept)
 
 
 def _grid_step(grid: list[float], value: float | None) -> int:
@@ -314,7 +320,6 @@ def run_guided_stage(cfg: Config, run_dir: Path, log=print) -> dict:
     write_json(out / "DONE", {"seconds": round(time.perf_counter() - t0, 1), "published_step": step,
                               "repeat_penalty": delta or 0.0, "evaluator_weight": weight or 0.0,
                               "pages_generated": pages})
-    kept = ([f"evaluator weight {weight:g}"] if weight else []) + ([f"repeat penalty {delta:g}"] if delta else [])
-    what = " and ".join(kept) if kept else "the SFT decoding: no term passed validation"
+    what = published_terms(weight, delta) or "the SFT decoding: no term passed validation"
     log(f"[guided] done: published {what} -> {out}")
     return selection
