@@ -130,12 +130,16 @@ class TokenLayout:
     # model.ranking_prior: weight of the first page position's item logits added to every
     # later position's when pages are decoded or scored (pagellm/models/decoding.py).
     ranking_prior: float = 0.0
-    # The guided stage's page-writing term (pagellm/train/guided.py): at each of the first
-    # `penalty_positions` positions (the page), an item's logit is lowered by repeat_penalty x
-    # the page items already placed in its category (item_category[i]; -1 = none). 0 = off.
+    # The guided stage's page terms (pagellm/train/guided.py), at each of the first
+    # `page_positions` positions (the page) only: an item's logit is lowered by repeat_penalty x
+    # the page items already placed in its category (item_category[i]; -1 = none), and raised
+    # by quality_weight x item_quality[i] (the page prior's standardised item quality) in units
+    # of the policy's own first-position ranking. 0 = off.
     repeat_penalty: float = 0.0
-    penalty_positions: int = 0
+    page_positions: int = 0
     item_category: list[int] | None = None
+    quality_weight: float = 0.0
+    item_quality: list[float] | None = None
     # The guided stage's item term (pagellm/models/evaluator.py): an independently trained
     # next-item model's scores for the user, standardised over items, added to every page
     # position's item logits at this weight relative to the policy's own first-position
@@ -175,7 +179,10 @@ class TokenLayout:
         path = Path(directory) / LAYOUT_FILE
         if not path.exists():
             raise FileNotFoundError(f"{path} missing: not a PageLLM tokenizer directory")
-        return cls(**json.loads(path.read_text()))
+        state = json.loads(path.read_text())
+        if "penalty_positions" in state:  # layouts saved before the quality term named it for the penalty
+            state["page_positions"] = state.pop("penalty_positions")
+        return cls(**state)
 
 
 def render_prompt(user_index: int, item_indices) -> str:

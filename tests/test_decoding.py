@@ -109,12 +109,14 @@ def test_batched_left_padded_decoding_equals_one_by_one(arch, gpt2):
 
 
 def reference_greedy(model, layout, prompt, k, exclude, prior: float = 0.0, penalty: float = 0.0,
-                     cats: list[int] | None = None, positions: int = 0, weight: float = 0.0, scores=None):
+                     cats: list[int] | None = None, positions: int = 0, weight: float = 0.0, scores=None,
+                     quality_weight: float = 0.0, quality=None):
     """No cache, no padding, constraints in plain Python: an independent reading of the rule.
     `prior`: model.ranking_prior, the first step's item logits added at every later step;
     `penalty`: at steps < `positions`, minus penalty x earlier items of the item's category;
     `weight`: plus weight x (spread of the first step's item logits) x the standardised
-    `scores` at every step, times (1 + prior) after the first."""
+    `scores` at every step, times (1 + prior) after the first; `quality_weight`: the same with
+    `quality` (as given), at steps < `positions` only."""
     seq, used, items, logps = list(prompt), set(), [], []
     item_ids = slice(layout.item_offset, layout.item_offset + layout.n_items)
     for t in range(k + 1):
@@ -127,6 +129,8 @@ def reference_greedy(model, layout, prompt, k, exclude, prior: float = 0.0, pena
         if weight:
             z = (scores - scores.mean()) / scores.std()
             logits[item_ids] += weight * float(first.std()) * z * (1.0 if t == 0 else 1.0 + prior)
+        if quality_weight and t < positions:
+            logits[item_ids] += quality_weight * float(first.std()) * torch.as_tensor(quality) * (1.0 if t == 0 else 1.0 + prior)
         if penalty and t < positions:
             for i in range(layout.n_items):
                 if cats[i] >= 0:
@@ -182,12 +186,12 @@ def test_the_ranking_prior_adds_the_first_steps_item_logits_to_every_later_step(
 
 def test_the_repeat_penalty_lowers_items_of_categories_already_on_the_page(gpt2):
     """The guided stage's page term (layout.repeat_penalty): greedy pages follow the rule
-    above, only over the first penalty_positions steps; teacher-forced logprobs match the
+    above, only over the first page_positions steps; teacher-forced logprobs match the
     sampled pages' (the KL to SFT and any later RL read them); a dominant penalty writes a
     page whose first positions never repeat a category; uncategorised items are never lowered."""
     model, plain, enc = gpt2
     cats = [-1 if n % 7 == 0 else n % 3 for n in range(N_ITEMS)]
-    layout = dataclasses.replace(plain, ranking_prior=0.5, repeat_penalty=0.8, penalty_positions=3,
+    layout = dataclasses.replace(plain, ranking_prior=0.5, repeat_penalty=0.8, page_positions=3,
                                  item_category=cats)
     prompts, exclude = prompts_of(enc, HISTORIES), [set(h) for h in HISTORIES]
     batch = generate_pages(model, layout, prompts, K, exclude=exclude)
@@ -242,6 +246,43 @@ def test_the_evaluator_term_adds_an_independent_models_scores_in_the_policys_uni
         generate_pages(model, layout, prompts, K, exclude=exclude)
     with pytest.raises(ValueError, match="shape"):
         generate_pages(model, layout, prompts, K, exclude=exclude, evaluator_scores=scores[:, :3])
+
+
+def test_the_quality_term_raises_better_items_on_the_page_only(gpt2):
+    """The guided stage's second page term (layout.quality_weight): greedy pages follow the
+    reference with the evaluator term beside it, only over the first page_positions steps;
+    teacher-forced logprobs match sampled pages'; a dominant weight fills the page with the
+    highest-quality allowed items and leaves the rest of the list to the policy; a weight
+    without a quality per item is refused."""
+    model, plain, enc = gpt2
+    quality = torch.randn(N_ITEMS, generator=torch.Generator().manual_seed(11)).tolist()
+    layout = dataclasses.replace(plain, ranking_prior=0.5, evaluator_weight=0.3, quality_weight=0.6,
+                                 page_positions=3, item_quality=quality)
+    prompts, exclude = prompts_of(enc, HISTORIES), [set(h) for h in HISTORIES]
+    scores = torch.randn(len(prompts), N_ITEMS, generator=torch.Generator().manual_seed(3))
+    batch = generate_pages(model, layout, prompts, K, exclude=exclude, evaluator_scores=scores)
+    for row, prompt in enumerate(prompts):
+        items, logps = reference_greedy(model, layout, prompt, K, exclude[row], prior=0.5, weight=0.3,
+                                        scores=scores[row], positions=3, quality_weight=0.6, quality=quality)
+        assert batch.items[row] == items
+        torch.testing.assert_close(batch.logprobs[row], torch.tensor(logps), atol=1e-5, rtol=0)
+    sampled = generate_pages(model, layout, prompts * 2, K, mode="sample", exclude=exclude * 2,
+                             generator=torch.Generator().manual_seed(5), evaluator_scores=scores.repeat(2, 1))
+    logp = constrained_logprobs(model, layout, prompts * 2, sampled.response_ids, exclude * 2, k=K,
+                                evaluator_scores=scores.repeat(2, 1))[0]
+    torch.testing.assert_close(logp, sampled.logprobs, atol=1e-5, rtol=0)
+
+    dominant = dataclasses.replace(plain, quality_weight=1e6, page_positions=3, item_quality=quality)
+    pages = generate_pages(model, dominant, prompts, K, exclude=exclude).items
+    by_quality = sorted(range(N_ITEMS), key=lambda i: -quality[i])
+    for row, (page, prompt) in enumerate(zip(pages, prompts)):
+        assert page[:3] == [i for i in by_quality if i not in exclude[row]][:3]
+        # after the page positions the policy writes on from that prefix, quality unweighted
+        assert page == reference_greedy(model, dominant, prompt, K, exclude[row], positions=3,
+                                        quality_weight=1e6, quality=quality)[0]
+    assert pages != [[i for i in by_quality if i not in ex][:K] for ex in exclude]
+    with pytest.raises(ValueError, match="item_quality"):
+        generate_pages(model, dataclasses.replace(plain, quality_weight=1.0, page_positions=3), prompts, K)
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])

@@ -15,7 +15,7 @@ from served_page import assert_serves_its_stage3_policy
 from pagellm.config import load_config
 from pagellm.models.page_prior import PagePrior, standardise
 from pagellm.models.policy import load_policy
-from pagellm.train.guided import choose_penalty, choose_weight, judged_rows, publish, run_guided_stage
+from pagellm.train.guided import choose_page_terms, choose_weight, judged_rows, page_grid, publish, run_guided_stage
 from pagellm.vocab import PromptEncoder
 
 SMALL = ["data.simulator.users=40", "data.simulator.items=40", "data.simulator.categories=4",
@@ -26,17 +26,37 @@ SMALL = ["data.simulator.users=40", "data.simulator.items=40", "data.simulator.c
 QUIET = dict(log=lambda *_: None)
 
 
-def test_the_largest_penalty_within_the_margin_is_chosen_and_the_search_stops_at_the_first_miss():
+def test_on_one_axis_the_largest_penalty_within_the_margin_is_chosen_and_a_pass_after_a_miss_is_noise():
     sft = {"ndcg@10": np.array([0.5, 0.5, 0.5, 0.5])}
+    assert page_grid([2.0, 0.5, 4.0, 1.0], []) == [(0.5, 0.0), (1.0, 0.0), (2.0, 0.0), (4.0, 0.0)]  # sorted
+    # 0.5 (no change), 1 (-0.8 %), 2 (-4 %), 4 (-0.2 %, after the miss); the prior values each more.
     cands = [{"ndcg@10": sft["ndcg@10"] + d} for d in (0.0, -0.004, -0.02, -0.001)]
-    # Penalties given out of order: 0.5 (no change), 1 (-0.8 %), 2 (-4 %), 4 (-0.2 %, after the miss).
-    chosen, records = choose_penalty([0.5, 1.0, 2.0, 4.0], sft, cands, margin=0.01)
-    assert chosen == 1  # 4 would pass alone, but 2 failed before it: a later pass is noise
+    chosen, records = choose_page_terms([0.5, 1.0, 2.0, 4.0], [], sft, cands, [1.0, 2.0, 3.0, 4.0], base_value=0.0,
+                                        margin=0.01)
+    assert chosen == (1.0, 0.0)  # 4 would pass alone, but 2 failed before it
     assert [r["passes"] for r in records] == [True, True, False, True]
-    assert records[1]["ndcg@10_change"] == pytest.approx(-0.004)
-    shuffled, _ = choose_penalty([4.0, 2.0, 1.0, 0.5], sft, cands[::-1], margin=0.01)
-    assert shuffled == 2  # the same penalty, 1.0, wherever it sits in the list
-    assert choose_penalty([0.5], sft, [{"ndcg@10": sft["ndcg@10"] - 0.1}], margin=0.01)[0] == -1
+    assert [r["eligible"] for r in records] == [True, True, False, False]
+    assert records[1]["ndcg@10_change"] == pytest.approx(-0.004) and records[1]["prior_value"] == 2.0
+    assert choose_page_terms([0.5], [], sft, [{"ndcg@10": sft["ndcg@10"] - 0.1}], [1.0], 0.0, margin=0.01)[0] is None
+    with pytest.raises(ValueError, match="pairs"):
+        choose_page_terms([0.5, 1.0], [], sft, cands[:1], [1.0], 0.0, margin=0.01)
+
+
+def test_on_the_grid_the_eligible_pair_the_prior_values_most_is_chosen():
+    sft = {"ndcg@10": np.full(4, 0.5)}
+    grid = page_grid([1.0, 2.0], [0.1])
+    assert grid == [(0.0, 0.1), (1.0, 0.0), (1.0, 0.1), (2.0, 0.0), (2.0, 0.1)]
+    change = {(0.0, 0.1): 0.0, (1.0, 0.0): -0.001, (1.0, 0.1): -0.002, (2.0, 0.0): -0.02, (2.0, 0.1): 0.0}
+    value = {(0.0, 0.1): 6.0, (1.0, 0.0): 4.0, (1.0, 0.1): 5.0, (2.0, 0.0): 7.0, (2.0, 0.1): 9.0}
+    cands = [{"ndcg@10": sft["ndcg@10"] + change[p]} for p in grid]
+    chosen, records = choose_page_terms([2.0, 1.0], [0.1], sft, cands, [value[p] for p in grid], 0.0, margin=0.01)
+    # (2, 0.1) passes and is valued most, but (2, 0) below it missed: not eligible. Of the rest
+    # the prior prefers the quality term alone over both terms at penalty 1.
+    assert chosen == (0.0, 0.1)
+    assert {(r["penalty"], r["quality"]): r["eligible"] for r in records} == {
+        (0.0, 0.1): True, (1.0, 0.0): True, (1.0, 0.1): True, (2.0, 0.0): False, (2.0, 0.1): False}
+    # Nothing the prior values above the decoding without page terms: none.
+    assert choose_page_terms([2.0, 1.0], [0.1], sft, cands, [value[p] for p in grid], 10.0, margin=0.01)[0] is None
 
 
 def test_a_change_validation_cannot_tell_from_a_loss_beyond_the_margin_is_refused():
@@ -46,17 +66,18 @@ def test_a_change_validation_cannot_tell_from_a_loss_beyond_the_margin_is_refuse
     noisy = {"ndcg@10": sft["ndcg@10"] + np.array([-0.0025, 0.0075 * 2 - 0.0025, -0.0025, -0.0075 * 2 - 0.0025])}
     se = noisy["ndcg@10"].std(ddof=1) / 2
     assert se == pytest.approx(np.std([0, 0.015, 0, -0.015], ddof=1) / 2)
-    chosen, records = choose_penalty([1.0], sft, [noisy], margin=0.01, standard_errors=1.0)
-    assert chosen == -1 and records[0]["ndcg@10_change"] == pytest.approx(-0.0025)
+    chosen, records = choose_page_terms([1.0], [], sft, [noisy], [1.0], 0.0, margin=0.01, standard_errors=1.0)
+    assert chosen is None and records[0]["ndcg@10_change"] == pytest.approx(-0.0025)
     assert records[0]["ndcg@10_change_se"] == pytest.approx(se)
-    assert choose_penalty([1.0], sft, [noisy], margin=0.01, standard_errors=0.0)[0] == 0  # the point estimate passes
+    assert choose_page_terms([1.0], [], sft, [noisy], [1.0], 0.0, margin=0.01,
+                             standard_errors=0.0)[0] == (1.0, 0.0)  # the point estimate passes
 
 
 def test_every_guarded_metric_must_hold():
     sft = {"ndcg@10": np.full(3, 0.4), "ndcg@100": np.full(3, 0.6)}
     cands = [{"ndcg@10": np.full(3, 0.41), "ndcg@100": np.full(3, 0.5)}]
-    chosen, records = choose_penalty([1.0], sft, cands, margin=0.05)
-    assert chosen == -1 and not records[0]["passes"]
+    chosen, records = choose_page_terms([], [1.0], sft, cands, [1.0], 0.0, margin=0.05)
+    assert chosen is None and not records[0]["passes"]
 
 
 def test_the_evaluator_weight_with_the_largest_gain_validation_can_tell_is_kept_and_none_without_one():
@@ -94,10 +115,10 @@ def run_template(ray_local, tmp_path_factory):
     return untrained_run(tmp_path_factory.mktemp("guided") / "run", SMALL)
 
 
-def with_prior(run_dir, satiation: float):
+def with_prior(run_dir, satiation: float, quality_weight: float = 0.5):
     items = pd.read_parquet(run_dir / "data" / "items.parquet").sort_values("index")
     (run_dir / "reward").mkdir(exist_ok=True)
-    PagePrior(1.0, 0.5, satiation, standardise(items["score"].to_numpy(dtype=np.float64)).tolist()).save(run_dir / "reward")
+    PagePrior(1.0, quality_weight, satiation, standardise(items["score"].to_numpy(dtype=np.float64)).tolist()).save(run_dir / "reward")
     return items["cat_index"].to_numpy()
 
 
@@ -106,34 +127,43 @@ def test_guided_stage_publishes_the_sft_weights_with_the_chosen_penalty_in_the_l
 
     run_dir = tmp_path / "run"
     shutil.copytree(run_template, run_dir)
-    # hr@40 of a 40-item catalogue: every list holds every allowed item, so no penalty can
-    # lose accuracy and the largest one is published.
-    cfg = load_config(None, SMALL + ["guided.penalties=[1000, 0.5]", "guided.guard=[hr@40]"])
+    # hr@40 of a 40-item catalogue: every list holds every allowed item, so no page term can
+    # lose accuracy, and a prior that counts a repeated category as nearly worthless values
+    # diverse pages of good items most.
+    cfg = load_config(None, SMALL + ["guided.penalties=[1000, 0.5]", "guided.qualities=[0.5]",
+                                     "guided.guard=[hr@40]"])
     with pytest.raises(FileNotFoundError, match="no page prior"):
         run_guided_stage(cfg, run_dir, **QUIET)
-    cats = with_prior(run_dir, satiation=0.4)
+    cats = with_prior(run_dir, satiation=0.99)
     lines: list[str] = []
     selection = run_guided_stage(cfg, run_dir, log=lines.append)
     out = run_dir / "guided"
-    assert selection["repeat_penalty"] == 1000 and selection["published_step"] == 2
-    assert json.loads((out / "DONE").read_text())["published_step"] == 2
+    records = {(r["penalty"], r["quality"]): r for r in selection["history"]}
+    assert list(records) == page_grid([0.5, 1000], [0.5]) and all(r["passes"] and r["eligible"] for r in records.values())
+    # Penalty 0.5 already writes pages as diverse as 1000 here: on a tie the smaller term wins.
+    assert records[(0.5, 0.5)]["prior_value"] == records[(1000, 0.5)]["prior_value"]
+    assert records[(0.5, 0.5)]["prior_value"] == max(r["prior_value"] for r in records.values()) > selection["prior_base"]
+    assert (selection["repeat_penalty"], selection["quality_weight"]) == (0.5, 0.5)
+    assert selection["published_step"] == 3 == json.loads((out / "DONE").read_text())["published_step"]
     # Every list holds every item under every weight too: no gain, no evaluator published.
     assert selection["evaluator_weight"] == 0 and len(selection["evaluator_history"]) == 4
     assert not any(r["passes"] for r in selection["evaluator_history"]) and not (out / "evaluator").exists()
-    from pagellm.eval.report import guided_section
+    from pagellm.eval.report import stage3_section
 
-    report = "\n".join(guided_section(json.loads((out / "selection.json").read_text())))
-    assert "published repeat penalty 1000." in report and report.count("| no |") == 4  # the four weights
-    assert "| 1000 |" in report and "Evaluator (sasrec) weights" in report
+    report = "\n".join(stage3_section(run_dir, "guided", tmp_path))  # what the run's report.md shows
+    assert "published repeat penalty 0.5 and quality weight 0.5." in report
+    assert report.count("| no |") == 4  # the four weights
+    assert "| 1000 | 0.5 |" in report and "Evaluator (sasrec) weights" in report
     saved = json.loads((out / "selection.json").read_text())
-    assert sorted(r["penalty"] for r in saved["history"]) == [0.5, 1000] and all(r["passes"] for r in saved["history"])
-    assert any("published repeat penalty 1000" in line for line in lines)
+    assert [(r["penalty"], r["quality"]) for r in saved["history"]] == list(records)
+    assert any("published repeat penalty 0.5 and quality weight 0.5" in line for line in lines)
     guided_w, sft_w = load_file(out / "model.safetensors"), load_file(run_dir / "sft" / "model.safetensors")
     assert all(torch.equal(guided_w[k], sft_w[k]) for k in sft_w)  # no weight moved
 
     policy, tok, layout = load_policy(out, trainable=False)
-    assert (layout.repeat_penalty, layout.penalty_positions) == (1000, cfg.data.page_len)
+    assert (layout.repeat_penalty, layout.quality_weight, layout.page_positions) == (0.5, 0.5, cfg.data.page_len)
     assert layout.item_category == [int(c) for c in cats]
+    assert layout.item_quality == pytest.approx(PagePrior.load(run_dir / "reward").quality)
     from pagellm.models.decoding import generate_pages
 
     encoder = PromptEncoder(tok, layout)
@@ -182,16 +212,26 @@ def test_a_kept_evaluator_weight_is_published_with_its_evaluator_and_served(run_
 
 def test_guided_config_needs_a_term_to_choose():
     with pytest.raises(ValueError, match="no term to choose"):
-        load_config(None, SMALL + ["guided.penalties=[]", "guided.evaluator=none"])
+        load_config(None, SMALL + ["guided.penalties=[]", "guided.evaluator=none"])  # qualities are off by default
+    with pytest.raises(ValueError, match="qualities must all be > 0"):
+        load_config(None, SMALL + ["guided.qualities=[0]"])
+    assert load_config(None, SMALL + ["guided.penalties=[]", "guided.evaluator=none",
+                                      "guided.qualities=[0.5]"]).guided.qualities == [0.5]  # the quality term alone
     assert load_config(None, SMALL + ["guided.penalties=[]"]).guided.penalties == []  # the evaluator alone
 
 
-def test_a_prior_without_a_category_discount_publishes_the_sft_policy_as_it_is(run_template, tmp_path):
+def test_a_prior_without_a_category_discount_or_a_quality_weight_publishes_the_sft_policy_as_it_is(run_template,
+                                                                                                   tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(run_template, run_dir)
-    with_prior(run_dir, satiation=0.0)
+    with_prior(run_dir, satiation=0.0, quality_weight=-0.2)
     lines: list[str] = []
-    selection = run_guided_stage(load_config(None, SMALL + ["guided.evaluator=none"]), run_dir, log=lines.append)
-    assert selection["published_step"] == 0 and "c = 0" in selection["reason"]
-    assert load_policy(run_dir / "guided", trainable=False)[2].repeat_penalty == 0.0
+    cfg = load_config(None, SMALL + ["guided.evaluator=none", "guided.qualities=[0.5]"])
+    selection = run_guided_stage(cfg, run_dir, log=lines.append)
+    assert selection["published_step"] == 0 and "c = 0" in selection["reason"] and "b = -0.20" in selection["reason"]
+    layout = load_policy(run_dir / "guided", trainable=False)[2]
+    assert layout.repeat_penalty == 0.0 == layout.quality_weight
     assert any("as it is" in line for line in lines)
+    # With the quality term off (the default) only the penalty's reason is given.
+    selection = run_guided_stage(load_config(None, SMALL + ["guided.evaluator=none"]), run_dir, **QUIET)
+    assert selection["published_step"] == 0 and "quality" not in selection["reason"] and "c = 0" in selection["reason"]

@@ -185,7 +185,7 @@ def stage3_section(run_dir: Path, algorithm: str, out_dir: Path) -> list[str]:
                       f"{_fmt(last.get('reward_mean'))}, kl {_fmt(last.get('kl'))}, stale batches dropped "
                       f"{last.get('stale_dropped', 0)}.", "", "![RL curves](ppo_curves.png)", ""]
     selection = _read_json(stage_dir / "selection.json")
-    if selection and selection.get("unit") == "penalty":
+    if selection and selection.get("unit") in ("grid point", "penalty"):  # the guided stage's (before: penalty)
         return guided_section(selection)
     if selection:
         key, step = selection["metric"], selection["published_step"]
@@ -198,8 +198,8 @@ def stage3_section(run_dir: Path, algorithm: str, out_dir: Path) -> list[str]:
 
 
 def guided_section(selection: dict) -> list[str]:
-    """What the guided stage tried on validation: its evaluator weights and repeat penalties,
-    and which it published."""
+    """What the guided stage tried on validation: its evaluator weights and page terms (repeat
+    penalty x quality weight), and which it published."""
     parts = ["## GUIDED: the decoding terms chosen on validation", ""]
     if selection.get("reason") and "guard" not in selection:
         return parts + [f"Published the SFT policy as it is: {selection['reason']}.", ""]
@@ -207,27 +207,33 @@ def guided_section(selection: dict) -> list[str]:
     from pagellm.train.guided import published_terms
 
     weight = selection.get("evaluator_weight", 0.0)
-    kept = published_terms(weight, selection["repeat_penalty"])
+    kept = published_terms(weight, selection["repeat_penalty"], selection.get("quality_weight"))
     parts += [f"{selection['users']:,} validation users; guarded {', '.join(guard)}, paired with the SFT decoding, "
               f"less {selection.get('standard_errors', 0):g} standard error(s); published "
               + (kept + "." if kept else "the SFT decoding (no term passed)."), ""]
     changes = " | ".join(f"{m} change (± se)" for m in guard)
+
+    def cells(r: dict) -> str:
+        return " | ".join(f"{r[m + '_change']:+.4f} ± {r[m + '_change_se']:.4f}" for m in guard)
+
     if selection.get("evaluator_history"):
         parts += [f"Evaluator ({selection.get('evaluator', 'sasrec')}) weights, kept only with a gain above 0:", "",
                   f"| weight | {changes} | page prior value | gain |", "|---" * (len(guard) + 3) + "|"]
         for r in sorted(selection["evaluator_history"], key=lambda r: r["weight"]):
-            cells = " | ".join(f"{r[m + '_change']:+.4f} ± {r[m + '_change_se']:.4f}" for m in guard)
-            parts.append(f"| {r['weight']:g} | {cells} | {_fmt(r.get('prior_value'))} | {'yes' if r['passes'] else 'no'} |")
+            parts.append(f"| {r['weight']:g} | {cells(r)} | {_fmt(r.get('prior_value'))} | {'yes' if r['passes'] else 'no'} |")
         parts.append("")
     if selection.get("reason"):
-        parts += [f"No repeat penalty: {selection['reason'].removeprefix('no repeat penalty: ')}.", ""]
+        parts += [selection["reason"][0].upper() + selection["reason"][1:] + ".", ""]
     if selection["history"]:
-        parts += [f"Repeat penalties{f' (with evaluator weight {weight:g})' if weight else ''}, kept within "
-                  f"{selection['margin']:.1%} of the SFT decoding:", "",
-                  f"| penalty | {changes} | page prior value | kept accuracy |", "|---" * (len(guard) + 3) + "|"]
-        for r in sorted(selection["history"], key=lambda r: r["penalty"]):
-            cells = " | ".join(f"{r[m + '_change']:+.4f} ± {r[m + '_change_se']:.4f}" for m in guard)
-            parts.append(f"| {r['penalty']:g} | {cells} | {_fmt(r.get('prior_value'))} | {'yes' if r['passes'] else 'no'} |")
+        base = selection.get("prior_base", selection.get("prior_sft"))
+        parts += [f"Page terms{f' (with evaluator weight {weight:g})' if weight else ''}: of the pairs kept within "
+                  f"{selection['margin']:.1%} of the SFT decoding (and whose smaller neighbours are), the one the "
+                  f"page prior values most (without page terms: {_fmt(base)}):", "",
+                  f"| penalty | quality | {changes} | page prior value | within margin | eligible |",
+                  "|---" * (len(guard) + 5) + "|"]
+        for r in sorted(selection["history"], key=lambda r: (r["penalty"], r.get("quality", 0.0))):
+            parts.append(f"| {r['penalty']:g} | {r.get('quality', 0.0):g} | {cells(r)} | {_fmt(r.get('prior_value'))} | "
+                         f"{'yes' if r['passes'] else 'no'} | {'yes' if r.get('eligible', r['passes']) else 'no'} |")
         parts.append("")
     return parts + [f"SFT decoding: " + ", ".join(f"{m} {_fmt(v)}" for m, v in selection["sft"].items())
                     + f"; page prior value {_fmt(selection.get('prior_sft'))}.", ""]

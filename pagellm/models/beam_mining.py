@@ -89,7 +89,7 @@ def mine_pages(policy, gains_of, layout, prompts: list[list[int]], exclude: list
     `gains_of`: the value model (EvaluatorGains or PriorGains). Beams are ranked by value +
     policy_weight x log-probability: 0 lets the value model alone choose among the
     proposals (DeGRe); larger keeps the mined pages closer to what the policy writes."""
-    if layout.repeat_penalty or layout.evaluator_weight:  # DeGRe mines from the SFT policy; a guided one
+    if layout.repeat_penalty or layout.evaluator_weight or layout.quality_weight:  # DeGRe mines from SFT; a guided one
         # would need per-beam category counts and its evaluator's scores
         raise ValueError("mine_pages: the policy carries the guided stage's decoding terms; mine from the SFT policy")
     device = next(policy.parameters()).device

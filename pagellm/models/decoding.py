@@ -115,7 +115,7 @@ class RepeatCounter:
 
     def penalty(self, t: int) -> torch.Tensor | None:
         """[N, n_items] to subtract from the item logits at position t (None: nothing)."""
-        if not self.active or t >= self.layout.penalty_positions:
+        if not self.active or t >= self.layout.page_positions:
             return None
         return self.layout.repeat_penalty * self.counts[:, self.cat] * self.has_cat
 
@@ -127,22 +127,37 @@ class RepeatCounter:
                                    accumulate=True)
 
 
-class EvaluatorBias:
-    """The guided stage's item term: w x s x z_e(i), added to every position's item logits.
+class ItemBias:
+    """The guided stage's additive item terms, in units of the policy's own ranking:
 
-    z_e: the evaluator's scores for the row's user, standardised over items; s: the standard
-    deviation of the row's first-position item logits, so that w is in the units of the
-    policy's own ranking (w = 0.5: half a policy-ranking standard deviation per evaluator
-    one, whatever either model's scale). From t = 1 on the decoding also adds
-    layout.ranking_prior x the first-position logits, so the term grows by the same factor
-    (1 + ranking_prior) and keeps its weight against the policy's ranking at every position.
-    A no-op when the layout has no evaluator weight; an error when it has one and no scores
-    were given (a guided policy decoded without its evaluator would be another policy)."""
+        w x s x z_e(i)        every position: the evaluator's scores for the row's user,
+                              standardised over items (layout.evaluator_weight);
+        b x s x q(i)          page positions only (the first layout.page_positions): the page
+                              prior's standardised item quality, alike for every user
+                              (layout.quality_weight, layout.item_quality).
+
+    s: the standard deviation of the row's first-position item logits, so that w and b are in
+    the units of the policy's own ranking (w = 0.5: half a policy-ranking standard deviation
+    per evaluator one, whatever either model's scale). From t = 1 on the decoding also adds
+    layout.ranking_prior x the first-position logits, so the terms grow by the same factor
+    (1 + ranking_prior) and keep their weight against the policy's ranking at every position.
+    A no-op when the layout has neither weight; an error when it has an evaluator weight and
+    no scores were given (a guided policy decoded without its evaluator would be another
+    policy)."""
 
     def __init__(self, layout: TokenLayout, scores: torch.Tensor | None, rows: int, device):
         self.weight = float(layout.evaluator_weight or 0.0)
+        self.quality_weight = float(layout.quality_weight or 0.0)
         self.ranking_prior = float(layout.ranking_prior or 0.0)
-        self.bias = None
+        self.page_positions = int(layout.page_positions)
+        self.item_bias = self.page_bias = None
+        self.z = self.q = None
+        if self.quality_weight:
+            if layout.item_quality is None or len(layout.item_quality) != layout.n_items:
+                raise ValueError(f"layout.quality_weight is {self.quality_weight:g} but item_quality has "
+                                 f"{'no' if layout.item_quality is None else len(layout.item_quality)} entries "
+                                 f"for {layout.n_items} items")
+            self.q = torch.as_tensor(layout.item_quality, dtype=torch.float32, device=device)[None, :]
         if not self.weight:
             return
         if scores is None:
@@ -155,16 +170,22 @@ class EvaluatorBias:
         self.z = (scores - scores.mean(dim=-1, keepdim=True)) / torch.where(std > 0, std, torch.ones_like(std))
 
     def start(self, first_logits: torch.Tensor, layout: TokenLayout) -> None:
-        """Scale the term by each row's first-position item logits [N, V] (called once)."""
-        if not self.weight:
+        """Scale the terms by each row's first-position item logits [N, V] (called once)."""
+        if not (self.weight or self.quality_weight):
             return
-        items = first_logits[:, layout.item_offset : layout.item_offset + layout.n_items].float()
-        self.bias = self.weight * items.std(dim=-1, keepdim=True) * self.z
+        spread = first_logits[:, layout.item_offset : layout.item_offset + layout.n_items].float().std(dim=-1, keepdim=True)
+        if self.weight:
+            self.item_bias = self.weight * spread * self.z
+        if self.quality_weight:
+            self.page_bias = self.quality_weight * spread * self.q
 
     def at(self, t: int) -> torch.Tensor | None:
-        if self.bias is None:
+        bias = self.item_bias
+        if self.page_bias is not None and t < self.page_positions:
+            bias = self.page_bias if bias is None else bias + self.page_bias
+        if bias is None:
             return None
-        return self.bias if t == 0 else self.bias * (1.0 + self.ranking_prior)
+        return bias if t == 0 else bias * (1.0 + self.ranking_prior)
 
 
 def _step_logprobs(
@@ -177,7 +198,7 @@ def _step_logprobs(
     position's item logits (first_item_logits), added with weight layout.ranking_prior from
     t = 1 on: the page model times its own next-item ranking; `penalty` [N, n_items]:
     subtracted from the item logits (RepeatCounter.penalty); `bias` [N, n_items]: added to
-    them (EvaluatorBias.at). Returns [N, n_items + 1].
+    them (ItemBias.at). Returns [N, n_items + 1].
     """
     lo, hi = layout.item_offset, layout.item_offset + layout.n_items
     items = logits[:, lo:hi].float()
@@ -243,7 +264,7 @@ def generate_pages(
     """Write one page of k items per prompt. Greedy = argmax (evaluation, serving), sample =
     multinomial (PPO rollouts; pass a `generator` on the model's device for reproducibility).
     `evaluator_scores` [B, n_items]: the guided stage's evaluator's scores per prompt, needed
-    (and only used) when layout.evaluator_weight > 0 (EvaluatorBias)."""
+    (and only used) when layout.evaluator_weight > 0 (ItemBias)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if k < 1:
@@ -254,7 +275,7 @@ def generate_pages(
     check_context(model, max(len(p) for p in prompts), k + 1)
     ids, mask, positions = left_pad(prompts, layout.pad_id, device, prompt_anchor(model))
     blocked = exclusion_mask(exclude, len(prompts), layout.n_items, device)
-    guide = EvaluatorBias(layout, evaluator_scores, len(prompts), device)
+    guide = ItemBias(layout, evaluator_scores, len(prompts), device)
     with _EvalMode(model), torch.no_grad():
         tokens, logps, done_at = _token_by_token(model, layout, ids, mask, positions, blocked, k,
                                                  temperature, mode, generator, guide)
@@ -380,7 +401,7 @@ def constrained_logprobs(
     rows = torch.arange(batch, device=device)
     logps, entropies = [], []
     first = first_item_logits(logits[:, 0], layout)
-    guide = EvaluatorBias(layout, evaluator_scores, batch, device)
+    guide = ItemBias(layout, evaluator_scores, batch, device)
     guide.start(logits[:, 0], layout)
     repeats = RepeatCounter(layout, batch, device)
     for t in range(width):

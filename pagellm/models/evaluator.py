@@ -1,5 +1,5 @@
 """The guided stage's item evaluator: an independently trained next-item model whose scores
-join the policy's decoding (TokenLayout.evaluator_weight, decoding.EvaluatorBias).
+join the policy's decoding (TokenLayout.evaluator_weight, decoding.ItemBias).
 
 Why a second model: every reward that read the SFT policy's own hidden states or
 likelihood ranked pages much as the policy already does (docs/BENCHMARKS.md, "Reward

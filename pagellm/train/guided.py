@@ -2,10 +2,10 @@
 strong as validation allows, without moving its weights (reward-guided decoding, as ARGS):
 
     logit'(i | page so far) = logit(i | page so far) + w x s x z_e(i)
-                              - delta x (page items already in i's category)
+                              + [page positions] (b x s x q(i) - delta x (page items already in i's category))
 
 It is the token-level KL-regularised optimum for an item-level reward r(i): pi' proportional
-to pi_SFT x exp(r / beta). Two terms:
+to pi_SFT x exp(r / beta). Three terms:
 
 - the item term (`guided.evaluator`, pagellm/models/evaluator.py): z_e, an independently
   trained next-item model's standardised scores for the user (SASRec, fitted as the
@@ -13,28 +13,32 @@ to pi_SFT x exp(r / beta). Two terms:
   so w is in units of the policy's ranking. The rewards read off the SFT policy itself
   rank pages as the policy already does; a model trained apart makes different mistakes
   (on MovieLens and Musical Instruments the term raised test ndcg@100 by 2-3 %);
-- the page term (the page prior's category discount): the SFT policy's pages repeat
-  categories, the prior says a repeat is worth less, and a mild discount on the page
-  alone earns +13 % true utility on the simulator for -0.4 % ndcg@100 (docs/BENCHMARKS.md,
-  "How far a page can move from the policy's own ranking"). Page positions only (the first
-  `data.page_len`; the rest of a longer list is the policy's ranking as before).
+- the page terms, the page prior's two facts beside preference (pagellm/models/page_prior.py):
+  its category discount (delta) and its item quality q (b, in the same units as w). The SFT
+  policy's pages repeat categories and follow its preference alone; a mild discount on the
+  page earns +13 % true utility on the simulator for -0.4 % ndcg@100, a little quality beside
+  it more (docs/BENCHMARKS.md, "How far a page can move from the policy's own ranking").
+  Page positions only (the first `data.page_len`; the rest of a longer list is the policy's
+  ranking as before).
 
-Both are chosen on validation, as a stage-3 checkpoint is: the policy writes the lists of up to
+All are chosen on validation, as a stage-3 checkpoint is: the policy writes the lists of up to
 `guided.val_users` validation users (evenly spread, none from the half the SFT stage selected
 its checkpoint on, where SFT is flattered) once per candidate, and each
 candidate's per-user accuracy (`guided.guard`, e.g. ndcg@10) is paired with the same users'
 under the SFT policy's own decoding. The weight w must show a gain (`choose_weight`: the
 largest lower bound, paired change less `guided.standard_errors` standard errors, above
-0); the penalty may cost up to `guided.margin` (`choose_penalty`: going up the grid with the
-chosen w, the largest delta whose lower bound stays within the margin, stopping at the first
-miss), because it buys page value the guard cannot see. Validation only judges; nothing
-trains. The published policy is the SFT checkpoint with w and delta (and the item
-categories) in its token layout and the evaluator saved beside it (`evaluator/`), so
-evaluation, KL and serving decode it as published.
+0). The page terms may cost up to `guided.margin`, because they buy page value the guard
+cannot see (`choose_page_terms`): with the chosen w, every (delta, b) pair of the two grids is
+decoded; of the pairs whose lower bound stays within the margin, and whose smaller neighbours
+on both axes do too (a pass after a miss is noise), the one whose pages the page prior values
+most is published. The prior is the stage's reward, validation accuracy its constraint.
+Validation only judges; nothing trains. The published policy is the SFT checkpoint with the
+chosen terms (and the item categories and qualities) in its token layout and the evaluator
+saved beside it (`evaluator/`), so evaluation, KL and serving decode it as published.
 
-Without categories, or when the prior sees no cost in a repeated category (c = 0), only the
-evaluator term is tried; with `guided.evaluator: none` as well, the stage publishes the SFT
-policy as it is and says why.
+Without categories, or when the prior sees no cost in a repeated category (c = 0), no penalty
+is tried; when it gives quality no weight (b <= 0), no quality term; with neither and
+`guided.evaluator: none`, the stage publishes the SFT policy as it is and says why.
 """
 
 from __future__ import annotations
@@ -64,23 +68,43 @@ def _paired(sft: dict[str, np.ndarray], cand: dict[str, np.ndarray], standard_er
     return record, float(worst)
 
 
-def choose_penalty(penalties: list[float], sft: dict[str, np.ndarray], scored: list[dict[str, np.ndarray]],
-                   margin: float, standard_errors: float = 1.0) -> tuple[int, list[dict]]:
-    """Index into `penalties` of the delta to publish (-1: none, the SFT decoding) and one
-    record per candidate. `sft[m]` and `scored[j][m]` are per-user values of guarded metric
-    m (same users, same order) under the SFT decoding and under candidate j. Candidates are
-    tried in increasing order; the first whose mean paired change less `standard_errors`
-    standard errors falls below -margin x the SFT mean, on some metric, ends the search."""
-    order = np.argsort(penalties)
-    chosen, records, stopped = -1, [None] * len(penalties), False
-    for j in order:
-        record, bound = _paired(sft, scored[j], standard_errors)
+def page_grid(penalties: list[float], qualities: list[float]) -> list[tuple[float, float]]:
+    """Every (penalty, quality) pair the page terms are tried at, 0 meaning the term is off,
+    each axis increasing, penalty-major; (0, 0), the decoding without page terms, left out."""
+    return [(d, q) for d in [0.0, *sorted(penalties)] for q in [0.0, *sorted(qualities)] if d or q]
+
+
+def choose_page_terms(penalties: list[float], qualities: list[float], sft: dict[str, np.ndarray],
+                      scored: list[dict[str, np.ndarray]], values: list[float], base_value: float, margin: float,
+                      standard_errors: float = 1.0) -> tuple[tuple[float, float] | None, list[dict]]:
+    """The (penalty, quality) pair to publish (None: neither term) and one record per pair of
+    `page_grid(penalties, qualities)`. `sft[m]` and `scored[j][m]` are per-user values of
+    guarded metric m (same users, same order) under the SFT decoding and under pair j;
+    `values[j]` is the page prior's mean value of pair j's pages, `base_value` that of the
+    decoding without page terms.
+
+    A pair passes when its mean paired change less `standard_errors` standard errors stays
+    within `margin` x the SFT mean on every guarded metric (a non-inferiority test: the terms
+    buy page value the guard cannot see). It is eligible when it passes and so are the pairs one
+    step smaller on each axis: going up either grid, a pass after a miss is noise. Of the
+    eligible pairs the one the prior values most is published, if it is above `base_value` (on a
+    tie, the first in grid order: the smaller terms)."""
+    grid = page_grid(penalties, qualities)
+    if len(scored) != len(grid) or len(values) != len(grid):
+        raise ValueError(f"{len(grid)} (penalty, quality) pairs but {len(scored)} scored and {len(values)} values")
+    deltas, quals = [0.0, *sorted(penalties)], [0.0, *sorted(qualities)]
+    eligible = {(0.0, 0.0): True}
+    chosen, best, records = None, base_value, []
+    for (d, q), found, value in zip(grid, scored, values):
+        record, bound = _paired(sft, found, standard_errors)
         ok = bound >= -margin
-        record = {"penalty": float(penalties[j]), **record, "passes": ok}
-        if ok and not stopped:
-            chosen = int(j)
-        stopped |= not ok
-        records[j] = record
+        i, j = deltas.index(d), quals.index(q)
+        below = [(deltas[i - 1], q)] * (i > 0) + [(d, quals[j - 1])] * (j > 0)
+        eligible[(d, q)] = ok and all(eligible[pair] for pair in below)
+        records.append({"penalty": d, "quality": q, **record, "prior_value": float(value), "passes": ok,
+                        "eligible": eligible[(d, q)]})
+        if eligible[(d, q)] and value > best:
+            chosen, best = (d, q), value
     return chosen, records
 
 
@@ -132,10 +156,11 @@ def judged_rows(n: int, sft_users: int, users: int) -> np.ndarray:
     return rest[evenly_spread(len(rest), users)]
 
 
-def validate(run_dir: Path, cfg_json: dict, categories: np.ndarray, try_penalty: bool) -> dict:
+def validate(run_dir: Path, cfg_json: dict, categories: np.ndarray, penalties: list[float],
+             qualities: list[float]) -> dict:
     """In a worker (harness.in_worker): fit the evaluator (if any), score the SFT decoding,
-    each evaluator weight, then each penalty on top of the chosen weight (`try_penalty`) on
-    the validation sample; the prior's mean value of every candidate's pages."""
+    each evaluator weight, then every (penalty, quality) pair of `page_grid` on top of the
+    chosen weight on the validation sample; the prior's mean value of every candidate's pages."""
     import copy
 
     import torch
@@ -176,7 +201,8 @@ def validate(run_dir: Path, cfg_json: dict, categories: np.ndarray, try_penalty:
 
         sft, prior_sft = written(layout)
         out = {"users": len(prompts), "sft": sft, "prior_sft": prior_sft, "evaluator": evaluator,
-               "weights": [], "weight_prior": [], "weight": None, "penalties": [], "penalty_prior": []}
+               "weights": [], "weight_prior": [], "weight": None, "base_prior": prior_sft, "pages": [],
+               "page_prior": []}
         if evaluator is not None:
             for w in gcfg.evaluator_weights:
                 found, value = written(with_guidance(copy.deepcopy(layout), weight=w))
@@ -184,26 +210,31 @@ def validate(run_dir: Path, cfg_json: dict, categories: np.ndarray, try_penalty:
                 out["weight_prior"].append(value)
             chosen, out["weight_records"] = choose_weight(list(gcfg.evaluator_weights), sft, out["weights"],
                                                           gcfg.standard_errors)
-            out["weight"] = float(gcfg.evaluator_weights[chosen]) if chosen >= 0 else None
-        if try_penalty:
-            for delta in gcfg.penalties:
-                candidate = with_guidance(copy.deepcopy(layout), weight=out["weight"], delta=delta,
-                                          positions=cfg.data.page_len, categories=categories)
-                found, value = written(candidate)
-                out["penalties"].append(found)
-                out["penalty_prior"].append(value)
+            if chosen >= 0:
+                out["weight"], out["base_prior"] = float(gcfg.evaluator_weights[chosen]), out["weight_prior"][chosen]
+        for delta, quality in page_grid(penalties, qualities):
+            candidate = with_guidance(copy.deepcopy(layout), weight=out["weight"], delta=delta, quality=quality,
+                                      positions=cfg.data.page_len, categories=categories, item_quality=prior.quality)
+            found, value = written(candidate)
+            out["pages"].append(found)
+            out["page_prior"].append(value)
     return out
 
 
-def with_guidance(layout, weight: float | None = None, delta: float | None = None, positions: int = 0,
-                  categories: np.ndarray | None = None):
-    """The layout with the evaluator weight and/or the repeat penalty (None: left off)."""
+def with_guidance(layout, weight: float | None = None, delta: float | None = None, quality: float | None = None,
+                  positions: int = 0, categories: np.ndarray | None = None, item_quality: list[float] | None = None):
+    """The layout with the evaluator weight, the repeat penalty and/or the quality weight
+    (None or 0: left off)."""
     if weight:
         layout.evaluator_weight = float(weight)
+    if delta or quality:
+        layout.page_positions = int(positions)
     if delta:
         layout.repeat_penalty = float(delta)
-        layout.penalty_positions = int(positions)
         layout.item_category = [int(c) for c in categories]  # the layout is saved as JSON
+    if quality:
+        layout.quality_weight = float(quality)
+        layout.item_quality = [float(v) for v in item_quality]
     return layout
 
 
@@ -220,17 +251,18 @@ def publish(run_dir: Path, layout_terms: dict, evaluator=None) -> Path:
         import shutil
 
         shutil.rmtree(out / EVALUATOR_DIR)
-    if layout_terms.get("weight") or layout_terms.get("delta"):
+    if any(layout_terms.get(term) for term in ("weight", "delta", "quality")):
         with_guidance(TokenLayout.load(out), **layout_terms).save(out)
     if layout_terms.get("weight"):
         evaluator.save(out)
     return out
 
 
-def published_terms(weight: float | None, delta: float | None) -> str:
-    """'evaluator weight 2 and repeat penalty 0.25', '' when neither was kept."""
-    kept = ([f"evaluator weight {weight:g}"] if weight else []) + ([f"repeat penalty {delta:g}"] if delta else [])
-    return " and ".join(kept)
+def published_terms(weight: float | None, delta: float | None, quality: float | None = None) -> str:
+    """'evaluator weight 2, repeat penalty 0.25 and quality weight 0.1', '' when none was kept."""
+    kept = ([f"evaluator weight {weight:g}"] if weight else []) + ([f"repeat penalty {delta:g}"] if delta else []) \
+        + ([f"quality weight {quality:g}"] if quality else [])
+    return ", ".join(kept[:-1]) + " and " + kept[-1] if len(kept) > 1 else "".join(kept)
 
 
 def _grid_step(grid: list[float], value: float | None) -> int:
@@ -242,9 +274,29 @@ def _changes(record: dict, guard: list[str]) -> str:
     return ", ".join(f"{m} {record[f'{m}_change']:+.4f} ± {record[f'{m}_change_se']:.4f}" for m in guard)
 
 
+def _why_not(cfg: Config, prior, categories: np.ndarray) -> tuple[str | None, str | None]:
+    """Why the repeat penalty and why the quality term are not tried (None: they are; "": the
+    term is off by configuration and needs no reason)."""
+    gcfg = cfg.guided
+    penalty = quality = None
+    if not gcfg.penalties:
+        penalty = "guided.penalties is empty"
+    elif not (categories >= 0).any():
+        penalty = "the data has no item categories"
+    elif prior.satiation <= 0:
+        penalty = "the page prior sees no cost in a repeated category (c = 0)"
+    if not gcfg.qualities:
+        quality = ""  # off by configuration (the default): nothing to say
+    elif prior.quality_weight <= 0:
+        quality = f"the page prior gives item quality no weight (b = {prior.quality_weight:.2f})"
+    elif np.ptp(prior.quality) == 0:
+        quality = "every item has the same quality"
+    return penalty, quality
+
+
 def run_guided_stage(cfg: Config, run_dir: Path, log=print) -> dict:
-    """Choose the evaluator weight and the repeat penalty on validation and publish
-    <run>/guided; returns the selection record."""
+    """Choose the evaluator weight, then the repeat penalty and quality weight, on validation
+    and publish <run>/guided; returns the selection record."""
     from pagellm.models.page_prior import PagePrior, item_categories
     from pagellm.train.harness import in_worker
     from pagellm.vocab import LAYOUT_FILE
@@ -259,22 +311,20 @@ def run_guided_stage(cfg: Config, run_dir: Path, log=print) -> dict:
                                 f"reward.page_prior=true first")
     gcfg, positions = cfg.guided, cfg.data.page_len
     categories = item_categories(run_dir / "data")
-    why = None
-    if not gcfg.penalties:
-        why = "guided.penalties is empty"
-    elif not (categories >= 0).any():
-        why = "the data has no item categories"
-    elif prior.satiation <= 0:
-        why = "the page prior sees no cost in a repeated category (c = 0)"
-    if why and gcfg.evaluator == "none":
+    no_penalty, no_quality = _why_not(cfg, prior, categories)
+    why = "; ".join(f"no {term}: {reason}" for term, reason in (("repeat penalty", no_penalty),
+                                                                  ("quality term", no_quality)) if reason)
+    empty = {"repeat_penalty": 0.0, "quality_weight": 0.0, "evaluator_weight": 0.0}
+    if no_penalty is not None and no_quality is not None and gcfg.evaluator == "none":
         out = publish(run_dir, {})
-        selection = {"published_step": 0, "unit": "penalty", "repeat_penalty": 0.0, "evaluator_weight": 0.0,
-                     "reason": why, "history": []}
+        selection = {"published_step": 0, "unit": "grid point", **empty, "reason": why, "history": []}
         write_json(out / "selection.json", selection)
-        write_json(out / "DONE", {"seconds": round(time.perf_counter() - t0, 1), "published_step": 0,
-                                  "repeat_penalty": 0.0, "evaluator_weight": 0.0, "pages_generated": 0})
+        write_json(out / "DONE", {"seconds": round(time.perf_counter() - t0, 1), "published_step": 0, **empty,
+                                  "pages_generated": 0})
         log(f"[guided] done: published the SFT policy as it is ({why}) -> {out}")
         return selection
+    penalties = [] if no_penalty is not None else list(gcfg.penalties)
+    qualities = [] if no_quality is not None else list(gcfg.qualities)
     rule = (f"on up to {gcfg.val_users:,} validation users, guarding {', '.join(gcfg.guard)} (mean paired change "
             f"less {gcfg.standard_errors:g} standard error(s))")
     if gcfg.evaluator != "none":
@@ -282,44 +332,48 @@ def run_guided_stage(cfg: Config, run_dir: Path, log=print) -> dict:
             f"its weights {', '.join(f'{w:g}' for w in gcfg.evaluator_weights)} {rule}: kept only above the SFT "
             f"decoding")
     if why:
-        log(f"[guided] no repeat penalty: {why}")
-    else:
-        log(f"[guided] page prior: repeated category worth x{1 - prior.satiation:.2f}; trying repeat penalties "
-            f"{', '.join(f'{d:g}' for d in gcfg.penalties)} {rule}: kept within {gcfg.margin:.1%} of the SFT "
-            f"decoding")
-    found = in_worker(validate, run_dir, cfg.model_dump(mode="json"), categories, why is None)
+        log(f"[guided] {why}")
+    if penalties or qualities:
+        terms = ([f"repeat penalties {', '.join(f'{d:g}' for d in penalties)} (the prior: a repeated category "
+                  f"is worth x{1 - prior.satiation:.2f})"] if penalties else []) + \
+                ([f"quality weights {', '.join(f'{q:g}' for q in qualities)} (the prior's b = "
+                  f"{prior.quality_weight:.2f})"] if qualities else [])
+        log(f"[guided] trying {' x '.join(terms)} {rule}: of the pairs within {gcfg.margin:.1%} of the SFT "
+            f"decoding, the one the page prior values most")
+    found = in_worker(validate, run_dir, cfg.model_dump(mode="json"), categories, penalties, qualities)
     weight_records = found.get("weight_records", [])
     for record, value in zip(weight_records, found["weight_prior"]):
         record["prior_value"] = value
         log(f"[guided] evaluator weight {record['weight']:g}: {_changes(record, gcfg.guard)} vs SFT"
             f"{'' if record['passes'] else ' -- no gain validation can tell'}")
     weight = found["weight"]
-    delta, records = None, []
-    if why is None:
-        chosen, records = choose_penalty(list(gcfg.penalties), found["sft"], found["penalties"], gcfg.margin,
-                                         gcfg.standard_errors)
-        for record, value in zip(records, found["penalty_prior"]):
-            record["prior_value"] = value
-            log(f"[guided] penalty {record['penalty']:g}"
-                f"{f' (evaluator weight {weight:g})' if weight else ''}: {_changes(record, gcfg.guard)} vs SFT; prior "
-                f"value {value:.3f} (SFT {found['prior_sft']:.3f}){'' if record['passes'] else ' -- outside the margin'}")
-        delta = float(gcfg.penalties[chosen]) if chosen >= 0 else None
-    out = publish(run_dir, {"weight": weight, "delta": delta, "positions": positions, "categories": categories},
-                  found["evaluator"])
-    # The grid point published: penalty rank + (penalties + 1) x weight rank; 0 = the SFT decoding.
-    step = _grid_step(gcfg.penalties, delta) + (len(gcfg.penalties) + 1) * _grid_step(gcfg.evaluator_weights, weight)
-    selection = {"published_step": step, "unit": "penalty", "repeat_penalty": delta or 0.0,
-                 "evaluator": gcfg.evaluator, "evaluator_weight": weight or 0.0, "guard": list(gcfg.guard),
-                 "margin": gcfg.margin, "standard_errors": gcfg.standard_errors, "users": found["users"],
-                 "sft": {m: float(v.mean()) for m, v in found["sft"].items()}, "prior_sft": found["prior_sft"],
+    chosen, records = choose_page_terms(penalties, qualities, found["sft"], found["pages"], found["page_prior"],
+                                        found["base_prior"], gcfg.margin, gcfg.standard_errors)
+    for record in records:
+        log(f"[guided] penalty {record['penalty']:g}, quality {record['quality']:g}"
+            f"{f' (evaluator weight {weight:g})' if weight else ''}: {_changes(record, gcfg.guard)} vs SFT; prior "
+            f"value {record['prior_value']:.3f} (without page terms {found['base_prior']:.3f})"
+            f"{'' if record['passes'] else ' -- outside the margin'}"
+            f"{' -- after a miss' if record['passes'] and not record['eligible'] else ''}")
+    delta, quality = (chosen[0] or None, chosen[1] or None) if chosen else (None, None)
+    out = publish(run_dir, {"weight": weight, "delta": delta, "quality": quality, "positions": positions,
+                            "categories": categories, "item_quality": prior.quality}, found["evaluator"])
+    grid = page_grid(penalties, qualities)
+    # The grid point published: 1 + its index in page_grid (0: no page term) + (grid + 1) x the
+    # weight's rank; 0 = the SFT decoding.
+    step = (grid.index(chosen) + 1 if chosen else 0) + (len(grid) + 1) * _grid_step(gcfg.evaluator_weights, weight)
+    terms = {"repeat_penalty": delta or 0.0, "quality_weight": quality or 0.0, "evaluator_weight": weight or 0.0}
+    selection = {"published_step": step, "unit": "grid point", **terms, "evaluator": gcfg.evaluator,
+                 "guard": list(gcfg.guard), "margin": gcfg.margin, "standard_errors": gcfg.standard_errors,
+                 "users": found["users"], "sft": {m: float(v.mean()) for m, v in found["sft"].items()},
+                 "prior_sft": found["prior_sft"], "prior_base": found["base_prior"],
                  "evaluator_history": weight_records, "history": records}
     if why:
-        selection["reason"] = f"no repeat penalty: {why}"
+        selection["reason"] = why
     write_json(out / "selection.json", selection)
-    pages = found["users"] * (1 + len(found["weights"]) + len(found["penalties"]))
-    write_json(out / "DONE", {"seconds": round(time.perf_counter() - t0, 1), "published_step": step,
-                              "repeat_penalty": delta or 0.0, "evaluator_weight": weight or 0.0,
+    pages = found["users"] * (1 + len(found["weights"]) + len(found["pages"]))
+    write_json(out / "DONE", {"seconds": round(time.perf_counter() - t0, 1), "published_step": step, **terms,
                               "pages_generated": pages})
-    what = published_terms(weight, delta) or "the SFT decoding: no term passed validation"
+    what = published_terms(weight, delta, quality) or "the SFT decoding: no term passed validation"
     log(f"[guided] done: published {what} -> {out}")
     return selection
