@@ -350,7 +350,8 @@ def run_guided_stage(cfg: Config, run_dir: Path, log=print) -> dict:
     chosen, records = choose_page_terms(penalties, qualities, found["sft"], found["pages"], found["page_prior"],
                                         found["base_prior"], gcfg.margin, gcfg.standard_errors)
     for record in records:
-        log(f"[guided] penalty {record['penalty']:g}, quality {record['quality']:g}"
+        pair = f"penalty {record['penalty']:g}" + (f", quality {record['quality']:g}" if qualities else "")
+        log(f"[guided] {pair}"
             f"{f' (evaluator weight {weight:g})' if weight else ''}: {_changes(record, gcfg.guard)} vs SFT; prior "
             f"value {record['prior_value']:.3f} (without page terms {found['base_prior']:.3f})"
             f"{'' if record['passes'] else ' -- outside the margin'}"
