@@ -185,7 +185,9 @@ def stage3_section(run_dir: Path, algorithm: str, out_dir: Path) -> list[str]:
                       f"{_fmt(last.get('reward_mean'))}, kl {_fmt(last.get('kl'))}, stale batches dropped "
                       f"{last.get('stale_dropped', 0)}.", "", "![RL curves](ppo_curves.png)", ""]
     selection = _read_json(stage_dir / "selection.json")
-    if selection and selection.get("unit") in ("grid point", "penalty"):  # the guided stage's (before: penalty)
+    from pagellm.train.guided import UNIT as GUIDED_UNIT
+
+    if selection and selection.get("unit") in (GUIDED_UNIT, "penalty"):  # the guided stage's (before: penalty)
         return guided_section(selection)
     if selection:
         key, step = selection["metric"], selection["published_step"]

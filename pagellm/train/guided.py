@@ -53,6 +53,9 @@ from pagellm.config.stage3 import parse_guard
 from pagellm.runfolder import write_json
 
 ALGORITHM = "guided"
+# selection.json's `unit`: what published_step counts (the report tells the guided stage's
+# record from a trained stage's by it; records before the quality term said "penalty").
+UNIT = "grid point"
 
 
 def _paired(sft: dict[str, np.ndarray], cand: dict[str, np.ndarray], standard_errors: float) -> tuple[dict, float]:
@@ -274,6 +277,11 @@ def _changes(record: dict, guard: list[str]) -> str:
     return ", ".join(f"{m} {record[f'{m}_change']:+.4f} ± {record[f'{m}_change_se']:.4f}" for m in guard)
 
 
+def _kept(weight: float | None, delta: float | None, quality: float | None) -> dict:
+    """The published terms as selection.json and DONE record them (0: not kept)."""
+    return {"repeat_penalty": delta or 0.0, "quality_weight": quality or 0.0, "evaluator_weight": weight or 0.0}
+
+
 def _why_not(cfg: Config, prior, categories: np.ndarray) -> tuple[str | None, str | None]:
     """Why the repeat penalty and why the quality term are not tried (None: they are; "": the
     term is off by configuration and needs no reason)."""
@@ -314,12 +322,12 @@ def run_guided_stage(cfg: Config, run_dir: Path, log=print) -> dict:
     no_penalty, no_quality = _why_not(cfg, prior, categories)
     why = "; ".join(f"no {term}: {reason}" for term, reason in (("repeat penalty", no_penalty),
                                                                   ("quality term", no_quality)) if reason)
-    empty = {"repeat_penalty": 0.0, "quality_weight": 0.0, "evaluator_weight": 0.0}
     if no_penalty is not None and no_quality is not None and gcfg.evaluator == "none":
         out = publish(run_dir, {})
-        selection = {"published_step": 0, "unit": "grid point", **empty, "reason": why, "history": []}
+        none = _kept(None, None, None)
+        selection = {"published_step": 0, "unit": UNIT, **none, "reason": why, "history": []}
         write_json(out / "selection.json", selection)
-        write_json(out / "DONE", {"seconds": round(time.perf_counter() - t0, 1), "published_step": 0, **empty,
+        write_json(out / "DONE", {"seconds": round(time.perf_counter() - t0, 1), "published_step": 0, **none,
                                   "pages_generated": 0})
         log(f"[guided] done: published the SFT policy as it is ({why}) -> {out}")
         return selection
@@ -363,8 +371,8 @@ def run_guided_stage(cfg: Config, run_dir: Path, log=print) -> dict:
     # The grid point published: 1 + its index in page_grid (0: no page term) + (grid + 1) x the
     # weight's rank; 0 = the SFT decoding.
     step = (grid.index(chosen) + 1 if chosen else 0) + (len(grid) + 1) * _grid_step(gcfg.evaluator_weights, weight)
-    terms = {"repeat_penalty": delta or 0.0, "quality_weight": quality or 0.0, "evaluator_weight": weight or 0.0}
-    selection = {"published_step": step, "unit": "grid point", **terms, "evaluator": gcfg.evaluator,
+    terms = _kept(weight, delta, quality)
+    selection = {"published_step": step, "unit": UNIT, **terms, "evaluator": gcfg.evaluator,
                  "guard": list(gcfg.guard), "margin": gcfg.margin, "standard_errors": gcfg.standard_errors,
                  "users": found["users"], "sft": {m: float(v.mean()) for m, v in found["sft"].items()},
                  "prior_sft": found["prior_sft"], "prior_base": found["base_prior"],
