@@ -15,7 +15,8 @@ from served_page import assert_serves_its_stage3_policy
 from pagellm.config import load_config
 from pagellm.models.page_prior import PagePrior, standardise
 from pagellm.models.policy import load_policy
-from pagellm.train.guided import choose_page_terms, choose_weight, judged_rows, page_grid, publish, run_guided_stage
+from pagellm.train.guided import (choose_page_terms, choose_weight, judged_rows, page_grid, page_terms_base, publish,
+                                  run_guided_stage)
 from pagellm.vocab import PromptEncoder
 
 SMALL = ["data.simulator.users=40", "data.simulator.items=40", "data.simulator.categories=4",
@@ -94,6 +95,21 @@ def test_the_evaluator_weight_with_the_largest_gain_validation_can_tell_is_kept_
     mixed = [{"ndcg@10": up(0.02), "hr@10": up(-0.01)}]
     assert choose_weight([1.0], sft, mixed)[0] == -1
     assert choose_weight([1.0], sft, [{"ndcg@10": up(0.0), "hr@10": up(0.0)}])[0] == -1  # level is not a gain
+
+
+def test_the_page_terms_cannot_spend_the_evaluators_gain():
+    # The evaluator weight gains 10 % over SFT; a penalty on top keeps +5 % over SFT (within any
+    # margin of SFT) but costs 4.5 % of the decoding it is added to: refused.
+    sft = {"ndcg@10": np.full(4, 0.5)}
+    weights = [{"ndcg@10": np.full(4, 0.51)}, {"ndcg@10": np.full(4, 0.55)}]
+    chosen, _ = choose_weight([0.5, 1.0], sft, weights)
+    base = page_terms_base(sft, weights, chosen)
+    assert chosen == 1 and base is weights[1]
+    assert page_terms_base(sft, weights, -1) is sft  # no weight kept: the page terms are paired with SFT
+    penalty = [{"ndcg@10": np.full(4, 0.525)}]
+    assert choose_page_terms([1.0], [], sft, penalty, [2.0], 1.0, margin=0.01)[0] == (1.0, 0.0)  # the old reference
+    picked, records = choose_page_terms([1.0], [], base, penalty, [2.0], 1.0, margin=0.01)
+    assert picked is None and records[0]["ndcg@10_change"] == pytest.approx(-0.025)
 
 
 def test_the_stage_judges_on_validation_users_the_sft_stage_did_not_select_on():

@@ -229,7 +229,8 @@ def guided_section(selection: dict) -> list[str]:
     if selection["history"]:
         base = selection.get("prior_base", selection.get("prior_sft"))
         parts += [f"Page terms{f' (with evaluator weight {weight:g})' if weight else ''}: of the pairs kept within "
-                  f"{selection['margin']:.1%} of the SFT decoding (and whose smaller neighbours are), the one the "
+                  f"{selection['margin']:.1%} of {selection.get('page_terms_against', 'the SFT decoding')} (and "
+                  f"whose smaller neighbours are), the one the "
                   f"page prior values most (without page terms: {_fmt(base)}):", "",
                   f"| penalty | quality | {changes} | page prior value | within margin | eligible |",
                   "|---" * (len(guard) + 5) + "|"]
