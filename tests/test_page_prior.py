@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from pagellm.models.page_prior import (PagePrior, fit_page_prior, page_tensors, satiation_from_logs, standardise,
-                                         step_gains)
+from pagellm.models.page_prior import (PagePrior, fit_page_prior, page_tensors, quality_from_next_items,
+                                         satiation_from_logs, standardise, step_gains)
 
 
 def test_page_tensors_count_earlier_items_of_the_same_category():
@@ -130,3 +130,30 @@ def test_a_held_satiation_is_kept_and_the_quality_weight_still_fits():
     for held in (0.0, 0.3):
         a, b, c = fit_page_prior(z, better, z, worse, quality, cat, satiation=held)
         assert a == 1.0 and c == held and b > 1.0  # pairs that favour quality: b grows
+
+
+def test_the_quality_weight_is_recovered_from_next_items_drawn_with_it():
+    rng = np.random.default_rng(7)
+    rows, n = 4000, 40
+    z, quality = rng.normal(size=(rows, n)), standardise(rng.normal(size=n))
+    allowed = rng.random((rows, n)) > 0.2  # each user's other items are no candidates
+    for true_b in (0.0, 0.7, -0.5):
+        logits = np.where(allowed, z + true_b * quality, -np.inf)
+        prob = np.exp(logits - logits.max(axis=1, keepdims=True))
+        prob /= prob.sum(axis=1, keepdims=True)
+        targets = np.array([rng.choice(n, p=row) for row in prob])
+        assert quality_from_next_items(z, quality, targets, allowed) == pytest.approx(true_b, abs=0.08)
+    allowed[0, targets[0]] = False
+    with pytest.raises(ValueError, match="not among its allowed"):
+        quality_from_next_items(z, quality, targets, allowed)
+
+
+def test_a_held_quality_weight_is_kept_and_the_discount_still_fits():
+    rng = np.random.default_rng(5)
+    cat, quality = np.repeat(np.arange(4), 3), standardise(rng.normal(size=12))
+    diverse = [[0, 3, 6], [1, 4, 9], [2, 5, 10]] * 50  # three categories per page
+    clustered = [[0, 1, 2], [3, 4, 5], [6, 7, 8]] * 50  # one
+    z = np.zeros((150, 3))
+    a, b, c = fit_page_prior(z, diverse, z, clustered, quality, cat, quality_weight=0.4)
+    assert a == 1.0 and b == 0.4 and c > 0.5  # the pairs favour diversity: c grows, b is held
+    assert fit_page_prior(z, diverse, z, clustered, quality, cat, quality_weight=0.4, satiation=0.2) == (1.0, 0.4, 0.2)

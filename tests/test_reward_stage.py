@@ -115,6 +115,10 @@ def test_reward_stage_writes_checkpoint_and_metrics(reward_run):
     assert fit["train_pairs"] == metrics["pairs"]["train"] and fit["heldout_pairs"] == metrics["pairs"]["val"]
     assert fit["heldout_accuracy"]["preference"] > 0.8 and fit["heldout_accuracy"]["diversity"] > 0.8
     assert fit["satiation_source"] == "pairs" and "log_repeat_odds" not in fit
+    # b from the training users' last training positives (the default), not the pairs
+    assert fit["quality_source"] == "next_item" and fit["next_item_users"] > 0
+    assert fit["next_item_loglik"] >= fit["next_item_loglik_without_quality"]  # b = 0 is a candidate
+    assert "## Page prior" in (out / "report.md").read_text()
 
 
 def test_training_categories_read_only_the_train_split_in_time_order(tmp_path):
@@ -151,6 +155,55 @@ def test_a_prior_fitted_on_data_without_categories_holds_no_category_discount(tm
     assert stats["satiation"] == 0.0 and stats["satiation_source"] == "no categories"
     assert PagePrior.load(tmp_path / "reward").satiation == 0.0
     assert stats["quality_weight"] > 0  # chosen pages hold the better-rated items
+
+
+def test_the_quality_weight_reads_each_training_users_last_training_positive(tmp_path):
+    from pagellm.train.prior import next_item_rows
+
+    (tmp_path / "data").mkdir()
+    pd.DataFrame({
+        "user_index": [0, 1, 2, 3],
+        "train_positives": [[4, 2, 7, 1], [5], [3, 6], [1, 2, 3]],
+        "train_items": [[4, 9, 2, 7, 1], [5, 8], [3, 6], [1, 2, 3]],  # 9, 8: rated, not positive
+        "val_items": [[3], [2], [1], [4]],
+        "test_items": [[5], [3], [2], [6]],
+    }).to_parquet(tmp_path / "data" / "eval.parquet")
+    users, prompts, targets, seen = next_item_rows(tmp_path, history_len=2, skip_users={3})
+    # user 1 has one positive (no step), user 3's pairs judge the prior: left out
+    assert users == [0, 2] and targets == [1, 6]
+    assert prompts == [[2, 7], [3]]  # the history_len positives before the target
+    assert seen == [{4, 9, 2, 7}, {3}]  # the user's other training items; nothing held out
+    assert next_item_rows(tmp_path, 2, set(), max_users=1)[0] in ([0], [2], [3])
+
+
+def test_the_prior_holds_the_next_item_quality_weight_and_fits_the_discount(tmp_path, monkeypatch):
+    import pagellm.train.prior as prior_mod
+    from pagellm.models.page_prior import PagePrior
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "reward").mkdir()
+    pd.DataFrame({"index": range(6), "score": [4.5, 4.0, 3.0, 2.5, 4.8, 3.3],
+                  "cat_index": [0, 0, 1, 1, 2, 2]}).to_parquet(tmp_path / "data" / "items.parquet")
+    pd.DataFrame({"user_index": [0, 1, 2, 3], "train_positives": [[0, 1, 2]] * 4, "train_items": [[0, 1, 2]] * 4,
+                  "val_items": [[3]] * 4, "test_items": [[4]] * 4}).to_parquet(tmp_path / "data" / "eval.parquet")
+    pairs = pd.DataFrame({"user_index": [0, 1, 2, 3], "family": ["diversity"] * 4, "prompt": [[5]] * 4,
+                          "chosen": [[0, 2, 4]] * 4, "rejected": [[0, 1, 2]] * 4})
+    calls = []
+
+    def worker(fn, *args):  # the SFT policy's forwards run in Ray workers; here, canned answers
+        calls.append(fn.__name__)
+        if fn.__name__ == "next_item_quality_weight":
+            assert args[1] == [0, 1, 2]  # user 3's pairs are held out: not in the fit
+            return {"quality_weight": 0.3, "users": 3, "loglik": -1.0, "loglik_without": -1.2}
+        return [np.zeros((4, 3)), np.zeros((4, 3))]
+
+    monkeypatch.setattr(prior_mod, "in_worker", worker)
+    stats = prior_mod.run_prior_fit(tmp_path, pairs, np.array([False, False, False, True]), "pairs",
+                                    log=lambda *_: None, quality_source="next_item")
+    assert calls == ["prompt_preferences", "next_item_quality_weight"]
+    assert stats["quality_weight"] == 0.3 and stats["quality_source"] == "next_item" and stats["next_item_users"] == 3
+    assert stats["satiation"] > 0.5  # the pairs prefer the diverse page: c is still theirs
+    assert PagePrior.load(tmp_path / "reward").quality_weight == 0.3
 
 
 def test_heads_keep_their_own_peak_lr_under_deepspeeds_schedule():

@@ -237,6 +237,13 @@ class RewardConfig(TrainCommon):
     # category than a reordering of the user's own items would (page_prior.py). Measured
     # alike on the simulator; real logs cluster, so there "logs" gives c = 0.
     prior_satiation: Literal["logs", "pairs"] = "pairs"
+    # Where the prior's quality weight b comes from: "next_item" fits it to the training users'
+    # last training positives, each as the next item after the positives before it (how much
+    # item quality adds to the SFT policy's preference in predicting what users take next);
+    # "pairs" fits it with c on the pairs, whose golden pages are ranked by the same item mean
+    # rating, so they overstate it (tiny: b 1.1-3.0 vs 0.5-0.75; the prior's fidelity 0.58 vs
+    # 0.64, docs/BENCHMARKS.md).
+    prior_quality: Literal["next_item", "pairs"] = "next_item"
 
 
 class EvalConfig(Strict):

@@ -3,8 +3,11 @@
 Runs in the reward stage after the heads are trained, on the same users: fitted on the
 training users' pairs, its held-out pair accuracy per family reported on the others. The
 preference feature comes from the SFT policy (its first-item log-probabilities for each
-pair's prompt), so the prior belongs to the policy that stage 3 starts from. The category
-discount is fitted on the pairs too, or read off the training logs (`reward.prior_satiation`).
+pair's prompt), so the prior belongs to the policy that stage 3 starts from. The quality
+weight comes from the training users' last training positives, each scored as the next item
+after the positives before it (`reward.prior_quality: next_item`), or from the pairs; the
+category discount is fitted on the pairs, or read off the training logs
+(`reward.prior_satiation`).
 """
 
 from __future__ import annotations
@@ -16,10 +19,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pagellm.models.page_prior import PagePrior, fit_page_prior, satiation_from_logs, standardise
+from pagellm.models.page_prior import (PagePrior, fit_page_prior, quality_from_next_items, satiation_from_logs,
+                                       standardise)
 from pagellm.train.harness import in_worker
 
 BATCH = 256  # prompts per forward pass of the SFT policy
+# Users whose last training positive fits the quality weight: one parameter needs few, and the
+# fit holds a [users, n_items] matrix (4,096 x Beauty's 12,101 items: 0.4 GB in float64).
+NEXT_ITEM_USERS = 4096
 
 
 def prompt_preferences(sft_dir: Path, users: list[int], prompts: list[list[int]], pages: list[list[list[int]]],
@@ -53,6 +60,58 @@ def prompt_preferences(sft_dir: Path, users: list[int], prompts: list[list[int]]
     return out
 
 
+def next_item_rows(run_dir: Path, history_len: int, skip_users: set[int],
+                   max_users: int = NEXT_ITEM_USERS) -> tuple[list[int], list[list[int]], list[int], list[set[int]]]:
+    """(users, prompts, targets, seen) for the quality weight's fit: per training user with two
+    or more training positives (none of `skip_users`, whose pairs judge the prior), the last
+    training positive as the target after the `history_len` positives before it, every other
+    training item of the user not a candidate. At most `max_users`, evenly spread. Only the
+    train split: nothing held out informs a stage."""
+    from pagellm.eval.probe import evenly_spread
+
+    evals = pd.read_parquet(run_dir / "data" / "eval.parquet", columns=["user_index", "train_positives", "train_items"])
+    found: tuple[list, list, list, list] = ([], [], [], [])
+    for user, positives, items in zip(evals["user_index"], evals["train_positives"], evals["train_items"]):
+        positives = [int(i) for i in positives]
+        if len(positives) < 2 or int(user) in skip_users:
+            continue
+        target = positives[-1]
+        for part, value in zip(found, (int(user), positives[:-1][-history_len:], target,
+                                       {int(i) for i in items} - {target})):
+            part.append(value)
+    keep = evenly_spread(len(found[0]), max_users)
+    users, prompts, targets, seen = ([part[i] for i in keep] for part in found)
+    return users, prompts, targets, seen
+
+
+def next_item_quality_weight(sft_dir: Path, users: list[int], prompts: list[list[int]], targets: list[int],
+                             seen: list[set[int]], quality: np.ndarray) -> dict:
+    """In a worker: the SFT policy's standardised first-item preferences for each prompt, and
+    `quality_from_next_items` on them; with the mean log-likelihood per user at that b and at 0."""
+    from pagellm.models.page_prior import first_item_preferences
+    from pagellm.models.policy import load_policy
+    from pagellm.vocab import PromptEncoder
+
+    model, tokenizer, layout = load_policy(sft_dir, trainable=False)
+    model.eval()
+    encoder = PromptEncoder(tokenizer, layout)
+    encoded = [encoder.encode_prompt(u, p) for u, p in zip(users, prompts)]
+    z = standardise(np.concatenate([first_item_preferences(model, layout, encoded[a : a + BATCH])
+                                    for a in range(0, len(encoded), BATCH)]))
+    allowed = np.ones_like(z, dtype=bool)
+    for row, items in enumerate(seen):
+        allowed[row, list(items)] = False
+    targets = np.asarray(targets, dtype=np.int64)
+    b = quality_from_next_items(z, quality, targets, allowed)
+    rows = np.arange(len(targets))
+
+    def loglik(weight: float) -> float:
+        x = np.where(allowed, z + weight * np.asarray(quality)[None, :], -np.inf)
+        return float(np.mean(x[rows, targets] - np.logaddexp.reduce(x, axis=1)))
+
+    return {"quality_weight": b, "users": len(targets), "loglik": loglik(b), "loglik_without": loglik(0.0)}
+
+
 def training_categories(run_dir: Path, item_cat: np.ndarray) -> list[np.ndarray]:
     """Each user's training items' categories in the data stage's time order (eval.parquet's
     `train_items`, the same sequence every stage reads), uncategorised items left out. Only
@@ -62,9 +121,12 @@ def training_categories(run_dir: Path, item_cat: np.ndarray) -> list[np.ndarray]
     return [seq[seq >= 0] for seq in categories]
 
 
-def run_prior_fit(run_dir: Path, pairs: pd.DataFrame, val: np.ndarray, source: str, log=print) -> dict:
-    """Fit on pairs[~val], judge on pairs[val]; writes <run>/reward/page_prior.json. `source`
-    says where the category discount comes from (`reward.prior_satiation`)."""
+def run_prior_fit(run_dir: Path, pairs: pd.DataFrame, val: np.ndarray, source: str, log=print,
+                  quality_source: str = "pairs", history_len: int = 50) -> dict:
+    """Fit on the training users (pairs[~val], and with `quality_source` "next_item" their last
+    training positives), judge on pairs[val]; writes <run>/reward/page_prior.json. `source`
+    says where the category discount comes from (`reward.prior_satiation`), `quality_source`
+    the quality weight (`reward.prior_quality`)."""
     t0 = time.perf_counter()
     items = pd.read_parquet(run_dir / "data" / "items.parquet").sort_values("index")
     quality, item_cat = standardise(items["score"].to_numpy(dtype=np.float64)), items["cat_index"].to_numpy()
@@ -83,8 +145,17 @@ def run_prior_fit(run_dir: Path, pairs: pd.DataFrame, val: np.ndarray, source: s
     if no_categories:
         source = "no categories"
     held_c = 0.0 if no_categories else (from_logs["satiation"] if from_logs else None)
+    from_next = None
+    if quality_source == "next_item":
+        skip = {int(u) for u in pairs["user_index"].to_numpy()[val]}
+        rows = next_item_rows(run_dir, history_len, skip)
+        if rows[0]:
+            from_next = in_worker(next_item_quality_weight, (run_dir / "sft").resolve(), *rows, quality)
+        else:
+            log("[reward] page prior: no training user has two training positives; quality weight from the pairs")
     a, b, c = fit_page_prior(z_chosen[train], [chosen[i] for i in train], z_rejected[train],
-                             [rejected[i] for i in train], quality, item_cat, satiation=held_c)
+                             [rejected[i] for i in train], quality, item_cat, satiation=held_c,
+                             quality_weight=from_next["quality_weight"] if from_next else None)
     prior = PagePrior(a, b, c, quality.tolist())
     held = np.flatnonzero(val)
     margin = (prior.value(z_chosen[held], [chosen[i] for i in held], item_cat)
@@ -93,12 +164,16 @@ def run_prior_fit(run_dir: Path, pairs: pd.DataFrame, val: np.ndarray, source: s
     accuracy = {str(f): float((margin[families == f] > 0).mean()) for f in pd.unique(families)}
     accuracy["all"] = float((margin > 0).mean())
     stats = {"pref_weight": a, "quality_weight": b, "satiation": c, "satiation_source": source,
+             "quality_source": "next_item" if from_next else "pairs",
              **({"log_repeat_odds": from_logs["odds"], "log_steps": from_logs["steps"]} if from_logs else {}),
+             **({"next_item_users": from_next["users"], "next_item_loglik": from_next["loglik"],
+                 "next_item_loglik_without_quality": from_next["loglik_without"]} if from_next else {}),
              "heldout_accuracy": accuracy,
              "train_pairs": int(len(train)), "heldout_pairs": int(len(held)),
              "seconds": round(time.perf_counter() - t0, 1)}
     prior.save(run_dir / "reward", {"fit": stats})
-    log(f"[reward] page prior: a {a:.3f} (preference), b {b:.3f} (quality), c {c:.3f} (satiation, "
+    log(f"[reward] page prior: a {a:.3f} (preference), b {b:.3f} (quality, from the "
+        f"{'next items of ' + format(from_next['users'], ',') + ' users' if from_next else 'pairs'}), c {c:.3f} (satiation, "
         f"{'the data has no categories' if no_categories else 'from the ' + source}); held-out "
         "accuracy " + ", ".join(f"{f} {v:.3f}" for f, v in accuracy.items()))
     return stats

@@ -253,6 +253,15 @@ def write_report(metrics: dict, path: Path) -> None:
     lines.append(f"| all | {metrics['pairs']['val']} | {overall} |")
     var = metrics["score_variance"]
     lines += ["", "Score variance over held-out pages: " + ", ".join(f"{h} {cell(var[h])}" for h in REPORT_HEADS), ""]
+    prior = metrics.get("page_prior")
+    if prior:
+        quality = (f"from the next items of {prior['next_item_users']:,} training users"
+                   if prior.get("quality_source") == "next_item" else "from the pairs")
+        held = ", ".join(f"{f} {cell(v)}" for f, v in prior["heldout_accuracy"].items())
+        lines += ["## Page prior", "",
+                  f"a {prior['pref_weight']:.3f} (preference, held), b {prior['quality_weight']:.3f} (quality, {quality}), "
+                  f"c {prior['satiation']:.3f} (repeated-category discount, {prior['satiation_source']}). "
+                  f"Held-out pair accuracy: {held}.", ""]
     path.write_text("\n".join(lines))
 
 
@@ -302,7 +311,8 @@ def run_reward_stage(cfg: Config, run_dir: Path, log=print) -> dict:
     if rc.page_prior:  # before metrics.json, which marks the stage done
         from pagellm.train.prior import run_prior_fit
 
-        metrics["page_prior"] = run_prior_fit(run_dir, pairs, val, rc.prior_satiation, log)
+        metrics["page_prior"] = run_prior_fit(run_dir, pairs, val, rc.prior_satiation, log, rc.prior_quality,
+                                              cfg.data.history_len)
     write_json(out_dir / "metrics.json", metrics)
     plot_accuracy(metrics["pair_accuracy"], out_dir / "accuracy_by_family.png")
     write_report(metrics, out_dir / "report.md")
