@@ -141,6 +141,15 @@ def step_gains(prior: PagePrior, z: np.ndarray, prefixes: list[list[int]], item_
     return np.logaddexp(log_prefix, log_new) - log_prefix
 
 
+def next_item_loglik(z: np.ndarray, quality: np.ndarray, targets: np.ndarray, allowed: np.ndarray,
+                     b: float) -> float:
+    """Mean log-likelihood of each row's target as the next item when P(i) is proportional to
+    exp(z(i) + b q(i)) over the row's allowed items (z [rows, n_items], allowed bool alike)."""
+    rows = np.arange(len(targets))
+    x = np.where(allowed, np.asarray(z, dtype=np.float64) + b * np.asarray(quality, dtype=np.float64)[None, :], -np.inf)
+    return float(np.mean(x[rows, targets] - np.logaddexp.reduce(x, axis=1)))
+
+
 def quality_from_next_items(z: np.ndarray, quality: np.ndarray, targets: np.ndarray, allowed: np.ndarray) -> float:
     """b maximising the likelihood of each row's target as the next item when
     P(i) is proportional to exp(z(i) + b q(i)) over the row's allowed items: what item quality adds
@@ -155,20 +164,15 @@ def quality_from_next_items(z: np.ndarray, quality: np.ndarray, targets: np.ndar
     from scipy.optimize import minimize_scalar
 
     z = np.asarray(z, dtype=np.float64)
-    q = np.asarray(quality, dtype=np.float64)
     targets = np.asarray(targets, dtype=np.int64)
     allowed = np.asarray(allowed, dtype=bool)
-    rows = np.arange(len(targets))
-    if not len(rows):
+    if not len(targets):
         raise ValueError("quality_from_next_items: no rows")
-    if not allowed[rows, targets].all():
+    if not allowed[np.arange(len(targets)), targets].all():
         raise ValueError("quality_from_next_items: a row's target is not among its allowed items")
-
-    def neg_loglik(b: float) -> float:
-        x = np.where(allowed, z + b * q[None, :], -np.inf)
-        return -float(np.mean(x[rows, targets] - np.logaddexp.reduce(x, axis=1)))
-
-    return float(minimize_scalar(neg_loglik, bounds=(-10.0, 10.0), method="bounded").x)
+    fit = minimize_scalar(lambda b: -next_item_loglik(z, quality, targets, allowed, b), bounds=(-10.0, 10.0),
+                          method="bounded")
+    return float(fit.x)
 
 
 def fit_page_prior(z_chosen: np.ndarray, chosen: list[list[int]], z_rejected: np.ndarray,

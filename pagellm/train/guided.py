@@ -34,7 +34,8 @@ and paired with that decoding; of the pairs whose lower bound stays within the m
 smaller neighbours on both axes do too (a pass after a miss is noise), the one whose pages the
 page prior values most is published. Paired with the SFT decoding instead, the page terms could
 spend the evaluator's whole gain: on Amazon Beauty a repeat penalty 3 "within 1 % of SFT" took
-the evaluator's +3 % test ndcg@10 back to +0.1 % (docs/BENCHMARKS.md). The prior is the stage's reward, validation accuracy its constraint.
+the evaluator's +3 % test ndcg@10 back to +0.1 % (docs/BENCHMARKS.md). The prior is the stage's
+reward, validation accuracy its constraint.
 Validation only judges; nothing trains. The published policy is the SFT checkpoint with the
 chosen terms (and the item categories and qualities) in its token layout and the evaluator
 saved beside it (`evaluator/`), so evaluation, KL and serving decode it as published.

@@ -19,8 +19,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pagellm.models.page_prior import (PagePrior, fit_page_prior, quality_from_next_items, satiation_from_logs,
-                                       standardise)
+from pagellm.models.page_prior import (PagePrior, fit_page_prior, next_item_loglik, quality_from_next_items,
+                                       satiation_from_logs, standardise)
 from pagellm.train.harness import in_worker
 
 BATCH = 256  # prompts per forward pass of the SFT policy
@@ -103,13 +103,8 @@ def next_item_quality_weight(sft_dir: Path, users: list[int], prompts: list[list
         allowed[row, list(items)] = False
     targets = np.asarray(targets, dtype=np.int64)
     b = quality_from_next_items(z, quality, targets, allowed)
-    rows = np.arange(len(targets))
-
-    def loglik(weight: float) -> float:
-        x = np.where(allowed, z + weight * np.asarray(quality)[None, :], -np.inf)
-        return float(np.mean(x[rows, targets] - np.logaddexp.reduce(x, axis=1)))
-
-    return {"quality_weight": b, "users": len(targets), "loglik": loglik(b), "loglik_without": loglik(0.0)}
+    return {"quality_weight": b, "users": len(targets), "loglik": next_item_loglik(z, quality, targets, allowed, b),
+            "loglik_without": next_item_loglik(z, quality, targets, allowed, 0.0)}
 
 
 def training_categories(run_dir: Path, item_cat: np.ndarray) -> list[np.ndarray]:
@@ -172,8 +167,8 @@ def run_prior_fit(run_dir: Path, pairs: pd.DataFrame, val: np.ndarray, source: s
              "train_pairs": int(len(train)), "heldout_pairs": int(len(held)),
              "seconds": round(time.perf_counter() - t0, 1)}
     prior.save(run_dir / "reward", {"fit": stats})
-    log(f"[reward] page prior: a {a:.3f} (preference), b {b:.3f} (quality, from the "
-        f"{'next items of ' + format(from_next['users'], ',') + ' users' if from_next else 'pairs'}), c {c:.3f} (satiation, "
+    quality_from = f"the next items of {from_next['users']:,} users" if from_next else "the pairs"
+    log(f"[reward] page prior: a {a:.3f} (preference), b {b:.3f} (quality, from {quality_from}), c {c:.3f} (satiation, "
         f"{'the data has no categories' if no_categories else 'from the ' + source}); held-out "
         "accuracy " + ", ".join(f"{f} {v:.3f}" for f, v in accuracy.items()))
     return stats

@@ -259,7 +259,8 @@ def write_report(metrics: dict, path: Path) -> None:
                    if prior.get("quality_source") == "next_item" else "from the pairs")
         held = ", ".join(f"{f} {cell(v)}" for f, v in prior["heldout_accuracy"].items())
         lines += ["## Page prior", "",
-                  f"a {prior['pref_weight']:.3f} (preference, held), b {prior['quality_weight']:.3f} (quality, {quality}), "
+                  f"a {prior['pref_weight']:.3f} (preference, held), b {prior['quality_weight']:.3f} "
+                  f"(quality, {quality}), "
                   f"c {prior['satiation']:.3f} (repeated-category discount, {prior['satiation_source']}). "
                   f"Held-out pair accuracy: {held}.", ""]
     path.write_text("\n".join(lines))
