@@ -206,6 +206,48 @@ def test_the_prior_holds_the_next_item_quality_weight_and_fits_the_discount(tmp_
     assert PagePrior.load(tmp_path / "reward").quality_weight == 0.3
 
 
+def test_heads_none_fits_the_prior_alone_and_fidelity_measures_it(reward_run, tmp_path):
+    """`reward.heads: none`: no reward model trained or published, the prior fitted as with
+    the heads; the simulator's fidelity block then holds the prior and the policy's own
+    signals, no R."""
+    import shutil
+
+    from pagellm.config import load_config
+    from pagellm.eval.runner import run_eval_stage
+    from pagellm.models.page_prior import PagePrior
+    from pagellm.models.reward import REWARD_FILE
+    from pagellm.train.reward import run_reward_stage
+
+    folder, _ = reward_run
+    run_dir = tmp_path / "run"
+    for part in ("data", "sft"):
+        shutil.copytree(folder.root / part, run_dir / part)
+    cfg = load_config(None, SMALL + ["reward.heads=none", "stage3.algorithm=guided", "eval.baselines=[popularity]",
+                                     "eval.fidelity_samples=2", "eval.hr_pct_pages=0", "eval.list_len=20"])
+    metrics = run_reward_stage(cfg, run_dir, log=lambda *_: None)
+    assert metrics["heads"] == [] and not (run_dir / "reward" / REWARD_FILE).exists()
+    assert not (run_dir / "ray_train").exists()  # no Ray Train run at all
+    assert PagePrior.load(run_dir / "reward") is not None and metrics["page_prior"]["quality_source"] == "next_item"
+    assert "the page prior only" in (run_dir / "reward" / "report.md").read_text()
+    block = run_eval_stage(cfg, run_dir, log=lambda *_: None)["reward_fidelity"]
+    assert "spearman/prior" in block and "spearman/policy_logprob" in block
+    assert not any(k.endswith(("/R", "/R_c", "/R_f")) for k in block)
+
+
+def test_heads_none_is_refused_where_a_stage_reads_the_heads():
+    from pagellm.config import load_config
+
+    with pytest.raises(ValueError, match="set reward.page_prior=true"):
+        load_config(None, ["reward.heads=none", "reward.page_prior=false", "stage3.algorithm=none"])
+    with pytest.raises(ValueError, match="trains none"):
+        load_config(None, ["reward.heads=none", "stage3.algorithm=ppo"])  # PPO reads R by default
+    with pytest.raises(ValueError, match="trains none"):
+        load_config(None, ["reward.heads=none", "stage3.algorithm=dpo", "dpo.on_policy=true", "dpo.ranker=reward"])
+    for ok in (["stage3.algorithm=guided"], ["stage3.algorithm=ppo", "ppo.model_reward_weight=0",
+                                             "ppo.prior_reward_weight=1"]):
+        assert load_config(None, ["reward.heads=none", *ok]).reward.heads == "none"
+
+
 def test_heads_keep_their_own_peak_lr_under_deepspeeds_schedule():
     """train_ds_config gives WarmupDecayLR one peak lr; the heads must still get lr x head_lr_mult."""
     from types import SimpleNamespace

@@ -220,7 +220,12 @@ class RewardConfig(TrainCommon):
     epochs: int = 5
     lr: float = 1e-5
     batch_size: int = 64
-    heads: Literal["sum", "coarse", "fine"] = "sum"
+    # "none" trains no head, only the page prior (needs reward.page_prior): for a stage 3 that
+    # reads the prior alone (guided; DeGRe's or DPO's prior; PPO with prior_reward_weight only),
+    # where the heads cost a reward-model training nobody reads (~17 min of Beauty's pipeline
+    # on the 2-core box; a backbone's worth on Llama). The simulator's fidelity block then
+    # measures the prior and the policy's own signals, not R.
+    heads: Literal["sum", "coarse", "fine", "none"] = "sum"
     val_fraction: float = Field(0.1, gt=0.0, lt=1.0)
     patience: int = Field(2, ge=1)
     # The heads start from scratch on a trained backbone: they learn at lr x this.

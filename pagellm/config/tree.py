@@ -42,14 +42,20 @@ class Config(Strict):
     @model_validator(mode="after")
     def _consistent(self) -> "Config":
         rl = self.stage3.algorithm in RL_ALGORITHMS
+        if self.reward.heads == "none" and not self.reward.page_prior:
+            raise ValueError("reward.heads=none trains only the page prior: set reward.page_prior=true")
         if rl and self.ppo.model_reward_weight > 0:
-            needs, has = REWARD_HEADS[self.ppo.reward], REWARD_HEADS[self.reward.heads]
+            needs, has = REWARD_HEADS[self.ppo.reward], REWARD_HEADS.get(self.reward.heads, ())
             if not set(needs) <= set(has):
                 fits = [name for name, heads in REWARD_HEADS.items() if set(heads) <= set(has)]
                 raise ValueError(
                     f"ppo.reward: {self.ppo.reward!r} needs the reward model's {' and '.join(needs)} head(s), "
-                    f"but reward.heads={self.reward.heads!r} trains only {' and '.join(has)}; "
-                    f"allowed with it: {', '.join(fits)}")
+                    f"but reward.heads={self.reward.heads!r} trains {' and '.join(has) or 'none'}; "
+                    + (f"allowed with it: {', '.join(fits)}" if fits else
+                       "set ppo.model_reward_weight=0 (and ppo.prior_reward_weight > 0) or train the heads"))
+        if (self.stage3.algorithm == "dpo" and self.dpo.on_policy and self.dpo.ranker == "reward"
+                and self.reward.heads == "none"):
+            raise ValueError("dpo.ranker=reward ranks pages with the reward model, but reward.heads=none trains none")
         if rl and self.ppo.prior_reward_weight > 0 and not self.reward.page_prior:
             raise ValueError("ppo.prior_reward_weight > 0 needs the page prior: set reward.page_prior=true")
         if (self.stage3.algorithm == "dpo" and self.dpo.on_policy and self.dpo.ranker == "prior"

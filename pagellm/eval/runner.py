@@ -275,13 +275,15 @@ def reward_fidelity(policy_dir: Path, reward_dir: Path, es: EvalSet, greedy_list
     from pagellm.models.decoding import constrained_logprobs, generate_pages
     from pagellm.models.page_prior import PagePrior, first_item_preferences, item_categories
     from pagellm.models.policy import load_policy
+    from pagellm.models.reward import REWARD_FILE
     from pagellm.models.reward_scorer import RewardScorer
     from pagellm.vocab import PromptEncoder
 
     sim, item_ids, user_ids, oracle_truth, oracle_pages = sim_ctx
     model, tokenizer, layout = load_policy(policy_dir, trainable=False)
     model.eval()
-    scorer = RewardScorer.load(reward_dir)
+    # reward.heads: none trains no reward model, only the prior: no R, R_c, R_f then.
+    scorer = RewardScorer.load(reward_dir) if (reward_dir / REWARD_FILE).exists() else None
     encoder = PromptEncoder(tokenizer, layout)
     prompts = [encoder.encode_prompt(int(u), p) for u, p in zip(es.user_index, es.prompts)]
     users = len(prompts)
@@ -292,17 +294,19 @@ def reward_fidelity(policy_dir: Path, reward_dir: Path, es: EvalSet, greedy_list
 
     def signals(rows: list[int], pages: list[list[int]]) -> dict[str, np.ndarray]:
         """Every signal for page j of user rows[j]."""
-        out: dict[str, list] = {"R": [], "R_c": [], "R_f": [], "policy_logprob": []}
+        out: dict[str, list] = {"R": [], "R_c": [], "R_f": []} if scorer is not None else {}
+        out["policy_logprob"] = []
         for a in range(0, len(rows), batch_size):
             r, pg = rows[a : a + batch_size], pages[a : a + batch_size]
             p = [prompts[i] for i in r]
             responses = [encoder.encode_page(x) for x in pg]
-            r_c, r_f = scorer.score_tokens(p, responses)
+            if scorer is not None:
+                r_c, r_f = scorer.score_tokens(p, responses)
+                out["R"].append(r_c + r_f)
+                out["R_c"].append(r_c)
+                out["R_f"].append(r_f)  # a head the model lacks scores 0: dropped below
             with torch.inference_mode():
                 logp, _, _ = constrained_logprobs(model, layout, p, responses, exclude=[es.exclude[i] for i in r], k=k)
-            out["R"].append(r_c + r_f)
-            out["R_c"].append(r_c)
-            out["R_f"].append(r_f)  # a head the model lacks scores 0: dropped below
             out["policy_logprob"].append(logp.sum(dim=1).float().numpy())
             if prior is not None:  # one forward per user: a batch of samples repeats its prompts
                 out.setdefault("prior", []).append(prior.score(first_item_preferences(model, layout, p), pg, item_cat))

@@ -253,17 +253,38 @@ def write_report(metrics: dict, path: Path) -> None:
     lines.append(f"| all | {metrics['pairs']['val']} | {overall} |")
     var = metrics["score_variance"]
     lines += ["", "Score variance over held-out pages: " + ", ".join(f"{h} {cell(var[h])}" for h in REPORT_HEADS), ""]
-    prior = metrics.get("page_prior")
-    if prior:
-        quality = (f"from the next items of {prior['next_item_users']:,} training users"
-                   if prior.get("quality_source") == "next_item" else "from the pairs")
-        held = ", ".join(f"{f} {cell(v)}" for f, v in prior["heldout_accuracy"].items())
-        lines += ["## Page prior", "",
-                  f"a {prior['pref_weight']:.3f} (preference, held), b {prior['quality_weight']:.3f} "
-                  f"(quality, {quality}), "
-                  f"c {prior['satiation']:.3f} (repeated-category discount, {prior['satiation_source']}). "
-                  f"Held-out pair accuracy: {held}.", ""]
-    path.write_text("\n".join(lines))
+    path.write_text("\n".join(lines + prior_lines(metrics.get("page_prior"))))
+
+
+def prior_lines(prior: dict | None) -> list[str]:
+    """The reward report's page-prior section (none without a prior)."""
+    if not prior:
+        return []
+    quality = (f"from the next items of {prior['next_item_users']:,} training users"
+               if prior.get("quality_source") == "next_item" else "from the pairs")
+    held = ", ".join(f"{f} {v:.3f}" for f, v in prior["heldout_accuracy"].items())
+    return ["## Page prior", "",
+            f"a {prior['pref_weight']:.3f} (preference, held), b {prior['quality_weight']:.3f} (quality, {quality}), "
+            f"c {prior['satiation']:.3f} (repeated-category discount, {prior['satiation_source']}). "
+            f"Held-out pair accuracy: {held}.", ""]
+
+
+def prior_only_stage(cfg: Config, run_dir: Path, pairs: pd.DataFrame, val: np.ndarray, log=print) -> dict:
+    """`reward.heads: none`: the page prior alone, fitted and judged as with the heads; no
+    reward model is trained or published (serving's /v1/score then answers 503)."""
+    from pagellm.train.prior import run_prior_fit
+
+    out_dir = run_dir / "reward"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log(f"[reward] heads none: the page prior only, {int((~val).sum())} train / {int(val.sum())} held-out pairs")
+    metrics = {"heads": [], "pairs": {"train": int((~val).sum()), "val": int(val.sum())},
+               "page_prior": run_prior_fit(run_dir, pairs, val, cfg.reward.prior_satiation, log,
+                                           cfg.reward.prior_quality, cfg.data.history_len)}
+    write_json(out_dir / "metrics.json", metrics)  # last: it marks the stage done
+    (out_dir / "report.md").write_text("\n".join(
+        ["# Reward model", "", "No heads trained (`reward.heads: none`): the page prior only.", ""]
+        + prior_lines(metrics["page_prior"])))
+    return metrics
 
 
 def run_reward_stage(cfg: Config, run_dir: Path, log=print) -> dict:
@@ -282,6 +303,8 @@ def run_reward_stage(cfg: Config, run_dir: Path, log=print) -> dict:
     if val.all() or not val.any():
         raise ValueError(f"reward.val_fraction={rc.val_fraction} puts {'every' if val.all() else 'no'} user in "
                          f"validation ({pairs['user_index'].nunique()} users with pairs); change it")
+    if rc.heads == "none":
+        return prior_only_stage(cfg, run_dir, pairs, val, log)
     log(f"[reward] heads {rc.heads}: {int((~val).sum())} train / {int(val.sum())} held-out pairs, "
         f"{rc.epochs} epoch(s), {rc.workers} worker(s), ZeRO-{rc.zero_stage}")
     loop_config = {"cfg": cfg.model_dump(mode="json"), "data_dir": str(data_dir.resolve()),
