@@ -150,7 +150,7 @@ def test_a_prior_fitted_on_data_without_categories_holds_no_category_discount(tm
                           "chosen": [[0, 4], [4, 1], [0, 1], [4, 0]], "rejected": [[3, 2], [2, 5], [3, 5], [2, 3]]})
     # The SFT policy's preferences come from a Ray worker; here, none (all items alike).
     monkeypatch.setattr(prior_mod, "in_worker", lambda fn, *args: [np.zeros((4, 2)), np.zeros((4, 2))])
-    stats = prior_mod.run_prior_fit(tmp_path, pairs, np.array([False, False, False, True]), "pairs",
+    stats = prior_mod.run_prior_fit(tmp_path, pairs, np.array([False, False, False, True]), "pairs", "pairs", 50,
                                     log=lambda *_: None)
     assert stats["satiation"] == 0.0 and stats["satiation_source"] == "no categories"
     assert PagePrior.load(tmp_path / "reward").satiation == 0.0
@@ -198,8 +198,8 @@ def test_the_prior_holds_the_next_item_quality_weight_and_fits_the_discount(tmp_
         return [np.zeros((4, 3)), np.zeros((4, 3))]
 
     monkeypatch.setattr(prior_mod, "in_worker", worker)
-    stats = prior_mod.run_prior_fit(tmp_path, pairs, np.array([False, False, False, True]), "pairs",
-                                    log=lambda *_: None, quality_source="next_item")
+    stats = prior_mod.run_prior_fit(tmp_path, pairs, np.array([False, False, False, True]), "pairs", "next_item", 50,
+                                    log=lambda *_: None)
     assert calls == ["prompt_preferences", "next_item_quality_weight"]
     assert stats["quality_weight"] == 0.3 and stats["quality_source"] == "next_item" and stats["next_item_users"] == 3
     assert stats["satiation"] > 0.5  # the pairs prefer the diverse page: c is still theirs

@@ -116,8 +116,8 @@ def training_categories(run_dir: Path, item_cat: np.ndarray) -> list[np.ndarray]
     return [seq[seq >= 0] for seq in categories]
 
 
-def run_prior_fit(run_dir: Path, pairs: pd.DataFrame, val: np.ndarray, source: str, log=print,
-                  quality_source: str = "pairs", history_len: int = 50) -> dict:
+def run_prior_fit(run_dir: Path, pairs: pd.DataFrame, val: np.ndarray, source: str, quality_source: str,
+                  history_len: int, log=print) -> dict:
     """Fit on the training users (pairs[~val], and with `quality_source` "next_item" their last
     training positives), judge on pairs[val]; writes <run>/reward/page_prior.json. `source`
     says where the category discount comes from (`reward.prior_satiation`), `quality_source`

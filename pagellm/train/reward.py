@@ -278,8 +278,8 @@ def prior_only_stage(cfg: Config, run_dir: Path, pairs: pd.DataFrame, val: np.nd
     out_dir.mkdir(parents=True, exist_ok=True)
     log(f"[reward] heads none: the page prior only, {int((~val).sum())} train / {int(val.sum())} held-out pairs")
     metrics = {"heads": [], "pairs": {"train": int((~val).sum()), "val": int(val.sum())},
-               "page_prior": run_prior_fit(run_dir, pairs, val, cfg.reward.prior_satiation, log,
-                                           cfg.reward.prior_quality, cfg.data.history_len)}
+               "page_prior": run_prior_fit(run_dir, pairs, val, cfg.reward.prior_satiation, cfg.reward.prior_quality,
+                                           cfg.data.history_len, log)}
     write_json(out_dir / "metrics.json", metrics)  # last: it marks the stage done
     (out_dir / "report.md").write_text("\n".join(
         ["# Reward model", "", "No heads trained (`reward.heads: none`): the page prior only.", ""]
@@ -335,8 +335,8 @@ def run_reward_stage(cfg: Config, run_dir: Path, log=print) -> dict:
     if rc.page_prior:  # before metrics.json, which marks the stage done
         from pagellm.train.prior import run_prior_fit
 
-        metrics["page_prior"] = run_prior_fit(run_dir, pairs, val, rc.prior_satiation, log, rc.prior_quality,
-                                              cfg.data.history_len)
+        metrics["page_prior"] = run_prior_fit(run_dir, pairs, val, rc.prior_satiation, rc.prior_quality,
+                                              cfg.data.history_len, log)
     write_json(out_dir / "metrics.json", metrics)
     plot_accuracy(metrics["pair_accuracy"], out_dir / "accuracy_by_family.png")
     write_report(metrics, out_dir / "report.md")
