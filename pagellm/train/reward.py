@@ -274,8 +274,11 @@ def prior_only_stage(cfg: Config, run_dir: Path, pairs: pd.DataFrame, val: np.nd
     reward model is trained or published (serving's /v1/score then answers 503)."""
     from pagellm.train.prior import run_prior_fit
 
+    import shutil
+
     out_dir = run_dir / "reward"
-    out_dir.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(out_dir, ignore_errors=True)  # an earlier run's heads would be read as this stage's
+    out_dir.mkdir(parents=True)
     log(f"[reward] heads none: the page prior only, {int((~val).sum())} train / {int(val.sum())} held-out pairs")
     metrics = {"heads": [], "pairs": {"train": int((~val).sum()), "val": int(val.sum())},
                "page_prior": run_prior_fit(run_dir, pairs, val, cfg.reward.prior_satiation, cfg.reward.prior_quality,
