@@ -14,10 +14,11 @@ Why it exists: the learned heads (R_c, R_f) read the SFT policy's own hidden sta
 the simulator they rank the policy's sampled pages close to how the policy's likelihood
 does (within-user Spearman with the true utility ~0.2, docs/BENCHMARKS.md), while these two
 log-derived facts plus a category discount rank them far better (~0.6). The prior is not a
-hand-set formula: (a, b, c) are fitted on the training data, as the heads are: b by the likelihood of each training
-user's last training positive as the next item (`quality_from_next_items`, by default:
-`reward.prior_quality`), c by Bradley-Terry on the data stage's pairs (the training users'
-pairs; held-out users judge it) or off the logs. No truth is read, nor any held-out item.
+hand-set formula: (a, b, c) are fitted on the training data, as the heads are: a held at 1;
+b by the likelihood of each training user's last training positive as the next item
+(`quality_from_next_items`, the default `reward.prior_quality`); c by Bradley-Terry on the data
+stage's pairs (the training users' pairs; held-out users judge it) or off the logs. No truth
+is read, nor any held-out item.
 
 Plain torch and numpy; the reward stage fits it, reward actors and evaluation score with it.
 """

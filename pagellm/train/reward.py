@@ -14,6 +14,7 @@ pages), so both sides of a pair are scored by the same weights in the same step.
 from __future__ import annotations
 
 import hashlib
+import shutil
 from functools import partial
 from pathlib import Path
 
@@ -269,20 +270,23 @@ def prior_lines(prior: dict | None) -> list[str]:
             f"Held-out pair accuracy: {held}.", ""]
 
 
+def fit_prior(cfg: Config, run_dir: Path, pairs: pd.DataFrame, val: np.ndarray, log=print) -> dict:
+    """The page prior on the reward stage's user split, from the sources `reward` configures."""
+    from pagellm.train.prior import run_prior_fit
+
+    return run_prior_fit(run_dir, pairs, val, cfg.reward.prior_satiation, cfg.reward.prior_quality,
+                         cfg.data.history_len, log)
+
+
 def prior_only_stage(cfg: Config, run_dir: Path, pairs: pd.DataFrame, val: np.ndarray, log=print) -> dict:
     """`reward.heads: none`: the page prior alone, fitted and judged as with the heads; no
     reward model is trained or published (serving's /v1/score then answers 503)."""
-    from pagellm.train.prior import run_prior_fit
-
-    import shutil
-
     out_dir = run_dir / "reward"
     shutil.rmtree(out_dir, ignore_errors=True)  # an earlier run's heads would be read as this stage's
     out_dir.mkdir(parents=True)
     log(f"[reward] heads none: the page prior only, {int((~val).sum())} train / {int(val.sum())} held-out pairs")
     metrics = {"heads": [], "pairs": {"train": int((~val).sum()), "val": int(val.sum())},
-               "page_prior": run_prior_fit(run_dir, pairs, val, cfg.reward.prior_satiation, cfg.reward.prior_quality,
-                                           cfg.data.history_len, log)}
+               "page_prior": fit_prior(cfg, run_dir, pairs, val, log)}
     write_json(out_dir / "metrics.json", metrics)  # last: it marks the stage done
     (out_dir / "report.md").write_text("\n".join(
         ["# Reward model", "", "No heads trained (`reward.heads: none`): the page prior only.", ""]
@@ -336,10 +340,7 @@ def run_reward_stage(cfg: Config, run_dir: Path, log=print) -> dict:
         "checkpoint": result.best_checkpoint_path,
     }
     if rc.page_prior:  # before metrics.json, which marks the stage done
-        from pagellm.train.prior import run_prior_fit
-
-        metrics["page_prior"] = run_prior_fit(run_dir, pairs, val, rc.prior_satiation, rc.prior_quality,
-                                              cfg.data.history_len, log)
+        metrics["page_prior"] = fit_prior(cfg, run_dir, pairs, val, log)
     write_json(out_dir / "metrics.json", metrics)
     plot_accuracy(metrics["pair_accuracy"], out_dir / "accuracy_by_family.png")
     write_report(metrics, out_dir / "report.md")
