@@ -76,7 +76,7 @@ def build_run(out: Path, shape: str, overrides: list[str]) -> tuple[Path, object
             (run / "data").symlink_to(data.resolve())
         save_policy(*build_policy(cfg.model, Vocab.from_parquet(data / "vocab.parquet"), seed=0), run / "sft")
     if cfg.stage3.algorithm == "guided" and not (run / "guided" / "evaluator").exists():
-        evaluator = fit_evaluator(data, {**cfg.eval.sasrec, "epochs": 1, "verbose": False}, cfg.seed)
+        evaluator = fit_evaluator(data, {"sasrec": {**cfg.eval.sasrec, "epochs": 1, "verbose": False}}, cfg.seed)
         publish(run, {"weight": 1.0}, evaluator)
     save_config(cfg, run / "config.yaml")
     return run, cfg

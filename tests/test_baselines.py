@@ -98,3 +98,66 @@ def test_make_baseline():
     assert make_baseline("sasrec", {"hidden": 16}).params["hidden"] == 16
     with pytest.raises(ValueError, match="unknown baseline"):
         make_baseline("bpr")
+    assert make_baseline("ease", {"lambdas": [10.0]}).params["lambdas"] == [10.0]
+    with pytest.raises(ValueError, match="lambdas must be"):
+        make_baseline("ease", {"lambdas": [0.0]})
+
+
+def co_bought_sequences(n_users: int, seed: int) -> list[list[int]]:
+    """Items come in pairs (2j, 2j + 1) bought together, in either order, plus one random item:
+    co-occurrence without order, what EASE reads."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n_users):
+        j = int(rng.integers(0, N // 2))
+        pair = [2 * j, 2 * j + 1][:: 1 if rng.random() < 0.5 else -1]
+        out.append([*pair, int(rng.integers(0, N))])
+    return out
+
+
+def test_ease_is_the_closed_form_ridge_regression_with_a_zero_diagonal():
+    from pagellm.eval.baselines.ease import EASE, ease_weights
+
+    seqs = co_bought_sequences(60, seed=0)
+    x = np.zeros((len(seqs), N))
+    for u, s in enumerate(seqs):
+        x[u, s] = 1
+    lam = 3.0
+    b = ease_weights(x.T @ x, lam)
+    assert np.allclose(np.diag(b), 0)
+    # Column j is ridge regression of item j on every other item (the constraint removes j itself).
+    for j in (0, 7):
+        others = [i for i in range(N) if i != j]
+        a = x[:, others]
+        direct = np.linalg.solve(a.T @ a + lam * np.eye(N - 1), a.T @ x[:, j])
+        assert np.allclose(b[others, j], direct, atol=1e-4)
+    model = EASE({"fixed_lambda": lam, "verbose": False})
+    model.fit(seqs, N)  # no validation step: the fixed lambda
+    assert [r["lambda"] for r in model.training_log] == [lam]
+    assert np.allclose(model.score([[0, 5]]), b[0] + b[5], atol=1e-5)
+    # It learns the pairs: after 2j the best item is its partner.
+    top1 = rank(model, [[2 * j] for j in range(N // 2)], k=1, exclude=[[2 * j] for j in range(N // 2)])
+    assert [t[0] for t in top1] == [2 * j + 1 for j in range(N // 2)]
+
+
+def test_ease_chooses_lambda_on_validation_and_round_trips_its_state():
+    from pagellm.eval.baselines.ease import EASE, ease_weights
+
+    seqs = co_bought_sequences(80, seed=1)
+    val_h = [[2 * j] for j in range(N // 2)]
+    val_t = [[2 * j + 1] for j in range(N // 2)]
+    model = EASE({"lambdas": [1.0, 1e6], "verbose": False})
+    model.fit(seqs, N, val_h, val_t)
+    assert [r["lambda"] for r in model.training_log] == [1.0, 1e6]
+    best = max(model.training_log, key=lambda r: r["val_ndcg@10"])["lambda"]
+    x = np.zeros((len(seqs), N))
+    for u, s in enumerate(seqs):
+        x[u, s] = 1
+    assert np.allclose(model.weights, ease_weights(x.T @ x, best))
+    again = EASE({"lambdas": [1.0, 1e6], "verbose": False})
+    again.restore(model.state(), N)
+    assert np.array_equal(again.score(val_h), model.score(val_h))
+    with pytest.raises(ValueError, match="shape"):
+        EASE().restore(model.state(), N + 1)
+    with pytest.raises(RuntimeError, match="before fit"):
+        EASE().score([[0]])

@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
         (["eval.baselines=[popularity, bpr]"], "eval.baselines.1", BASELINES),
         (["ppo.reward=best"], "ppo.reward", tuple(names.REWARD_HEADS)),
         (["eval.sasrec={hiden: 32}"], "eval.sasrec", tuple(BASELINE_PARAMS["sasrec"])),
+        (["eval.ease={lambda: 32}"], "eval.ease", tuple(BASELINE_PARAMS["ease"])),
     ],
 )
 def test_unknown_names_fail_at_load_with_one_line_naming_field_and_choices(overrides, field, allowed):
@@ -45,6 +46,21 @@ def test_every_declared_name_loads():
         assert load_config(None, [f"ppo.policy_loss={name}"]).ppo.policy_loss == name
     assert load_config(None, ["eval.baselines=[sasrec]", "eval.sasrec={hidden: 16, epochs: 1}"]).eval.sasrec == {
         "hidden": 16, "epochs": 1}
+    assert load_config(None, ["eval.ease={lambdas: [10, 20]}"]).eval.baseline_params("ease") == {"lambdas": [10, 20]}
+
+
+def test_guided_evaluator_reads_its_older_forms_and_needs_its_models_in_the_evaluation():
+    assert load_config(None, []).guided.evaluator == ["sasrec", "ease"]
+    # Saved configs from before the evaluator took several models: one name, or none.
+    assert load_config(None, ["guided.evaluator=sasrec"]).guided.evaluator == ["sasrec"]
+    assert load_config(None, ["guided.evaluator=none"]).guided.evaluator == []
+    with pytest.raises(ConfigError, match="more than once"):
+        load_config(None, ["guided.evaluator=[ease,ease]"])
+    # The published policy adds EASE's scores: the table must show EASE alone.
+    with pytest.raises(ConfigError, match="eval.baselines leaves it out"):
+        load_config(None, ["stage3.algorithm=guided", "eval.baselines=[popularity,sasrec]"])
+    assert load_config(None, ["stage3.algorithm=guided", "eval.baselines=[sasrec]", "guided.evaluator=[sasrec]"])
+    assert load_config(None, ["eval.baselines=[popularity]"])  # not guided: nothing to show
 
 
 @pytest.mark.parametrize(

@@ -70,7 +70,7 @@ def test_a_run_that_reuses_the_cache_scores_what_a_fresh_run_does(run_template, 
     lines: list[str] = []
     first = run_eval_stage(cfg, fresh, log=lines.append)
     assert not any("reusing" in line for line in lines)
-    assert {p.name.split("-")[0] for p in (fresh / CACHE_DIR).iterdir()} == {"sasrec", "policy"}
+    assert {p.name.split("-")[0] for p in (fresh / CACHE_DIR).iterdir()} == {"sasrec", "ease", "policy"}
 
     # A variant of the run (bench/quality.py run_variant): the same data and SFT policy, the
     # seed's cache copied beside them. Nothing is fitted or written again, and every metric
@@ -79,7 +79,7 @@ def test_a_run_that_reuses_the_cache_scores_what_a_fresh_run_does(run_template, 
     shutil.copytree(fresh / CACHE_DIR, variant / CACHE_DIR)
     lines.clear()
     again = run_eval_stage(cfg, variant, log=lines.append)
-    assert sum("reusing" in line for line in lines) == 2  # SASRec's fit and the SFT lists
+    assert sum("reusing" in line for line in lines) == 3  # SASRec's and EASE's fits and the SFT lists
     assert _models(again) == _models(first)
     assert json.loads((variant / "eval" / "metrics.json").read_text())["models"]["sft"]["hr@10"] == \
         first["models"]["sft"]["hr@10"]
@@ -93,8 +93,8 @@ def test_a_run_that_reuses_the_cache_scores_what_a_fresh_run_does(run_template, 
         weights = {k: v + 0.01 if v.is_floating_point() else v for k, v in weights.items()}
         save_file(weights, str(variant / "sft" / "model.safetensors"), metadata={"format": "pt"})
     run_eval_stage(load_config(None, SMALL + ["eval.sasrec.epochs=1"]), variant, log=lines.append)
-    assert not any("reusing" in line for line in lines)
-    assert len(list((variant / CACHE_DIR).iterdir())) == 4
+    assert [line for line in lines if "reusing" in line] == [line for line in lines if "ease: reusing" in line] != []
+    assert len(list((variant / CACHE_DIR).iterdir())) == 5  # EASE once; SASRec and the lists twice
 
 
 def test_sasrec_selects_its_epoch_on_the_validation_step_only_in_a_test_evaluation(run_template, capsys):

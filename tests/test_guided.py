@@ -169,7 +169,7 @@ def test_guided_stage_publishes_the_sft_weights_with_the_chosen_penalty_in_the_l
     report = "\n".join(stage3_section(run_dir, "guided", tmp_path))  # what the run's report.md shows
     assert "published repeat penalty 0.5 and quality weight 0.5." in report
     assert report.count("| no |") == 4  # the four weights
-    assert "| 1000 | 0.5 |" in report and "Evaluator (sasrec) weights" in report
+    assert "| 1000 | 0.5 |" in report and "Evaluator (sasrec + ease) weights" in report
     saved = json.loads((out / "selection.json").read_text())
     assert [(r["penalty"], r["quality"]) for r in saved["history"]] == list(records)
     assert any("published repeat penalty 0.5 and quality weight 0.5" in line for line in lines)
@@ -194,27 +194,40 @@ def test_a_kept_evaluator_weight_is_published_with_its_evaluator_and_served(run_
     from pagellm.eval.output_cache import files_key
     from pagellm.eval.runner import load_eval_set, policy_output
     from pagellm.models.decoding import generate_pages
-    from pagellm.models.evaluator import EVALUATOR_DIR, Guidance, fit_evaluator
+    from pagellm.models.evaluator import EVALUATOR_DIR, Guidance, fit_evaluator, standardised
 
     run_dir = tmp_path / "run"
     shutil.copytree(run_template, run_dir)
     cfg = load_config(None, SMALL)
-    evaluator = fit_evaluator(run_dir / "data", cfg.eval.sasrec, cfg.seed, **QUIET)
+    evaluator = fit_evaluator(run_dir / "data", {k: cfg.eval.baseline_params(k) for k in cfg.guided.evaluator},
+                              cfg.seed, **QUIET)
+    assert evaluator.kinds == ["sasrec", "ease"]  # the default: both, averaged
     out = publish(run_dir, {"weight": 50.0}, evaluator)
     plain_key = files_key(run_dir / "sft")
     policy, tok, layout = load_policy(out, trainable=False)
-    assert layout.evaluator_weight == 50.0 and (out / EVALUATOR_DIR / "model.safetensors").exists()
+    assert layout.evaluator_weight == 50.0
+    assert {p.name for p in (out / EVALUATOR_DIR).iterdir()} == {"evaluator.json", "sasrec.safetensors",
+                                                                  "ease.safetensors"}
     assert files_key(out) != plain_key  # the evaluator's files key the evaluation's list cache too
     guidance = Guidance.load(out, layout)
     es = load_eval_set(run_dir / "data", "test", None)
-    written = policy_output(out, es, 5, 16, exclude=True, **QUIET).lists
+    output = policy_output(out, es, 5, 16, exclude=True, **QUIET)
+    written = output.lists
     encoder = PromptEncoder(tok, layout)
     prompts = [encoder.encode_prompt(int(u), p) for u, p in zip(es.user_index, es.prompts)]
     scores = guidance.scores(es.prompts)
     torch.testing.assert_close(scores, evaluator.scores(es.prompts))
+    # Each model's scores standardised per user, then averaged: equal say whatever their scale.
+    parts = [standardised(m.score(es.prompts)) for m in evaluator.models]
+    torch.testing.assert_close(scores, torch.from_numpy(np.mean(parts, axis=0).astype(np.float32)))
     assert written == generate_pages(policy, layout, prompts, 5, exclude=es.exclude, evaluator_scores=scores).items
     # At weight 50 the evaluator's ranking decides the page.
     assert written[0] == [i for i in scores[0].argsort(descending=True).tolist() if i not in es.exclude[0]][:5]
+    # The full-ranking track scores the published policy's first position, evaluator term included.
+    first = output.scores(0, 1)[0]
+    assert first.argmax() == int(scores[0].argmax())
+    plain = policy_output(run_dir / "sft", es, 5, 16, exclude=True, **QUIET).scores(0, 1)[0]
+    assert np.corrcoef(first, scores[0].numpy())[0, 1] > np.corrcoef(plain, scores[0].numpy())[0, 1]
     assert_serves_its_stage3_policy(run_dir, cfg, "guided")
     # A second publish without the weight leaves no stale evaluator behind.
     publish(run_dir, {})
@@ -251,3 +264,22 @@ def test_a_prior_without_a_category_discount_or_a_quality_weight_publishes_the_s
     # With the quality term off (the default) only the penalty's reason is given.
     selection = run_guided_stage(load_config(None, SMALL + ["guided.evaluator=none"]), run_dir, **QUIET)
     assert selection["published_step"] == 0 and "quality" not in selection["reason"] and "c = 0" in selection["reason"]
+
+
+def test_a_guided_policy_published_with_one_sasrec_still_loads(tmp_path):
+    """The evaluator's files before it could hold several models: model.safetensors and
+    evaluator.json naming one kind."""
+    from safetensors.torch import save_file
+
+    from pagellm.eval.baselines.sasrec import SASRec
+    from pagellm.models.evaluator import EVALUATOR_DIR, ItemEvaluator
+
+    sasrec = SASRec({"hidden": 8, "blocks": 1, "max_len": 4, "fixed_epochs": 1, "verbose": False})
+    sasrec.fit([[0, 1, 2], [1, 2, 3], [2, 3, 0]], 4)
+    where = tmp_path / EVALUATOR_DIR
+    where.mkdir()
+    save_file({k: v.contiguous() for k, v in sasrec.state().items()}, str(where / "model.safetensors"))
+    (where / "evaluator.json").write_text(json.dumps({"kind": "sasrec", "n_items": 4, "params": sasrec.params}))
+    loaded = ItemEvaluator.load(tmp_path)
+    assert loaded.kinds == ["sasrec"]
+    torch.testing.assert_close(loaded.scores([[0, 1], [2]]), ItemEvaluator([sasrec]).scores([[0, 1], [2]]))

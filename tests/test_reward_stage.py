@@ -223,6 +223,7 @@ def test_heads_none_fits_the_prior_alone_and_fidelity_measures_it(reward_run, tm
     for part in ("data", "sft"):
         shutil.copytree(folder.root / part, run_dir / part)
     cfg = load_config(None, SMALL + ["reward.heads=none", "stage3.algorithm=guided", "eval.baselines=[popularity]",
+                                     "guided.evaluator=none",
                                      "eval.fidelity_samples=2", "eval.hr_pct_pages=0", "eval.list_len=20"])
     shutil.copytree(folder.reward, run_dir / "reward")  # an earlier run's heads: not this stage's
     metrics = run_reward_stage(cfg, run_dir, log=lambda *_: None)

@@ -260,8 +260,9 @@ class EvalConfig(Strict):
     max_users: int | None = None
     batch_size: int = 64
     baselines: list[Annotated[str, one_of("baseline", BASELINES)]] = Field(
-        default_factory=lambda: ["popularity", "sasrec"])
+        default_factory=lambda: ["popularity", "sasrec", "ease"])
     sasrec: dict[str, Any] = Field(default_factory=dict)  # overrides of SASRec's defaults
+    ease: dict[str, Any] = Field(default_factory=dict)  # overrides of EASE's defaults
     # On the simulator: pages sampled per user from the SFT policy to measure how well the
     # reward tracks true utility (the `reward_fidelity` block, pagellm/eval/fidelity.py); 0 = off.
     fidelity_samples: int = Field(8, ge=0)
@@ -296,14 +297,18 @@ class EvalConfig(Strict):
             raise ValueError(f"baselines listed more than once: {', '.join(twice)}")
         return names
 
-    @field_validator("sasrec")
+    @field_validator("sasrec", "ease")
     @classmethod
-    def _known_sasrec_params(cls, params: dict[str, Any]) -> dict[str, Any]:
-        unknown = sorted(set(params) - set(BASELINE_PARAMS["sasrec"]))
+    def _known_params(cls, params: dict[str, Any], info) -> dict[str, Any]:
+        unknown = sorted(set(params) - set(BASELINE_PARAMS[info.field_name]))
         if unknown:
-            raise ValueError(f"unknown SASRec parameter(s) {', '.join(unknown)}; "
-                             f"allowed: {', '.join(BASELINE_PARAMS['sasrec'])}")
+            raise ValueError(f"unknown {info.field_name} parameter(s) {', '.join(unknown)}; "
+                             f"allowed: {', '.join(BASELINE_PARAMS[info.field_name])}")
         return params
+
+    def baseline_params(self, name: str) -> dict[str, Any]:
+        """The config's overrides for baseline `name` (none for popularity)."""
+        return {"sasrec": self.sasrec, "ease": self.ease}.get(name, {})
 
 
 class ServeConfig(Strict):

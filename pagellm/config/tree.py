@@ -65,6 +65,14 @@ class Config(Strict):
             raise ValueError("degre.value_model=page_prior needs the page prior: set reward.page_prior=true")
         if self.stage3.algorithm == "guided" and not self.reward.page_prior:
             raise ValueError("stage3.algorithm=guided follows the page prior's category discount: set reward.page_prior=true")
+        missing = [k for k in self.guided.evaluator if k not in self.eval.baselines]
+        if self.stage3.algorithm == "guided" and missing:
+            # The published policy adds these models' scores: the report must show what they earn alone.
+            raise ValueError(f"guided.evaluator adds {' and '.join(missing)}'s scores to the published policy, but "
+                             f"eval.baselines leaves {'it' if len(missing) == 1 else 'them'} out, so the evaluation "
+                             f"could not show what {'it earns' if len(missing) == 1 else 'they earn'} alone: add "
+                             f"{', '.join(missing)} to eval.baselines or drop {'it' if len(missing) == 1 else 'them'} "
+                             f"from guided.evaluator")
         return self
 
     def uses_reward_model(self) -> bool:

@@ -199,6 +199,11 @@ def stage3_section(run_dir: Path, algorithm: str, out_dir: Path) -> list[str]:
     return parts
 
 
+def evaluator_names(kinds) -> str:
+    """selection.json's `evaluator`: a list since EASE joined SASRec, one name before."""
+    return kinds if isinstance(kinds, str) else " + ".join(kinds) or "none"
+
+
 def guided_section(selection: dict) -> list[str]:
     """What the guided stage tried on validation: its evaluator weights and page terms (repeat
     penalty x quality weight), and which it published."""
@@ -219,7 +224,7 @@ def guided_section(selection: dict) -> list[str]:
         return " | ".join(f"{r[m + '_change']:+.4f} ± {r[m + '_change_se']:.4f}" for m in guard)
 
     if selection.get("evaluator_history"):
-        parts += [f"Evaluator ({selection.get('evaluator', 'sasrec')}) weights, kept only with a gain above 0:", "",
+        parts += [f"Evaluator ({evaluator_names(selection.get('evaluator', 'sasrec'))}) weights, kept only with a gain above 0:", "",
                   f"| weight | {changes} | page prior value | gain |", "|---" * (len(guard) + 3) + "|"]
         for r in sorted(selection["evaluator_history"], key=lambda r: r["weight"]):
             parts.append(f"| {r['weight']:g} | {cells(r)} | {_fmt(r.get('prior_value'))} | {'yes' if r['passes'] else 'no'} |")

@@ -96,18 +96,21 @@ class ModelOutput:
 
 def fitted_baseline(name: str, params: dict, es: EvalSet, seed: int, cache: OutputCache | None = None,
                     log=print):
-    """A baseline fitted on the eval set's training sequences. SASRec's fit is taken from
-    `cache` when one with the same parameters, seed, sequences and validation step is there.
+    """A baseline fitted on the eval set's training sequences. A trained baseline's fit (SASRec,
+    EASE) is taken from `cache` when one with the same parameters, seed, sequences and
+    validation step is there.
 
-    SASRec selects its epoch on the validation step when the evaluation has one (a test
-    evaluation), up to `eval.sasrec.epochs`, as the policy selects its checkpoint: a fixed
-    short schedule leaves it undertrained on small data (MovieLens: its loss still falling
-    steeply at epoch 20). Without one it trains `eval.sasrec.fixed_epochs`."""
+    A trained baseline selects on the validation step when the evaluation has one (a test
+    evaluation), as the policy selects its checkpoint: SASRec its epoch, up to
+    `eval.sasrec.epochs` (a fixed short schedule leaves it undertrained on small data:
+    MovieLens's loss still falls steeply at epoch 20), EASE its lambda. Without one they use
+    their fixed settings (`fixed_epochs`, `fixed_lambda`)."""
     torch.manual_seed(seed)
     if name == "sasrec":  # SASRec seeds its own init and order: one run's seed for every model
         params = {"seed": seed, **params}
     model = make_baseline(name, params if name != "popularity" else None)
-    key = input_key(name, model.params, es.train_sequences, es.n_items, es.val_targets) if name == "sasrec" else None
+    trained = hasattr(model, "restore")
+    key = input_key(name, model.params, es.train_sequences, es.n_items, es.val_targets) if trained else None
     state = cache.state(name, key) if cache is not None and key else None
     if state is not None:
         model.restore(state, es.n_items)
@@ -115,7 +118,7 @@ def fitted_baseline(name: str, params: dict, es: EvalSet, seed: int, cache: Outp
     else:
         model.fit(es.train_sequences, es.n_items, es.val_histories, es.val_targets)
         if cache is not None and key:
-            cache.put_state(name, key, model.net.state_dict())
+            cache.put_state(name, key, model.state())
     return model
 
 
@@ -132,7 +135,7 @@ def policy_output(policy_dir: Path, es: EvalSet, list_len: int, batch_size: int,
                   cache: OutputCache | None = None, log=print) -> ModelOutput:
     """A policy's greedy constrained lists and its first-position item scores. The lists are
     taken from `cache` when the same policy files wrote them for the same prompts."""
-    from pagellm.models.decoding import first_item_scores, generate_pages
+    from pagellm.models.decoding import first_item_scores, first_position_terms, generate_pages
     from pagellm.models.evaluator import Guidance
     from pagellm.models.policy import load_policy
     from pagellm.vocab import PromptEncoder
@@ -160,8 +163,11 @@ def policy_output(policy_dir: Path, es: EvalSet, list_len: int, batch_size: int,
             cache.put_lists("policy", key, lists)
 
     def scores(a: int, b: int) -> np.ndarray:
+        # The published policy's first-position ranking, guided terms included (a guided
+        # policy's evaluator and quality term), as its pages are written.
         with torch.inference_mode():
-            return first_item_scores(model, layout, prompts[a:b]).float().numpy()
+            first = first_item_scores(model, layout, prompts[a:b])
+            return first_position_terms(layout, first, guidance.scores(es.prompts[a:b])).float().numpy()
 
     return ModelOutput(lists, scores, time.perf_counter() - t0)
 
@@ -412,7 +418,7 @@ def run_eval_stage(cfg: Config, run_dir: Path, split: str = "test", log=print) -
     cache = OutputCache(run_dir / CACHE_DIR)
     for name in cfg.eval.baselines:
         log(f"[eval] baseline {name}")
-        out = baseline_output(name, cfg.eval.sasrec if name == "sasrec" else {}, es, cfg.eval.list_len, cfg.seed,
+        out = baseline_output(name, cfg.eval.baseline_params(name), es, cfg.eval.list_len, cfg.seed,
                               cache, log)
         models[name], lists[name] = score_model(out, es, cfg, tail, sim_ctx), out.lists
         sasrec = out if name == "sasrec" else sasrec

@@ -171,9 +171,13 @@ class ItemBias:
 
     def start(self, first_logits: torch.Tensor, layout: TokenLayout) -> None:
         """Scale the terms by each row's first-position item logits [N, V] (called once)."""
+        self.start_items(first_logits[:, layout.item_offset : layout.item_offset + layout.n_items])
+
+    def start_items(self, item_logits: torch.Tensor) -> None:
+        """`start` from the first position's item logits (or log-probabilities: same spread) [N, n_items]."""
         if not (self.weight or self.quality_weight):
             return
-        spread = first_logits[:, layout.item_offset : layout.item_offset + layout.n_items].float().std(dim=-1, keepdim=True)
+        spread = item_logits.float().std(dim=-1, keepdim=True)
         if self.weight:
             self.item_bias = self.weight * spread * self.z
         if self.quality_weight:
@@ -430,6 +434,17 @@ def first_item_logprobs(logits: torch.Tensor, layout: TokenLayout) -> torch.Tens
     excluded)."""
     blocked = torch.zeros((logits.shape[0], layout.n_items), dtype=torch.bool, device=logits.device)
     return _step_logprobs(logits, layout, blocked, 0, 1, 1.0)[:, : layout.n_items]
+
+
+def first_position_terms(layout: TokenLayout, first_logprobs: torch.Tensor,
+                         evaluator_scores: torch.Tensor | None = None) -> torch.Tensor:
+    """first_logprobs [N, n_items] (first_item_scores) plus the guided terms the decoding adds at
+    a page's first position (ItemBias.at(0)): the published policy's ranking of every item,
+    which the full-ranking track scores. Unchanged for a layout without guided terms."""
+    guide = ItemBias(layout, evaluator_scores, first_logprobs.shape[0], first_logprobs.device)
+    guide.start_items(first_logprobs)
+    bias = guide.at(0)
+    return first_logprobs if bias is None else first_logprobs + bias
 
 
 def first_item_scores(model, layout: TokenLayout, prompts: list[list[int]]) -> torch.Tensor:

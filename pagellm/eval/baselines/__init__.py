@@ -84,6 +84,10 @@ def make_baseline(name: str, params: dict[str, Any] | None = None) -> Baseline:
         from pagellm.eval.baselines.popularity import PopularityBaseline
 
         return PopularityBaseline()
+    if name == "ease":
+        from pagellm.eval.baselines.ease import EASE
+
+        return EASE(params)
     from pagellm.eval.baselines.sasrec import SASRec
 
     return SASRec(params)

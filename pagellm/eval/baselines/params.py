@@ -1,6 +1,6 @@
 """Every baseline's name and its hyperparameters with their defaults, without torch.
 
-`pagellm.config` checks `eval.baselines` (names) and `eval.sasrec` (parameter names) against
+`pagellm.config` checks `eval.baselines` (names) and `eval.sasrec` / `eval.ease` (parameter names) against
 this table when a config loads, and the baselines take their defaults from it, so a name or
 parameter is accepted at load time if and only if the baseline knows it.
 """
@@ -39,6 +39,16 @@ SASREC_DEFAULTS: dict[str, Any] = {
     "verbose": True,
 }
 
+# EASE (pagellm/eval/baselines/ease.py). lambda is chosen on validation NDCG@10 from `lambdas`
+# (the paper's best values sit in the hundreds; Musical Instruments chose 250, MovieLens 500).
+EASE_DEFAULTS: dict[str, Any] = {
+    "lambdas": [50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0],
+    # Without a validation step (an evaluation of the validation split itself).
+    "fixed_lambda": 250.0,
+    "score_batch": 1024,
+    "verbose": True,
+}
+
 # Baseline name (as in `eval.baselines`) -> its parameters and their defaults.
-BASELINE_PARAMS: dict[str, dict[str, Any]] = {"popularity": {}, "sasrec": SASREC_DEFAULTS}
+BASELINE_PARAMS: dict[str, dict[str, Any]] = {"popularity": {}, "sasrec": SASREC_DEFAULTS, "ease": EASE_DEFAULTS}
 BASELINES: tuple[str, ...] = tuple(BASELINE_PARAMS)

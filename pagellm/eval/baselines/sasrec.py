@@ -223,6 +223,12 @@ class SASRec:
         p = self.params
         return SASRecNet(n_items, p["hidden"], p["blocks"], p["heads"], p["max_len"], p["dropout"])
 
+    def state(self) -> dict[str, torch.Tensor]:
+        """What `restore` takes back (the evaluation's output cache, the guided evaluator's files)."""
+        if self.net is None:
+            raise RuntimeError("SASRec.state called before fit")
+        return self.net.state_dict()
+
     def restore(self, state: dict, n_items: int) -> None:
         """Take the weights of an earlier fit with these parameters on the same sequences
         (evaluation's output cache, pagellm/eval/output_cache.py) instead of fitting."""

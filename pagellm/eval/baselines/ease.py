@@ -1,0 +1,127 @@
+"""EASE (Steck, "Embarrassingly Shallow Autoencoders for Sparse Data", WWW 2019).
+
+A linear item-to-item model with a closed form: with X the users x items matrix of training
+positives and G = X^T X,
+
+    B = argmin ||X - X B||^2 + lambda ||B||^2  subject to diag(B) = 0
+      = I - P diag(1 / diag(P)),   P = (G + lambda I)^-1,
+
+and a history's scores are its multi-hot row times B. The one hyperparameter, lambda, is
+chosen on the validation step (history -> held-out items, full-ranking NDCG@10, seen items
+masked) from `lambdas`, as SASRec chooses its epoch; without a validation step it is
+`fixed_lambda`.
+
+Why it is here: it reads co-occurrence rather than order, so its mistakes differ from both
+SASRec's and the page policy's. On the leave-one-out tables it is a strong baseline of its
+own, and the guided stage's evaluator averages it with SASRec (pagellm/models/evaluator.py).
+Its cost is the catalogue squared: one n_items x n_items inverse per lambda tried, and B
+(float32) in memory and on disk.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from scipy import sparse
+
+from pagellm.eval.baselines import check_sequences
+from pagellm.eval.baselines.params import BASELINE_PARAMS
+from pagellm.eval.metrics import evaluate_full_ranking, history_mask
+
+DEFAULTS: dict[str, Any] = BASELINE_PARAMS["ease"]  # pagellm/eval/baselines/params.py
+
+
+def ease_weights(gram: np.ndarray, lam: float) -> np.ndarray:
+    """B (float32, zero diagonal) from the item Gram matrix X^T X and the L2 weight lambda."""
+    if lam <= 0:
+        raise ValueError(f"EASE lambda must be > 0, got {lam}")
+    p = np.linalg.inv(gram + lam * np.eye(len(gram), dtype=gram.dtype))
+    b = -p / np.diag(p)[None, :]
+    np.fill_diagonal(b, 0.0)
+    return b.astype(np.float32)
+
+
+class EASE:
+    name = "ease"
+
+    def __init__(self, params: dict[str, Any] | None = None) -> None:
+        unknown = set(params or {}) - set(DEFAULTS)
+        if unknown:
+            raise ValueError(f"unknown EASE parameters {sorted(unknown)}; known: {sorted(DEFAULTS)}")
+        self.params = {**DEFAULTS, **(params or {})}
+        if not self.params["lambdas"] or any(float(v) <= 0 for v in [*self.params["lambdas"], self.params["fixed_lambda"]]):
+            raise ValueError(f"EASE lambdas must be a non-empty list of values > 0, got {self.params['lambdas']} "
+                             f"(fixed_lambda {self.params['fixed_lambda']})")
+        self.weights: np.ndarray | None = None
+        self.n_items = 0
+        self.training_log: list[dict[str, float]] = []  # one entry per lambda tried
+
+    def _log(self, msg: str) -> None:
+        if self.params["verbose"]:
+            print(msg, flush=True)
+
+    def fit(self, train_sequences: list[list[int]], n_items: int, val_histories: list[list[int]] | None = None,
+            val_targets: list[list[int]] | None = None) -> None:
+        """B for each lambda in `lambdas`, the one with the best validation NDCG@10 kept (with a
+        validation step); otherwise B at `fixed_lambda`."""
+        if n_items < 1:
+            raise ValueError(f"n_items must be >= 1, got {n_items}")
+        check_sequences(train_sequences, n_items, "train_sequences")
+        if (val_histories is None) != (val_targets is None):
+            raise ValueError("give both val_histories and val_targets, or neither")
+        self.n_items = n_items
+        x = history_mask(train_sequences, n_items).astype(np.float64)  # repeats count once
+        gram = (x.T @ x).toarray()
+        lambdas = self.params["lambdas"] if val_histories is not None else [self.params["fixed_lambda"]]
+        self.training_log, best = [], -1.0
+        for lam in lambdas:
+            t0 = time.perf_counter()
+            weights = ease_weights(gram, float(lam))
+            record = {"lambda": float(lam), "seconds": time.perf_counter() - t0}
+            line = f"ease lambda {lam:g} ({record['seconds']:.1f}s)"
+            if val_histories is not None:
+                self.weights = weights
+                record["val_ndcg@10"] = ndcg = self.validate(val_histories, val_targets)
+                line += f" val ndcg@10 {ndcg:.4f}"
+                if ndcg > best:
+                    best, kept = ndcg, weights
+            else:
+                kept = weights
+            self.training_log.append(record)
+            self._log(line)
+        self.weights = kept
+        if val_histories is not None:
+            chosen = max(self.training_log, key=lambda r: r["val_ndcg@10"])
+            self._log(f"ease: lambda {chosen['lambda']:g} (best val ndcg@10 {best:.4f})")
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """What `restore` takes back (the evaluation's output cache, the guided evaluator's files)."""
+        if self.weights is None:
+            raise RuntimeError("EASE.state called before fit")
+        return {"weights": torch.from_numpy(self.weights)}
+
+    def restore(self, state: dict, n_items: int) -> None:
+        """Take B from an earlier fit with these parameters on the same sequences."""
+        weights = np.asarray(state["weights"], dtype=np.float32)
+        if weights.shape != (n_items, n_items):
+            raise ValueError(f"EASE weights have shape {weights.shape}, expected ({n_items}, {n_items})")
+        self.weights, self.n_items = weights, n_items
+
+    def validate(self, histories: list[list[int]], targets: list[list[int]]) -> float:
+        """Full-ranking NDCG@10 with each user's history items masked."""
+        res = evaluate_full_ranking(
+            lambda a, b: self.score(histories[a:b]), history_mask(histories, self.n_items), targets,
+            n_items=self.n_items, recall_ks=(), ndcg_ks=(10,), prefix="", chunk_size=self.params["score_batch"],
+        )
+        return float(res["ndcg@10"] or 0.0)
+
+    def score(self, histories: list[list[int]]) -> np.ndarray:
+        """[len(histories), n_items]: each history's multi-hot row times B."""
+        if self.weights is None:
+            raise RuntimeError("EASE.score called before fit")
+        check_sequences(histories, self.n_items, "histories")
+        rows = sparse.csr_matrix(history_mask(histories, self.n_items), dtype=np.float32)
+        return np.asarray(rows @ self.weights, dtype=np.float32)
