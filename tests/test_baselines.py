@@ -146,7 +146,7 @@ def test_ease_chooses_lambda_on_validation_and_round_trips_its_state():
     seqs = co_bought_sequences(80, seed=1)
     val_h = [[2 * j] for j in range(N // 2)]
     val_t = [[2 * j + 1] for j in range(N // 2)]
-    model = EASE({"lambdas": [1.0, 1e6], "verbose": False})
+    model = EASE({"lambdas": [1e6, 1.0], "edge_steps": 0, "verbose": False})
     model.fit(seqs, N, val_h, val_t)
     assert [r["lambda"] for r in model.training_log] == [1.0, 1e6]
     best = max(model.training_log, key=lambda r: r["val_ndcg@10"])["lambda"]
@@ -154,10 +154,36 @@ def test_ease_chooses_lambda_on_validation_and_round_trips_its_state():
     for u, s in enumerate(seqs):
         x[u, s] = 1
     assert np.allclose(model.weights, ease_weights(x.T @ x, best))
-    again = EASE({"lambdas": [1.0, 1e6], "verbose": False})
+    again = EASE({"lambdas": [1.0, 1e6], "edge_steps": 0, "verbose": False})
     again.restore(model.state(), N)
     assert np.array_equal(again.score(val_h), model.score(val_h))
     with pytest.raises(ValueError, match="shape"):
         EASE().restore(model.state(), N + 1)
     with pytest.raises(RuntimeError, match="before fit"):
         EASE().score([[0]])
+
+
+def test_ease_steps_past_the_grid_edge_while_validation_improves():
+    from pagellm.eval.baselines.ease import EASE
+
+    class ValleyAt3(EASE):
+        """Validation peaks at lambda 3; B filled with lambda says which fit was kept."""
+
+        def _try(self, gram, lam, val_histories, val_targets):
+            self.training_log.append({"lambda": lam})
+            return -abs(np.log(lam / 3.0)), np.full((N, N), lam, dtype=np.float32)
+
+    seqs, val = co_bought_sequences(20, seed=2), [[0]]
+    model = ValleyAt3({"lambdas": [1000.0, 100.0], "edge_steps": 3, "edge_factor": 2.5, "verbose": False})
+    model.fit(seqs, N, val, val)
+    assert [r["lambda"] for r in model.training_log] == pytest.approx([100, 1000, 40, 16, 6.4])  # 3 steps, all better
+    assert model.weights[0, 0] == pytest.approx(6.4)
+    inside = ValleyAt3({"lambdas": [1.0, 3.0, 10.0], "verbose": False})
+    inside.fit(seqs, N, val, val)
+    assert [r["lambda"] for r in inside.training_log] == [1.0, 3.0, 10.0]  # the optimum is inside: no step
+    past = ValleyAt3({"lambdas": [4.0, 10.0], "edge_factor": 4.0, "verbose": False})
+    past.fit(seqs, N, val, val)
+    assert [r["lambda"] for r in past.training_log] == [4.0, 10.0, 1.0]  # 1 is worse than 4: stop there
+    assert past.weights[0, 0] == 4.0
+    with pytest.raises(ValueError, match="edge_factor"):
+        EASE({"edge_factor": 1.0})

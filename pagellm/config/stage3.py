@@ -177,7 +177,7 @@ class GuidedConfig(Strict):
     # only when it raises validation accuracy: the weight whose guarded change, less
     # `standard_errors` standard errors, is largest and above 0 on every guarded metric. The
     # penalty is then chosen with it. SASRec and EASE together: on Musical Instruments, 3 seeds,
-    # test ndcg@10 +8 to +11 % per seed where SASRec alone gave +0.7 to +1.7 %
+    # test ndcg@10 +8 to +10 % per seed where SASRec alone gave 0 to +1.7 %
     # (docs/BENCHMARKS.md). [] (or "none"): no item term.
     evaluator: list[Literal["sasrec", "ease"]] = Field(default_factory=lambda: ["sasrec", "ease"])
     evaluator_weights: list[float] = Field(default_factory=lambda: [0.25, 0.5, 1.0, 2.0], min_length=1)

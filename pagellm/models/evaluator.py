@@ -11,7 +11,7 @@ training sequences make different mistakes. Two kinds, averaged by default:
   Musical Instruments (+2.3 %, +2.6 %, 3 seeds), though not hits at 10 per user;
 - EASE (pagellm/eval/baselines/ease.py) reads co-occurrence, which neither the policy nor
   SASRec models directly. Averaged with SASRec it moves the decoding much further: on
-  Musical Instruments test ndcg@10 +8 to +11 % per seed against +1 to +6 % for SASRec alone
+  Musical Instruments test ndcg@10 +8 to +10 % per seed against 0 to +1.7 % for SASRec alone
   (docs/BENCHMARKS.md, "EASE beside SASRec in the guided decoding").
 
 Each is fitted exactly as the evaluation fits its baseline (same parameters, `eval.sasrec` /

@@ -8,8 +8,8 @@ positives and G = X^T X,
 
 and a history's scores are its multi-hot row times B. The one hyperparameter, lambda, is
 chosen on the validation step (history -> held-out items, full-ranking NDCG@10, seen items
-masked) from `lambdas`, as SASRec chooses its epoch; without a validation step it is
-`fixed_lambda`.
+masked) from `lambdas`, extended past the grid's edge when the best is there, as SASRec
+chooses its epoch; without a validation step it is `fixed_lambda`.
 
 Why it is here: it reads co-occurrence rather than order, so its mistakes differ from both
 SASRec's and the page policy's. On the leave-one-out tables it is a strong baseline of its
@@ -55,6 +55,9 @@ class EASE:
         if not self.params["lambdas"] or any(float(v) <= 0 for v in [*self.params["lambdas"], self.params["fixed_lambda"]]):
             raise ValueError(f"EASE lambdas must be a non-empty list of values > 0, got {self.params['lambdas']} "
                              f"(fixed_lambda {self.params['fixed_lambda']})")
+        if self.params["edge_steps"] < 0 or self.params["edge_factor"] <= 1:
+            raise ValueError(f"EASE edge_steps must be >= 0 and edge_factor > 1, got {self.params['edge_steps']} "
+                             f"and {self.params['edge_factor']}")
         self.weights: np.ndarray | None = None
         self.n_items = 0
         self.training_log: list[dict[str, float]] = []  # one entry per lambda tried
@@ -65,8 +68,9 @@ class EASE:
 
     def fit(self, train_sequences: list[list[int]], n_items: int, val_histories: list[list[int]] | None = None,
             val_targets: list[list[int]] | None = None) -> None:
-        """B for each lambda in `lambdas`, the one with the best validation NDCG@10 kept (with a
-        validation step); otherwise B at `fixed_lambda`."""
+        """B for each lambda in `lambdas` (and past the grid's edge when the best is there), the
+        one with the best validation NDCG@10 kept (with a validation step); otherwise B at
+        `fixed_lambda`."""
         if n_items < 1:
             raise ValueError(f"n_items must be >= 1, got {n_items}")
         check_sequences(train_sequences, n_items, "train_sequences")
@@ -75,27 +79,37 @@ class EASE:
         self.n_items = n_items
         x = history_mask(train_sequences, n_items).astype(np.float64)  # repeats count once
         gram = (x.T @ x).toarray()
-        lambdas = self.params["lambdas"] if val_histories is not None else [self.params["fixed_lambda"]]
-        self.training_log, best = [], -1.0
-        for lam in lambdas:
-            t0 = time.perf_counter()
-            weights = ease_weights(gram, float(lam))
-            record = {"lambda": float(lam), "seconds": time.perf_counter() - t0}
-            line = f"ease lambda {lam:g} ({record['seconds']:.1f}s)"
-            if val_histories is not None:
-                self.weights = weights
-                record["val_ndcg@10"] = ndcg = self.validate(val_histories, val_targets)
-                line += f" val ndcg@10 {ndcg:.4f}"
-                if ndcg > best:
-                    best, kept = ndcg, weights
-            else:
-                kept = weights
-            self.training_log.append(record)
-            self._log(line)
-        self.weights = kept
-        if val_histories is not None:
-            chosen = max(self.training_log, key=lambda r: r["val_ndcg@10"])
-            self._log(f"ease: lambda {chosen['lambda']:g} (best val ndcg@10 {best:.4f})")
+        if val_histories is None:
+            self.weights = ease_weights(gram, float(self.params["fixed_lambda"]))
+            self.training_log = [{"lambda": float(self.params["fixed_lambda"])}]
+            self._log(f"ease: lambda {self.params['fixed_lambda']:g} (no validation step)")
+            return
+        self.training_log, fits = [], {}
+        for lam in sorted(float(v) for v in self.params["lambdas"]):
+            fits[lam] = self._try(gram, lam, val_histories, val_targets)
+        # The best at an edge of the grid says the grid missed the optimum (sparse Amazon
+        # tables want less regularisation than MovieLens): step past it while validation
+        # improves, at most `edge_steps` times.
+        for _ in range(self.params["edge_steps"]):
+            best = max(fits, key=lambda lam: fits[lam][0])
+            if best not in (min(fits), max(fits)) or len(fits) < 2:
+                break
+            step = self.params["edge_factor"]
+            lam = best / step if best == min(fits) else best * step
+            fits[lam] = self._try(gram, lam, val_histories, val_targets)
+        best = max(fits, key=lambda lam: fits[lam][0])
+        self.weights = fits[best][1]
+        self._log(f"ease: lambda {best:g} (best val ndcg@10 {fits[best][0]:.4f})")
+
+    def _try(self, gram: np.ndarray, lam: float, val_histories, val_targets) -> tuple[float, np.ndarray]:
+        """(validation NDCG@10, B) at one lambda, logged."""
+        t0 = time.perf_counter()
+        self.weights = ease_weights(gram, lam)
+        ndcg = self.validate(val_histories, val_targets)
+        record = {"lambda": lam, "val_ndcg@10": ndcg, "seconds": time.perf_counter() - t0}
+        self.training_log.append(record)
+        self._log(f"ease lambda {lam:g} val ndcg@10 {ndcg:.4f} ({record['seconds']:.1f}s)")
+        return ndcg, self.weights
 
     def state(self) -> dict[str, torch.Tensor]:
         """What `restore` takes back (the evaluation's output cache, the guided evaluator's files)."""
