@@ -84,22 +84,26 @@ class EASE:
             self.training_log = [{"lambda": float(self.params["fixed_lambda"])}]
             self._log(f"ease: lambda {self.params['fixed_lambda']:g} (no validation step)")
             return
-        self.training_log, fits = [], {}
-        for lam in sorted(float(v) for v in self.params["lambdas"]):
-            fits[lam] = self._try(gram, lam, val_histories, val_targets)
-        # The best at an edge of the grid says the grid missed the optimum (sparse Amazon
-        # tables want less regularisation than MovieLens): step past it while validation
-        # improves, at most `edge_steps` times.
-        for _ in range(self.params["edge_steps"]):
-            best = max(fits, key=lambda lam: fits[lam][0])
-            if best not in (min(fits), max(fits)) or len(fits) < 2:
-                break
-            step = self.params["edge_factor"]
-            lam = best / step if best == min(fits) else best * step
-            fits[lam] = self._try(gram, lam, val_histories, val_targets)
-        best = max(fits, key=lambda lam: fits[lam][0])
-        self.weights = fits[best][1]
-        self._log(f"ease: lambda {best:g} (best val ndcg@10 {fits[best][0]:.4f})")
+        self.training_log, scores, kept = [], {}, (-1.0, None)  # only the best B is held: n_items^2 each
+        lambdas = sorted(float(v) for v in self.params["lambdas"])
+        for _ in range(len(lambdas) + self.params["edge_steps"]):
+            if lambdas:
+                lam = lambdas.pop(0)
+            else:
+                # The best at an edge of the grid says the grid missed the optimum (sparse
+                # Amazon tables want less regularisation than MovieLens): step past it while
+                # validation improves, at most `edge_steps` times.
+                best = max(scores, key=scores.get)
+                if len(scores) < 2 or best not in (min(scores), max(scores)):
+                    break
+                step = self.params["edge_factor"]
+                lam = best / step if best == min(scores) else best * step
+            scores[lam], weights = self._try(gram, lam, val_histories, val_targets)
+            if scores[lam] > kept[0]:
+                kept = (scores[lam], weights)
+        self.weights = kept[1]
+        best = max(scores, key=scores.get)
+        self._log(f"ease: lambda {best:g} (best val ndcg@10 {scores[best]:.4f})")
 
     def _try(self, gram: np.ndarray, lam: float, val_histories, val_targets) -> tuple[float, np.ndarray]:
         """(validation NDCG@10, B) at one lambda, logged."""
