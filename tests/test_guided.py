@@ -162,14 +162,18 @@ def test_guided_stage_publishes_the_sft_weights_with_the_chosen_penalty_in_the_l
     assert (selection["repeat_penalty"], selection["quality_weight"]) == (0.5, 0.5)
     assert selection["published_step"] == 3 == json.loads((out / "DONE").read_text())["published_step"]
     # Every list holds every item under every weight too: no gain, no evaluator published.
-    assert selection["evaluator_weight"] == 0 and len(selection["evaluator_history"]) == 4
+    assert selection["evaluator_weight"] == 0 and len(selection["evaluator_history"]) == 12
+    # Each model alone, then their average, at every weight.
+    assert [r["evaluator"] for r in selection["evaluator_history"]] == \
+        [["sasrec"]] * 4 + [["ease"]] * 4 + [["sasrec", "ease"]] * 4
+    assert selection["evaluator"] == [] and selection["evaluators_tried"] == ["sasrec", "ease"]
     assert not any(r["passes"] for r in selection["evaluator_history"]) and not (out / "evaluator").exists()
     from pagellm.eval.report import stage3_section
 
     report = "\n".join(stage3_section(run_dir, "guided", tmp_path))  # what the run's report.md shows
     assert "published repeat penalty 0.5 and quality weight 0.5." in report
-    assert report.count("| no |") == 4  # the four weights
-    assert "| 1000 | 0.5 |" in report and "Evaluator (sasrec + ease) weights" in report
+    assert report.count("| no |") == 12  # four weights for each of three mixes
+    assert "| 1000 | 0.5 |" in report and "| sasrec + ease | 0.25 |" in report
     saved = json.loads((out / "selection.json").read_text())
     assert [(r["penalty"], r["quality"]) for r in saved["history"]] == list(records)
     assert any("published repeat penalty 0.5 and quality weight 0.5" in line for line in lines)
@@ -194,14 +198,19 @@ def test_a_kept_evaluator_weight_is_published_with_its_evaluator_and_served(run_
     from pagellm.eval.output_cache import files_key
     from pagellm.eval.runner import load_eval_set, policy_output
     from pagellm.models.decoding import generate_pages
-    from pagellm.models.evaluator import EVALUATOR_DIR, Guidance, fit_evaluator, standardised
+    from pagellm.models.evaluator import EVALUATOR_DIR, Guidance, evaluator_mixes, fit_evaluator, standardised
 
     run_dir = tmp_path / "run"
     shutil.copytree(run_template, run_dir)
     cfg = load_config(None, SMALL)
     evaluator = fit_evaluator(run_dir / "data", {k: cfg.eval.baseline_params(k) for k in cfg.guided.evaluator},
                               cfg.seed, **QUIET)
-    assert evaluator.kinds == ["sasrec", "ease"]  # the default: both, averaged
+    assert evaluator.kinds == ["sasrec", "ease"]  # the default
+    # The stage tries each alone and both averaged; a kept single model is published alone.
+    mixes = evaluator_mixes(evaluator)
+    assert [m.kinds for m in mixes] == [["sasrec"], ["ease"], ["sasrec", "ease"]] and mixes[-1] is evaluator
+    publish(run_dir, {"weight": 1.0}, mixes[1])
+    assert {p.name for p in (run_dir / "guided" / EVALUATOR_DIR).iterdir()} == {"evaluator.json", "ease.safetensors"}
     out = publish(run_dir, {"weight": 50.0}, evaluator)
     plain_key = files_key(run_dir / "sft")
     policy, tok, layout = load_policy(out, trainable=False)

@@ -214,7 +214,9 @@ def guided_section(selection: dict) -> list[str]:
     from pagellm.train.guided import published_terms
 
     weight = selection.get("evaluator_weight", 0.0)
-    kept = published_terms(weight, selection["repeat_penalty"], selection.get("quality_weight"))
+    kinds = selection.get("evaluator") if weight else None
+    kept = published_terms(weight, selection["repeat_penalty"], selection.get("quality_weight"),
+                           [kinds] if isinstance(kinds, str) else kinds)
     parts += [f"{selection['users']:,} validation users; guarded {', '.join(guard)}, paired with the SFT decoding, "
               f"less {selection.get('standard_errors', 0):g} standard error(s); published "
               + (kept + "." if kept else "the SFT decoding (no term passed)."), ""]
@@ -224,10 +226,13 @@ def guided_section(selection: dict) -> list[str]:
         return " | ".join(f"{r[m + '_change']:+.4f} ± {r[m + '_change_se']:.4f}" for m in guard)
 
     if selection.get("evaluator_history"):
-        parts += [f"Evaluator ({evaluator_names(selection.get('evaluator', 'sasrec'))}) weights, kept only with a gain above 0:", "",
-                  f"| weight | {changes} | page prior value | gain |", "|---" * (len(guard) + 3) + "|"]
-        for r in sorted(selection["evaluator_history"], key=lambda r: r["weight"]):
-            parts.append(f"| {r['weight']:g} | {cells(r)} | {_fmt(r.get('prior_value'))} | {'yes' if r['passes'] else 'no'} |")
+        parts += ["Evaluator weights (each model alone and their average), the largest gain kept if above 0:", "",
+                  f"| evaluator | weight | {changes} | page prior value | gain |", "|---" * (len(guard) + 4) + "|"]
+        for r in selection["evaluator_history"]:
+            # Records before the evaluator took several models name theirs once, in `evaluator`.
+            names = evaluator_names(r.get("evaluator", selection.get("evaluator", "sasrec")))
+            parts.append(f"| {names} | {r['weight']:g} | {cells(r)} | {_fmt(r.get('prior_value'))} | "
+                         f"{'yes' if r['passes'] else 'no'} |")
         parts.append("")
     if selection.get("reason"):
         parts += [selection["reason"][0].upper() + selection["reason"][1:] + ".", ""]

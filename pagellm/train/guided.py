@@ -175,9 +175,10 @@ def judged_rows(n: int, sft_users: int, users: int) -> np.ndarray:
 
 def validate(run_dir: Path, cfg_json: dict, categories: np.ndarray, penalties: list[float],
              qualities: list[float]) -> dict:
-    """In a worker (harness.in_worker): fit the evaluator (if any), score the SFT decoding,
-    each evaluator weight, then every (penalty, quality) pair of `page_grid` on top of the
-    chosen weight on the validation sample; the prior's mean value of every candidate's pages."""
+    """In a worker (harness.in_worker): fit the evaluator models (if any), score the SFT
+    decoding, each (evaluator mix, weight) of `evaluator_mixes` x `guided.evaluator_weights`,
+    then every (penalty, quality) pair of `page_grid` on top of the chosen one on the
+    validation sample; the prior's mean value of every candidate's pages."""
     import copy
 
     import torch
@@ -185,7 +186,7 @@ def validate(run_dir: Path, cfg_json: dict, categories: np.ndarray, penalties: l
     from pagellm.config import Config
     from pagellm.eval.output_cache import CACHE_DIR
     from pagellm.eval.runner import load_eval_set
-    from pagellm.models.evaluator import fit_evaluator
+    from pagellm.models.evaluator import evaluator_mixes, fit_evaluator
     from pagellm.models.page_prior import PagePrior, first_item_preferences
     from pagellm.models.policy import load_policy
     from pagellm.vocab import PromptEncoder
@@ -202,39 +203,46 @@ def validate(run_dir: Path, cfg_json: dict, categories: np.ndarray, penalties: l
     targets = [es.targets[i] for i in keep]
     width = max(cfg.data.page_len, *(parse_guard(g)[1] for g in gcfg.guard))
     prior = PagePrior.load(run_dir / "reward")
-    evaluator = None
+    mixes = []
     if gcfg.evaluator:
-        evaluator = fit_evaluator(run_dir / "data", {kind: cfg.eval.baseline_params(kind) for kind in gcfg.evaluator},
-                                  cfg.seed, run_dir / CACHE_DIR)
+        mixes = evaluator_mixes(fit_evaluator(run_dir / "data", {k: cfg.eval.baseline_params(k) for k in gcfg.evaluator},
+                                              cfg.seed, run_dir / CACHE_DIR))
+    candidates = [(m, w) for m in range(len(mixes)) for w in gcfg.evaluator_weights]
     with torch.inference_mode():
         step = cfg.eval.batch_size  # batches bound the [users, n_items] forward's memory on a large catalogue
         pref = np.concatenate([first_item_preferences(model, layout, prompts[a : a + step])
                                for a in range(0, len(prompts), step)])
-        scores = evaluator.scores([es.prompts[i] for i in keep]) if evaluator is not None else None
+        mix_scores = [mix.scores([es.prompts[i] for i in keep]) for mix in mixes]
 
-        def written(candidate_layout):
+        def written(candidate_layout, scores=None):
             lists = _write_lists(model, candidate_layout, prompts, exclude, width, step, scores)
             value = float(prior.score(pref, [lst[: cfg.data.page_len] for lst in lists], categories).mean())
             return _score(lists, targets, gcfg.guard), value
 
         sft, prior_sft = written(layout)
-        out = {"users": len(prompts), "sft": sft, "prior_sft": prior_sft, "evaluator": evaluator,
+        out = {"users": len(prompts), "sft": sft, "prior_sft": prior_sft, "evaluator": None, "candidate": 0,
+               "candidates": [{"evaluator": mixes[m].kinds, "weight": float(w)} for m, w in candidates],
                "weights": [], "weight_prior": [], "weight": None, "base": sft, "base_prior": prior_sft,
                "pages": [], "page_prior": []}
-        if evaluator is not None:
-            for w in gcfg.evaluator_weights:
-                found, value = written(with_guidance(copy.deepcopy(layout), weight=w))
-                out["weights"].append(found)
-                out["weight_prior"].append(value)
-            chosen, out["weight_records"] = choose_weight(list(gcfg.evaluator_weights), sft, out["weights"],
+        for m, w in candidates:
+            found, value = written(with_guidance(copy.deepcopy(layout), weight=w), mix_scores[m])
+            out["weights"].append(found)
+            out["weight_prior"].append(value)
+        scores = None
+        if candidates:
+            chosen, out["weight_records"] = choose_weight([w for _, w in candidates], sft, out["weights"],
                                                           gcfg.standard_errors)
+            for record, candidate in zip(out["weight_records"], out["candidates"]):
+                record["evaluator"] = candidate["evaluator"]
             if chosen >= 0:
-                out["weight"], out["base_prior"] = float(gcfg.evaluator_weights[chosen]), out["weight_prior"][chosen]
+                m, w = candidates[chosen]
+                out["weight"], out["base_prior"], out["candidate"] = float(w), out["weight_prior"][chosen], chosen + 1
+                out["evaluator"], scores = mixes[m], mix_scores[m]
             out["base"] = page_terms_base(sft, out["weights"], chosen)
         for delta, quality in page_grid(penalties, qualities):
             candidate = with_guidance(copy.deepcopy(layout), weight=out["weight"], delta=delta, quality=quality,
                                       positions=cfg.data.page_len, categories=categories, item_quality=prior.quality)
-            found, value = written(candidate)
+            found, value = written(candidate, scores)
             out["pages"].append(found)
             out["page_prior"].append(value)
     return out
@@ -277,9 +285,12 @@ def publish(run_dir: Path, layout_terms: dict, evaluator=None) -> Path:
     return out
 
 
-def published_terms(weight: float | None, delta: float | None, quality: float | None = None) -> str:
-    """'evaluator weight 2, repeat penalty 0.25 and quality weight 0.1', '' when none was kept."""
-    kept = ([f"evaluator weight {weight:g}"] if weight else []) + ([f"repeat penalty {delta:g}"] if delta else []) \
+def published_terms(weight: float | None, delta: float | None, quality: float | None = None,
+                    evaluator: list[str] | None = None) -> str:
+    """'evaluator (sasrec + ease) weight 2, repeat penalty 0.25 and quality weight 0.1', '' when
+    none was kept."""
+    named = f" ({' + '.join(evaluator)})" if evaluator else ""
+    kept = ([f"evaluator{named} weight {weight:g}"] if weight else []) + ([f"repeat penalty {delta:g}"] if delta else []) \
         + ([f"quality weight {quality:g}"] if quality else [])
     return ", ".join(kept[:-1]) + " and " + kept[-1] if len(kept) > 1 else "".join(kept)
 
@@ -287,11 +298,6 @@ def published_terms(weight: float | None, delta: float | None, quality: float | 
 def page_terms_against(weight: float | None) -> str:
     """What the page terms' changes are paired with (selection.json, the log, the report)."""
     return f"the decoding at evaluator weight {weight:g}" if weight else "the SFT decoding"
-
-
-def _grid_step(grid: list[float], value: float | None) -> int:
-    """1-based rank of value on its sorted grid, 0 for None."""
-    return sorted(grid).index(value) + 1 if value is not None else 0
 
 
 def _changes(record: dict, guard: list[str]) -> str:
@@ -357,8 +363,9 @@ def run_guided_stage(cfg: Config, run_dir: Path, log=print) -> dict:
     rule = (f"on up to {gcfg.val_users:,} validation users, guarding {', '.join(gcfg.guard)} (mean paired change "
             f"less {gcfg.standard_errors:g} standard error(s))")
     if gcfg.evaluator:
-        log(f"[guided] fitting the {' + '.join(gcfg.evaluator)} evaluator (as the evaluation fits its baselines), then trying "
-            f"its weights {', '.join(f'{w:g}' for w in gcfg.evaluator_weights)} {rule}: kept only above the SFT "
+        mixes = " and ".join(gcfg.evaluator) + (", each alone and averaged," if len(gcfg.evaluator) > 1 else "")
+        log(f"[guided] fitting {mixes} (as the evaluation fits its baselines), then trying weights "
+            f"{', '.join(f'{w:g}' for w in gcfg.evaluator_weights)} {rule}: the best kept only above the SFT "
             f"decoding")
     if why:
         log(f"[guided] {why}")
@@ -373,7 +380,8 @@ def run_guided_stage(cfg: Config, run_dir: Path, log=print) -> dict:
     weight_records = found.get("weight_records", [])
     for record, value in zip(weight_records, found["weight_prior"]):
         record["prior_value"] = value
-        log(f"[guided] evaluator weight {record['weight']:g}: {_changes(record, gcfg.guard)} vs SFT"
+        log(f"[guided] evaluator {' + '.join(record['evaluator'])} weight {record['weight']:g}: "
+            f"{_changes(record, gcfg.guard)} vs SFT"
             f"{'' if record['passes'] else ' -- no gain validation can tell'}")
     weight = found["weight"]
     chosen, records = choose_page_terms(penalties, qualities, found["base"], found["pages"], found["page_prior"],
@@ -392,9 +400,10 @@ def run_guided_stage(cfg: Config, run_dir: Path, log=print) -> dict:
     grid = page_grid(penalties, qualities)
     # The grid point published: 1 + its index in page_grid (0: no page term) + (grid + 1) x the
     # weight's rank; 0 = the SFT decoding.
-    step = (grid.index(chosen) + 1 if chosen else 0) + (len(grid) + 1) * _grid_step(gcfg.evaluator_weights, weight)
+    step = (grid.index(chosen) + 1 if chosen else 0) + (len(grid) + 1) * found["candidate"]
     terms = _kept(weight, delta, quality)
-    selection = {"published_step": step, "unit": UNIT, **terms, "evaluator": gcfg.evaluator,
+    kinds = found["evaluator"].kinds if found["evaluator"] is not None else []
+    selection = {"published_step": step, "unit": UNIT, **terms, "evaluator": kinds, "evaluators_tried": gcfg.evaluator,
                  "guard": list(gcfg.guard), "margin": gcfg.margin, "standard_errors": gcfg.standard_errors,
                  "users": found["users"], "sft": {m: float(v.mean()) for m, v in found["sft"].items()},
                  "prior_sft": found["prior_sft"], "prior_base": found["base_prior"],
@@ -406,6 +415,6 @@ def run_guided_stage(cfg: Config, run_dir: Path, log=print) -> dict:
     pages = found["users"] * (1 + len(found["weights"]) + len(found["pages"]))
     write_json(out / "DONE", {"seconds": round(time.perf_counter() - t0, 1), "published_step": step, **terms,
                               "pages_generated": pages})
-    what = published_terms(weight, delta, quality) or "the SFT decoding: no term passed validation"
+    what = published_terms(weight, delta, quality, kinds) or "the SFT decoding: no term passed validation"
     log(f"[guided] done: published {what} -> {out}")
     return selection
