@@ -172,12 +172,13 @@ class GuidedConfig(Strict):
     val_users: int = Field(2000, ge=2)  # validation users scored, evenly spread
     # The item term (pagellm/models/evaluator.py): independently trained recommenders (the
     # evaluation's baselines, fitted as it fits them: `eval.sasrec`, `eval.ease`) whose
-    # standardised scores, averaged, join every page position's logits at a weight in
-    # `evaluator_weights` (units of the policy's own ranking). Unlike the penalty it is kept
-    # only when it raises validation accuracy: the weight whose guarded change, less
-    # `standard_errors` standard errors, is largest and above 0 on every guarded metric. The
-    # penalty is then chosen with it. SASRec and EASE together: on Musical Instruments, 3 seeds,
-    # test ndcg@10 +8 to +10 % per seed where SASRec alone gave 0 to +1.7 %
+    # standardised scores join every page position's logits at a weight in
+    # `evaluator_weights` (units of the policy's own ranking). Each listed model alone and
+    # (with several) their average is tried at every weight; unlike the penalty the term is
+    # kept only when it raises validation accuracy: the (models, weight) whose guarded change,
+    # less `standard_errors` standard errors, is largest and above 0 on every guarded metric.
+    # The penalty is then chosen with it. SASRec and EASE averaged: on Musical Instruments,
+    # 3 seeds, test ndcg@10 +8 to +10 % per seed where SASRec alone gave 0 to +1.7 %
     # (docs/BENCHMARKS.md). [] (or "none"): no item term.
     evaluator: list[Literal["sasrec", "ease"]] = Field(default_factory=lambda: ["sasrec", "ease"])
     evaluator_weights: list[float] = Field(default_factory=lambda: [0.25, 0.5, 1.0, 2.0], min_length=1)

@@ -1,18 +1,20 @@
-"""The guided stage's item evaluator: independently trained next-item models whose scores,
-standardised and averaged, join the policy's decoding (TokenLayout.evaluator_weight,
-decoding.ItemBias).
+"""The guided stage's item evaluator: independently trained recommenders whose scores,
+standardised (and averaged when there are several), join the policy's decoding
+(TokenLayout.evaluator_weight, decoding.ItemBias).
 
 Why a second model: every reward that read the SFT policy's own hidden states or
 likelihood ranked pages much as the policy already does (docs/BENCHMARKS.md, "Reward
 fidelity"), so nothing built on it could add accuracy. Recommenders trained on the same
-training sequences make different mistakes. Two kinds, averaged by default:
+training sequences make different mistakes. Two kinds, each tried alone and averaged, the
+guided stage keeping the one validation favours (`evaluator_mixes`):
 
 - SASRec reads order; in the guided decoding alone it raised test ndcg@100 on MovieLens and
   Musical Instruments (+2.3 %, +2.6 %, 3 seeds), though not hits at 10 per user;
 - EASE (pagellm/eval/baselines/ease.py) reads co-occurrence, which neither the policy nor
   SASRec models directly. Averaged with SASRec it moves the decoding much further: on
   Musical Instruments test ndcg@10 +8 to +10 % per seed against 0 to +1.7 % for SASRec alone
-  (docs/BENCHMARKS.md, "EASE beside SASRec in the guided decoding").
+  (docs/BENCHMARKS.md, "EASE beside SASRec in the guided decoding"). On Amazon Beauty it is
+  far weaker than SASRec, and SASRec alone is the better term there.
 
 Each is fitted exactly as the evaluation fits its baseline (same parameters, `eval.sasrec` /
 `eval.ease`, same seed, epoch or lambda chosen on the validation step, the fit shared through

@@ -8,8 +8,8 @@ It is the token-level KL-regularised optimum for an item-level reward r(i): pi' 
 to pi_SFT x exp(r / beta). Three terms:
 
 - the item term (`guided.evaluator`, pagellm/models/evaluator.py): z_e, independently
-  trained recommenders' standardised scores for the user, averaged (SASRec and EASE, fitted
-  as the evaluation fits its baselines); s, the spread of the policy's own first-position logits,
+  trained recommenders' standardised scores for the user (SASRec, EASE or their average,
+  whichever validation favours; fitted as the evaluation fits its baselines); s, the spread of the policy's own first-position logits,
   so w is in units of the policy's ranking. The rewards read off the SFT policy itself
   rank pages as the policy already does; a model trained apart makes different mistakes
   (SASRec alone raised test ndcg@100 by 2-3 % on MovieLens and Musical Instruments; with
@@ -26,9 +26,9 @@ All are chosen on validation, as a stage-3 checkpoint is: the policy writes the 
 `guided.val_users` validation users (evenly spread, none from the half the SFT stage selected
 its checkpoint on, where SFT is flattered) once per candidate, and each
 candidate's per-user accuracy (`guided.guard`, e.g. ndcg@10) is paired with the same users'
-under the SFT policy's own decoding. The weight w must show a gain (`choose_weight`: the
-largest lower bound, paired change less `guided.standard_errors` standard errors, above
-0). The page terms may cost up to `guided.margin` of the decoding they are added to (the
+under the SFT policy's own decoding. The item term must show a gain (`choose_weight` over
+every (models, w) of `evaluator_mixes` x `guided.evaluator_weights`: the largest lower bound,
+paired change less `guided.standard_errors` standard errors, above 0). The page terms may cost up to `guided.margin` of the decoding they are added to (the
 chosen w's; the SFT policy's when none is kept), because they buy page value the guard cannot
 see (`choose_page_terms`): with the chosen w, every (delta, b) pair of the two grids is decoded
 and paired with that decoding; of the pairs whose lower bound stays within the margin, and whose
@@ -363,10 +363,10 @@ def run_guided_stage(cfg: Config, run_dir: Path, log=print) -> dict:
     rule = (f"on up to {gcfg.val_users:,} validation users, guarding {', '.join(gcfg.guard)} (mean paired change "
             f"less {gcfg.standard_errors:g} standard error(s))")
     if gcfg.evaluator:
-        mixes = " and ".join(gcfg.evaluator) + (", each alone and averaged," if len(gcfg.evaluator) > 1 else "")
-        log(f"[guided] fitting {mixes} (as the evaluation fits its baselines), then trying weights "
-            f"{', '.join(f'{w:g}' for w in gcfg.evaluator_weights)} {rule}: the best kept only above the SFT "
-            f"decoding")
+        each = " each alone and averaged," if len(gcfg.evaluator) > 1 else ""
+        log(f"[guided] fitting {' and '.join(gcfg.evaluator)} (as the evaluation fits its baselines), then trying "
+            f"them,{each} at weights {', '.join(f'{w:g}' for w in gcfg.evaluator_weights)} {rule}: the best kept "
+            f"only above the SFT decoding")
     if why:
         log(f"[guided] {why}")
     if penalties or qualities:
