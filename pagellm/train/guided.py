@@ -9,11 +9,12 @@ to pi_SFT x exp(r / beta). Three terms:
 
 - the item term (`guided.evaluator`, pagellm/models/evaluator.py): z_e, independently
   trained recommenders' standardised scores for the user (SASRec, EASE or their average,
-  whichever validation favours; fitted as the evaluation fits its baselines); s, the spread of the policy's own first-position logits,
-  so w is in units of the policy's ranking. The rewards read off the SFT policy itself
-  rank pages as the policy already does; a model trained apart makes different mistakes
-  (SASRec alone raised test ndcg@100 by 2-3 % on MovieLens and Musical Instruments; with
-  EASE beside it, Musical Instruments test ndcg@10 by 8-11 % per seed);
+  whichever validation favours; fitted as the evaluation fits its baselines); s, the spread
+  of the policy's own first-position logits, so w is in units of the policy's ranking. The
+  rewards read off the SFT policy itself rank pages as the policy already does; a model
+  trained apart makes different mistakes (SASRec alone raised test ndcg@100 by 2-3 % on
+  MovieLens and Musical Instruments; averaged with EASE, Musical Instruments test ndcg@10 by
+  8-10 % per seed);
 - the page terms, the page prior's two facts beside preference (pagellm/models/page_prior.py):
   its category discount (delta) and its item quality q (b, in the same units as w). The SFT
   policy's pages repeat categories and follow its preference alone; a mild discount on the
@@ -28,8 +29,9 @@ its checkpoint on, where SFT is flattered) once per candidate, and each
 candidate's per-user accuracy (`guided.guard`, e.g. ndcg@10) is paired with the same users'
 under the SFT policy's own decoding. The item term must show a gain (`choose_weight` over
 every (models, w) of `evaluator_mixes` x `guided.evaluator_weights`: the largest lower bound,
-paired change less `guided.standard_errors` standard errors, above 0). The page terms may cost up to `guided.margin` of the decoding they are added to (the
-chosen w's; the SFT policy's when none is kept), because they buy page value the guard cannot
+paired change less `guided.standard_errors` standard errors, above 0). The page terms may
+cost up to `guided.margin` of the decoding they are added to (the chosen w's; the SFT
+policy's when none is kept), because they buy page value the guard cannot
 see (`choose_page_terms`): with the chosen w, every (delta, b) pair of the two grids is decoded
 and paired with that decoding; of the pairs whose lower bound stays within the margin, and whose
 smaller neighbours on both axes do too (a pass after a miss is noise), the one whose pages the
