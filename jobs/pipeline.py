@@ -65,6 +65,17 @@ def warn_saved_policy(sft_dir, cfg) -> None:
         print(f"[run] warning: {line}; later stages use the saved value (--from sft rebuilds it)", flush=True)
 
 
+def check_catalogue(folder, cfg) -> None:
+    """Once the catalogue is known, before any training: a baseline that cannot fit it (EASE's
+    n_items^2 inverse) fails now, not in the evaluation hours later."""
+    import json
+
+    from pagellm.eval.baselines.ease import check_catalogue as ease_fits
+
+    if "ease" in cfg.eval.baselines or (cfg.stage3.algorithm == "guided" and "ease" in cfg.guided.evaluator):
+        ease_fits(int(json.loads((folder.data / "stats.json").read_text())["items"]), cfg.eval.ease)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = stage_parser("run", __doc__)
     parser.add_argument("--from", dest="start", choices=STAGES + list(STAGE3_JOBS), default=None,
@@ -82,6 +93,8 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             if is_done(folder, cfg, stage) and stage not in redo:
                 print(f"[run] {stage}: already done in {folder.root}, skipping", flush=True)
+                if stage == "data":
+                    check_catalogue(folder, cfg)
                 if stage == "sft":
                     warn_saved_policy(stage_dir(folder, cfg, stage), cfg)
                 continue
@@ -92,6 +105,8 @@ def main(argv: list[str] | None = None) -> None:
             t = time.perf_counter()
             importlib.import_module(stage_module(cfg, stage)).run(folder, cfg)
             print(f"[run] {name} finished in {time.perf_counter() - t:.0f}s", flush=True)
+            if stage == "data":
+                check_catalogue(folder, cfg)
     print(f"[run] all stages done in {time.perf_counter() - t0:.0f}s; report: {folder.eval / 'report.md'}", flush=True)
 
 

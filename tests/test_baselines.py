@@ -187,3 +187,6 @@ def test_ease_steps_past_the_grid_edge_while_validation_improves():
     assert past.weights[0, 0] == 4.0
     with pytest.raises(ValueError, match="edge_factor"):
         EASE({"edge_factor": 1.0})
+    # A catalogue whose inverse would not fit is refused with the way out, before any work.
+    with pytest.raises(ValueError, match="remove ease from eval.baselines"):
+        EASE({"max_items": N - 1}).fit(seqs, N)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -239,3 +240,17 @@ def test_pagellm_run_rejects_a_bad_config_at_once(setting, field):
     (line,) = proc.stderr.splitlines()
     assert line.startswith("error: invalid config") and f"{field}: " in line and "allowed" in line
     assert proc.stdout == ""
+
+
+def test_a_catalogue_too_large_for_ease_fails_once_the_data_stage_knows_it(tmp_path):
+    """Before any training: the evaluation's EASE would need an n_items^2 inverse."""
+    from types import SimpleNamespace
+
+    from jobs.pipeline import check_catalogue
+
+    (tmp_path / "stats.json").write_text(json.dumps({"items": 300}))
+    folder = SimpleNamespace(data=tmp_path)
+    check_catalogue(folder, load_config(None, []))  # 300 items: fine
+    with pytest.raises(ValueError, match="remove ease from eval.baselines"):
+        check_catalogue(folder, load_config(None, ["eval.ease={max_items: 299}"]))
+    check_catalogue(folder, load_config(None, ["eval.ease={max_items: 299}", "eval.baselines=[popularity,sasrec]"]))

@@ -34,6 +34,17 @@ from pagellm.eval.metrics import evaluate_full_ranking, history_mask
 DEFAULTS: dict[str, Any] = BASELINE_PARAMS["ease"]  # pagellm/eval/baselines/params.py
 
 
+def check_catalogue(n_items: int, params: dict[str, Any] | None = None) -> None:
+    """Refuse a catalogue whose fit would not fit in memory (`max_items`), with the way out.
+    The pipeline calls it once the data stage knows the catalogue, before any training."""
+    limit = {**DEFAULTS, **(params or {})}["max_items"]
+    if n_items > limit:
+        gb = 3 * 8 * n_items**2 / 1e9
+        raise ValueError(f"EASE on {n_items:,} items needs ~{gb:,.0f} GB (three {n_items:,}^2 float64 matrices), "
+                         f"above eval.ease.max_items {limit:,}: remove ease from eval.baselines (and "
+                         f"guided.evaluator) or raise eval.ease.max_items")
+
+
 def ease_weights(gram: np.ndarray, lam: float) -> np.ndarray:
     """B (float32, zero diagonal) from the item Gram matrix X^T X and the L2 weight lambda."""
     if lam <= 0:
@@ -76,6 +87,7 @@ class EASE:
         check_sequences(train_sequences, n_items, "train_sequences")
         if (val_histories is None) != (val_targets is None):
             raise ValueError("give both val_histories and val_targets, or neither")
+        check_catalogue(n_items, self.params)
         self.n_items = n_items
         x = history_mask(train_sequences, n_items).astype(np.float64)  # repeats count once
         gram = (x.T @ x).toarray()

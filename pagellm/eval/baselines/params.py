@@ -49,6 +49,9 @@ EASE_DEFAULTS: dict[str, Any] = {
     # `edge_steps` times while validation improves: Amazon Beauty's best was below 50.
     "edge_steps": 3,
     "edge_factor": 2.5,
+    # A larger catalogue is refused before any work: the fit holds ~3 n_items^2 float64
+    # matrices (25,000 items: ~15 GB). Raise it on a machine with the memory.
+    "max_items": 25_000,
     "score_batch": 1024,
     "verbose": True,
 }
