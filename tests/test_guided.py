@@ -198,7 +198,7 @@ def test_a_kept_evaluator_weight_is_published_with_its_evaluator_and_served(run_
     from pagellm.eval.output_cache import files_key
     from pagellm.eval.runner import load_eval_set, policy_output
     from pagellm.models.decoding import generate_pages
-    from pagellm.models.evaluator import EVALUATOR_DIR, Guidance, evaluator_mixes, fit_evaluator, standardised
+    from pagellm.models.evaluator import EVALUATOR_DIR, Guidance, evaluator_mixes, fit_evaluator
 
     run_dir = tmp_path / "run"
     shutil.copytree(run_template, run_dir)
@@ -227,7 +227,7 @@ def test_a_kept_evaluator_weight_is_published_with_its_evaluator_and_served(run_
     scores = guidance.scores(es.prompts)
     torch.testing.assert_close(scores, evaluator.scores(es.prompts))
     # Each model's scores standardised per user, then averaged: equal say whatever their scale.
-    parts = [standardised(m.score(es.prompts)) for m in evaluator.models]
+    parts = [standardise(m.score(es.prompts)) for m in evaluator.models]
     torch.testing.assert_close(scores, torch.from_numpy(np.mean(parts, axis=0).astype(np.float32)))
     assert written == generate_pages(policy, layout, prompts, 5, exclude=es.exclude, evaluator_scores=scores).items
     # At weight 50 the evaluator's ranking decides the page.

@@ -36,6 +36,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pagellm.models.page_prior import standardise
+
 EVALUATOR_DIR = "evaluator"
 _META = "evaluator.json"
 _LEGACY_STATE = "model.safetensors"  # the one-SASRec layout of guided policies published before EASE
@@ -67,17 +69,10 @@ def fit_inputs(data_dir: str | Path) -> FitInputs:
     return FitInputs(train_sequences, n_items, val_histories, val_targets)
 
 
-def standardised(scores: np.ndarray) -> np.ndarray:
-    """Each row to mean 0, std 1 over items (a constant row to 0): models on different scales
-    averaged with equal say."""
-    scores = np.asarray(scores, dtype=np.float64)
-    std = scores.std(axis=1, keepdims=True)
-    return (scores - scores.mean(axis=1, keepdims=True)) / np.where(std > 0, std, 1.0)
-
-
 class ItemEvaluator:
     """Fitted baselines behind one call: item sequences -> [B, n_items] scores, the mean of
-    each model's standardised scores."""
+    each model's standardised scores (page_prior.standardise: models on different scales get
+    equal say)."""
 
     def __init__(self, models: list):
         if not models:
@@ -102,7 +97,7 @@ class ItemEvaluator:
         rows = [r for r, s in enumerate(sequences) if len(s)]
         if rows:
             seqs = [list(sequences[r]) for r in rows]
-            out[rows] = np.mean([standardised(m.score(seqs)) for m in self.models], axis=0)
+            out[rows] = np.mean([standardise(m.score(seqs)) for m in self.models], axis=0)
         return torch.from_numpy(out)
 
     def save(self, policy_dir: str | Path) -> Path:

@@ -69,6 +69,18 @@ def rank(
     return out
 
 
+def validation_ndcg(baseline: Baseline, histories: list[list[int]], targets: list[list[int]], chunk_size: int) -> float:
+    """Full-ranking NDCG@10 with each user's history items masked: what a trained baseline
+    selects its epoch (SASRec) or lambda (EASE) on."""
+    from pagellm.eval.metrics import evaluate_full_ranking, history_mask
+
+    res = evaluate_full_ranking(
+        lambda a, b: baseline.score(histories[a:b]), history_mask(histories, baseline.n_items), targets,
+        n_items=baseline.n_items, recall_ks=(), ndcg_ks=(10,), prefix="", chunk_size=chunk_size,
+    )
+    return float(res["ndcg@10"] or 0.0)
+
+
 def make_baseline(name: str, params: dict[str, Any] | None = None) -> Baseline:
     """A baseline by its config name (pagellm/eval/baselines/params.py) with its hyperparameters."""
     from pagellm.eval.baselines.params import BASELINE_PARAMS
@@ -93,4 +105,4 @@ def make_baseline(name: str, params: dict[str, Any] | None = None) -> Baseline:
     return SASRec(params)
 
 
-__all__ = ["Baseline", "check_sequences", "make_baseline", "rank"]
+__all__ = ["Baseline", "check_sequences", "make_baseline", "rank", "validation_ndcg"]

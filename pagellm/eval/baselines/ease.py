@@ -27,9 +27,9 @@ import numpy as np
 import torch
 from scipy import sparse
 
-from pagellm.eval.baselines import check_sequences
+from pagellm.eval.baselines import check_sequences, validation_ndcg
 from pagellm.eval.baselines.params import BASELINE_PARAMS
-from pagellm.eval.metrics import evaluate_full_ranking, history_mask
+from pagellm.eval.metrics import history_mask
 
 DEFAULTS: dict[str, Any] = BASELINE_PARAMS["ease"]  # pagellm/eval/baselines/params.py
 
@@ -142,11 +142,7 @@ class EASE:
 
     def validate(self, histories: list[list[int]], targets: list[list[int]]) -> float:
         """Full-ranking NDCG@10 with each user's history items masked."""
-        res = evaluate_full_ranking(
-            lambda a, b: self.score(histories[a:b]), history_mask(histories, self.n_items), targets,
-            n_items=self.n_items, recall_ks=(), ndcg_ks=(10,), prefix="", chunk_size=self.params["score_batch"],
-        )
-        return float(res["ndcg@10"] or 0.0)
+        return validation_ndcg(self, histories, targets, self.params["score_batch"])
 
     def score(self, histories: list[list[int]]) -> np.ndarray:
         """[len(histories), n_items]: each history's multi-hot row times B."""
