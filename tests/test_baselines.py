@@ -190,3 +190,66 @@ def test_ease_steps_past_the_grid_edge_while_validation_improves():
     # A catalogue whose inverse would not fit is refused with the way out, before any work.
     with pytest.raises(ValueError, match="remove ease from eval.baselines"):
         EASE({"max_items": N - 1}).fit(seqs, N)
+
+
+def community_sequences(n_users: int, seed: int) -> tuple[list[list[int]], list[int]]:
+    """Two communities: even users buy 4 of items 0..N/2-1, odd users 4 of N/2..N-1 (user
+    indices 100, 101, ...: not row numbers). What a user-item graph reads."""
+    rng = np.random.default_rng(seed)
+    half = N // 2
+    seqs = [(rng.choice(half, 4, replace=False) + (half if u % 2 else 0)).tolist() for u in range(n_users)]
+    return seqs, [100 + u for u in range(n_users)]
+
+
+def test_lightgcn_layers_are_the_normalised_adjacency_and_bpr_is_the_pairwise_loss():
+    import torch
+    from scipy import sparse
+
+    from pagellm.eval.baselines.lightgcn import bpr_loss, normalised_adjacency, propagate, sample_negatives
+
+    r = sparse.csr_matrix(np.array([[1, 1, 0], [0, 1, 0]], dtype=np.float32))  # 2 users x 3 items
+    adj = normalised_adjacency(r).to_dense()
+    # user 0 (degree 2) - item 1 (degree 2): 1/sqrt(2*2); user 1 (1) - item 1 (2): 1/sqrt(2)
+    assert adj[0, 3].item() == pytest.approx(0.5) and adj[1, 3].item() == pytest.approx(2 ** -0.5)
+    assert torch.equal(adj, adj.T) and adj[4].abs().sum() == 0  # item 2 has no edge
+    e = torch.randn(5, 3)
+    assert torch.allclose(propagate(e, normalised_adjacency(r), 0), e)
+    assert torch.allclose(propagate(e, normalised_adjacency(r), 2), (e + adj @ e + adj @ adj @ e) / 3, atol=1e-6)
+    u, p, n = torch.tensor([[1.0, 0.0]]), torch.tensor([[2.0, 0.0]]), torch.tensor([[0.0, 5.0]])
+    assert bpr_loss(u, p, n).item() == pytest.approx(np.log1p(np.exp(-2.0)))
+    seen = sparse.csr_matrix(np.eye(4, 50, dtype=np.float32))  # user u saw item u
+    draws = sample_negatives(np.repeat(np.arange(4), 500), seen, np.random.default_rng(0))
+    assert not (draws == np.repeat(np.arange(4), 500)).any()
+
+
+def test_lightgcn_ranks_the_users_community_first_selects_its_epoch_and_round_trips():
+    from pagellm.eval.baselines.lightgcn import LightGCN
+
+    seqs, users = community_sequences(60, seed=0)
+    params = {"dim": 16, "layers": 2, "lr": 0.05, "batch_size": 64, "epochs": 40, "eval_every": 2, "patience": 5,
+              "seed": 0, "verbose": False, "threads": 1}
+    half = N // 2
+    # Validation: 20 users, each holding out an unseen item of its own community.
+    val_h, val_u = seqs[:20], users[:20]
+    val_t = [[next(i for i in range(half) if i not in s) + (half if u % 2 else 0)] for u, s in enumerate(val_h)]
+    model = make_baseline("lightgcn", params)
+    assert model.by_user and isinstance(model, Baseline)
+    with pytest.raises(ValueError, match="give `users`"):
+        model.fit(seqs, N)
+    model.fit(seqs, N, val_h, val_t, users=users, val_users=val_u)
+    validated = [r for r in model.training_log if "val_ndcg@10" in r]
+    assert len(validated) >= 2 and all(r["epoch"] % 2 == 0 for r in validated[:-1])
+    top = rank(model, seqs, k=3, exclude=seqs, users=users)
+    own = [all((i >= half) == bool(u % 2) for i in t) for u, t in enumerate(top)]
+    assert np.mean(own) > 0.95  # the graph joins users through shared items: their side's items come first
+    with pytest.raises(ValueError, match="pass their indices"):
+        rank(model, seqs, k=3)
+    again = LightGCN(params)
+    again.restore(model.state(), N)
+    assert np.array_equal(again.score(seqs[:5], users=users[:5]), model.score(seqs[:5], users=users[:5]))
+    # A user without a node (no training positive) is the mean user, not an error.
+    stranger = model.score([[]], users=[7])[0]
+    assert np.allclose(stranger, (model.users.mean(0) @ model.items.T).numpy(), atol=1e-5)
+    assert model.nodeless == {7}
+    with pytest.raises(ValueError, match="hold 20 items, expected 21"):
+        LightGCN(params).restore(model.state(), N + 1)

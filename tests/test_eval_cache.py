@@ -4,11 +4,13 @@ lists and weights round-trip, and a run that reuses them scores exactly what a f
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
 from pagellm.config import load_config
 from pagellm.data.pipeline import run_data_stage
+from pagellm.eval.baselines import make_baseline
 from pagellm.eval.output_cache import CACHE_DIR, OutputCache, files_key, input_key
 from pagellm.models.policy import build_policy, save_policy
 from pagellm.vocab import Vocab
@@ -70,7 +72,7 @@ def test_a_run_that_reuses_the_cache_scores_what_a_fresh_run_does(run_template, 
     lines: list[str] = []
     first = run_eval_stage(cfg, fresh, log=lines.append)
     assert not any("reusing" in line for line in lines)
-    assert {p.name.split("-")[0] for p in (fresh / CACHE_DIR).iterdir()} == {"sasrec", "ease", "policy"}
+    assert {p.name.split("-")[0] for p in (fresh / CACHE_DIR).iterdir()} == {"sasrec", "ease", "lightgcn", "policy"}
 
     # A variant of the run (bench/quality.py run_variant): the same data and SFT policy, the
     # seed's cache copied beside them. Nothing is fitted or written again, and every metric
@@ -79,7 +81,7 @@ def test_a_run_that_reuses_the_cache_scores_what_a_fresh_run_does(run_template, 
     shutil.copytree(fresh / CACHE_DIR, variant / CACHE_DIR)
     lines.clear()
     again = run_eval_stage(cfg, variant, log=lines.append)
-    assert sum("reusing" in line for line in lines) == 3  # SASRec's and EASE's fits and the SFT lists
+    assert sum("reusing" in line for line in lines) == 4  # SASRec's, EASE's and LightGCN's fits and the SFT lists
     assert _models(again) == _models(first)
     assert json.loads((variant / "eval" / "metrics.json").read_text())["models"]["sft"]["hr@10"] == \
         first["models"]["sft"]["hr@10"]
@@ -93,8 +95,9 @@ def test_a_run_that_reuses_the_cache_scores_what_a_fresh_run_does(run_template, 
         weights = {k: v + 0.01 if v.is_floating_point() else v for k, v in weights.items()}
         save_file(weights, str(variant / "sft" / "model.safetensors"), metadata={"format": "pt"})
     run_eval_stage(load_config(None, SMALL + ["eval.sasrec.epochs=1"]), variant, log=lines.append)
-    assert [line for line in lines if "reusing" in line] == [line for line in lines if "ease: reusing" in line] != []
-    assert len(list((variant / CACHE_DIR).iterdir())) == 5  # EASE once; SASRec and the lists twice
+    reused = [line for line in lines if "reusing" in line]
+    assert len(reused) == 2 and any("ease: reusing" in x for x in reused) and any("lightgcn: reusing" in x for x in reused)
+    assert len(list((variant / CACHE_DIR).iterdir())) == 6  # EASE and LightGCN once; SASRec and the lists twice
 
 
 def test_sasrec_selects_its_epoch_on_the_validation_step_only_in_a_test_evaluation(run_template, capsys):
@@ -117,3 +120,31 @@ def test_sasrec_selects_its_epoch_on_the_validation_step_only_in_a_test_evaluati
     baseline_output("sasrec", params, val, 10, seed=0)
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("sasrec epoch")]
     assert len(lines) == 2 and not any("val ndcg@10" in ln for ln in lines)
+
+
+def test_lightgcn_gets_each_rows_user_and_its_cached_fit_scores_the_same(run_template, tmp_path):
+    """LightGCN scores users (graph nodes): the evaluation hands it the user index of every
+    training sequence, validation history and evaluated user, and its fit is cached like SASRec's."""
+    import pandas as pd
+
+    from pagellm.eval.output_cache import OutputCache
+    from pagellm.eval.runner import baseline_output, load_eval_set
+
+    evals = pd.read_parquet(run_template / "data" / "eval.parquet")
+    test = load_eval_set(run_template / "data", "test", None)
+    assert test.train_users == [int(u) for u, s in zip(evals["user_index"], evals["train_positives"]) if len(s)]
+    assert test.val_users == [int(u) for u, v in zip(evals["user_index"], evals["val_items"]) if len(v)]
+    assert len(test.train_users) == len(test.train_sequences) and len(test.val_users) == len(test.val_histories)
+    params = {"dim": 8, "epochs": 4, "eval_every": 2, "verbose": False, "threads": 1}
+    cache, lines = OutputCache(tmp_path / "cache"), []
+    fitted = baseline_output("lightgcn", params, test, 10, seed=0, cache=cache, log=lines.append)
+    assert all(not set(page) & seen for page, seen in zip(fitted.lists, test.exclude))
+    again = baseline_output("lightgcn", params, test, 10, seed=0, cache=cache, log=lines.append)
+    assert any("lightgcn: reusing its fit" in line for line in lines)
+    assert again.lists == fitted.lists and np.array_equal(again.scores(0, 5), fitted.scores(0, 5))
+    # A user's scores are its node's: the same history under another user's index scores differently.
+    model = make_baseline("lightgcn", params)
+    (saved,) = cache.directory.glob("lightgcn-*.safetensors")
+    model.restore(cache.state("lightgcn", saved.stem.split("-", 1)[1]), test.n_items)
+    h = test.histories[0]
+    assert not np.allclose(model.score([h], users=[test.train_users[0]]), model.score([h], users=[test.train_users[1]]))

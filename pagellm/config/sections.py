@@ -260,9 +260,10 @@ class EvalConfig(Strict):
     max_users: int | None = None
     batch_size: int = 64
     baselines: list[Annotated[str, one_of("baseline", BASELINES)]] = Field(
-        default_factory=lambda: ["popularity", "sasrec", "ease"])
+        default_factory=lambda: ["popularity", "sasrec", "ease", "lightgcn"])
     sasrec: dict[str, Any] = Field(default_factory=dict)  # overrides of SASRec's defaults
     ease: dict[str, Any] = Field(default_factory=dict)  # overrides of EASE's defaults
+    lightgcn: dict[str, Any] = Field(default_factory=dict)  # overrides of LightGCN's defaults
     # On the simulator: pages sampled per user from the SFT policy to measure how well the
     # reward tracks true utility (the `reward_fidelity` block, pagellm/eval/fidelity.py); 0 = off.
     fidelity_samples: int = Field(8, ge=0)
@@ -297,7 +298,7 @@ class EvalConfig(Strict):
             raise ValueError(f"baselines listed more than once: {', '.join(twice)}")
         return names
 
-    @field_validator("sasrec", "ease")
+    @field_validator("sasrec", "ease", "lightgcn")
     @classmethod
     def _known_params(cls, params: dict[str, Any], info) -> dict[str, Any]:
         unknown = sorted(set(params) - set(BASELINE_PARAMS[info.field_name]))
@@ -308,7 +309,7 @@ class EvalConfig(Strict):
 
     def baseline_params(self, name: str) -> dict[str, Any]:
         """The config's overrides for baseline `name` (none for popularity)."""
-        return {"sasrec": self.sasrec, "ease": self.ease}.get(name, {})
+        return {"sasrec": self.sasrec, "ease": self.ease, "lightgcn": self.lightgcn}.get(name, {})
 
 
 class ServeConfig(Strict):

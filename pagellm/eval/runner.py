@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 
 from pagellm.config import Config
-from pagellm.eval.baselines import make_baseline, rank
+from pagellm.eval.baselines import make_baseline, rank, scores_of
 from pagellm.eval.metrics import (evaluate_full_ranking, evaluate_lists, expected_relevance, history_mask, hr_at_pct,
                                   random_pages, tail_items_from_counts)
 from pagellm.eval.output_cache import CACHE_DIR, OutputCache, files_key, input_key
@@ -43,16 +43,23 @@ class EvalSet:
     # evaluation of the validation split has nothing held out to select on).
     val_histories: list[list[int]] | None = None
     val_targets: list[list[int]] | None = None
+    # The user index of each train_sequences / val_histories row, for a baseline that scores
+    # users rather than histories (LightGCN's graph nodes).
+    train_users: list[int] | None = None
+    val_users: list[int] | None = None
 
 
-def fit_sequences(evals: pd.DataFrame) -> tuple[list[list[int]], list[list[int]], list[list[int]]]:
+def fit_sequences(evals: pd.DataFrame) -> tuple[list[list[int]], list[list[int]], list[list[int]], list[int], list[int]]:
     """What a trained baseline fits on (from eval.parquet): every user's training positives,
     and the validation step it selects its epoch on — the training positives and validation
-    items of every user with one. Nothing from test."""
+    items of every user with one — with the user index of each row. Nothing from test."""
+    has_train = np.flatnonzero(evals["train_positives"].map(len).to_numpy() > 0)
     has_val = np.flatnonzero(evals["val_items"].map(len).to_numpy() > 0)
-    return ([list(s) for s in evals["train_positives"] if len(s)],
+    user_index = evals["user_index"].to_numpy()
+    return ([list(evals["train_positives"].iloc[i]) for i in has_train],
             [list(evals["train_positives"].iloc[i]) for i in has_val],
-            [list(evals["val_items"].iloc[i]) for i in has_val])
+            [list(evals["val_items"].iloc[i]) for i in has_val],
+            user_index[has_train].tolist(), user_index[has_val].tolist())
 
 
 def load_eval_set(data_dir: Path, split: str, max_users: int | None) -> EvalSet:
@@ -69,9 +76,9 @@ def load_eval_set(data_dir: Path, split: str, max_users: int | None) -> EvalSet:
     keep = np.flatnonzero(targets.map(len).to_numpy() > 0)
     if max_users:
         keep = keep[:max_users]
-    train_sequences, val_histories, val_targets = fit_sequences(evals)
+    train_sequences, val_histories, val_targets, train_users, val_users = fit_sequences(evals)
     if split != "test":
-        val_histories = val_targets = None
+        val_histories = val_targets = val_users = None
     return EvalSet(
         user_index=evals["user_index"].to_numpy()[keep],
         prompts=[list(prompts.iloc[i]) for i in keep],
@@ -84,6 +91,8 @@ def load_eval_set(data_dir: Path, split: str, max_users: int | None) -> EvalSet:
         popularity=items["popularity"].to_numpy(),
         val_histories=val_histories,
         val_targets=val_targets,
+        train_users=train_users,
+        val_users=val_users,
     )
 
 
@@ -106,17 +115,20 @@ def fitted_baseline(name: str, params: dict, es: EvalSet, seed: int, cache: Outp
     MovieLens's loss still falls steeply at epoch 20), EASE its lambda. Without one they use
     their fixed settings (`fixed_epochs`, `fixed_lambda`)."""
     torch.manual_seed(seed)
-    if name == "sasrec":  # SASRec seeds its own init and order: one run's seed for every model
+    if name in ("sasrec", "lightgcn"):  # they seed their own init and order: one run's seed for every model
         params = {"seed": seed, **params}
     model = make_baseline(name, params if name != "popularity" else None)
     trained = hasattr(model, "restore")
-    key = input_key(name, model.params, es.train_sequences, es.n_items, es.val_targets) if trained else None
+    by_user = getattr(model, "by_user", False)
+    key = (input_key(name, model.params, es.train_sequences, es.n_items, es.val_targets,
+                     *((es.train_users, es.val_users) if by_user else ())) if trained else None)
     state = cache.state(name, key) if cache is not None and key else None
     if state is not None:
         model.restore(state, es.n_items)
         log(f"[eval] {name}: reusing its fit on the same sequences ({cache.directory}/{name}-{key}.safetensors)")
     else:
-        model.fit(es.train_sequences, es.n_items, es.val_histories, es.val_targets)
+        users = {"users": es.train_users, "val_users": es.val_users} if by_user else {}
+        model.fit(es.train_sequences, es.n_items, es.val_histories, es.val_targets, **users)
         if cache is not None and key:
             cache.put_state(name, key, model.state())
     return model
@@ -127,8 +139,9 @@ def baseline_output(name: str, params: dict, es: EvalSet, list_len: int, seed: i
     """A fitted baseline's ranked lists and item scores for the eval set's users."""
     t0 = time.perf_counter()
     model = fitted_baseline(name, params, es, seed, cache, log)
-    lists = rank(model, es.histories, list_len, exclude=es.exclude)
-    return ModelOutput(lists, lambda a, b: model.score(es.histories[a:b]), time.perf_counter() - t0)
+    users = es.user_index.tolist()
+    lists = rank(model, es.histories, list_len, exclude=es.exclude, users=users)
+    return ModelOutput(lists, lambda a, b: scores_of(model, es.histories[a:b], users[a:b]), time.perf_counter() - t0)
 
 
 def policy_output(policy_dir: Path, es: EvalSet, list_len: int, batch_size: int, exclude: bool,

@@ -63,9 +63,9 @@ def fit_inputs(data_dir: str | Path) -> FitInputs:
     from pagellm.eval.runner import fit_sequences
 
     data_dir = Path(data_dir)
-    evals = pd.read_parquet(data_dir / "eval.parquet", columns=["train_positives", "val_items"])
+    evals = pd.read_parquet(data_dir / "eval.parquet", columns=["user_index", "train_positives", "val_items"])
     n_items = len(pd.read_parquet(data_dir / "items.parquet", columns=["index"]))
-    train_sequences, val_histories, val_targets = fit_sequences(evals)
+    train_sequences, val_histories, val_targets, _, _ = fit_sequences(evals)
     return FitInputs(train_sequences, n_items, val_histories, val_targets)
 
 

@@ -3,7 +3,9 @@
 Every baseline works on dense item indices 0..n_items-1 and answers through one
 interface: `fit` on training sequences, `score` every item for a batch of histories.
 The page track ranks those scores (`rank`); the full-ranking track feeds them to
-`pagellm.eval.metrics.evaluate_full_ranking`.
+`pagellm.eval.metrics.evaluate_full_ranking`. A baseline whose users are graph nodes
+(LightGCN) sets `by_user` and also takes each sequence's user index (`users=`) in `fit`
+and `score`; `scores_of` is the one call that hands them over.
 """
 
 from __future__ import annotations
@@ -27,6 +29,15 @@ class Baseline(Protocol):
         """[len(histories), n_items] float scores, higher = recommend first."""
 
 
+def scores_of(baseline: Baseline, histories: Sequence[Sequence[int]], users: Sequence[int] | None) -> np.ndarray:
+    """`baseline.score`, with the users' indices for a baseline that scores users (`by_user`)."""
+    if getattr(baseline, "by_user", False):
+        if users is None:
+            raise ValueError(f"{baseline.name} scores users: pass their indices")
+        return baseline.score(list(histories), users=list(users))
+    return baseline.score(list(histories))
+
+
 def check_sequences(sequences: Sequence[Sequence[int]], n_items: int, what: str) -> None:
     """Raise a clear error for an item index outside 0..n_items-1."""
     for u, seq in enumerate(sequences):
@@ -41,6 +52,7 @@ def rank(
     k: int,
     exclude: Sequence[Iterable[int]] | None = None,
     batch_size: int = 1024,
+    users: Sequence[int] | None = None,
 ) -> list[list[int]]:
     """Top-k item indices per user, best first, never an excluded item.
 
@@ -54,7 +66,8 @@ def rank(
     out: list[list[int]] = []
     for start in range(0, len(histories), batch_size):
         batch = [list(h) for h in histories[start : start + batch_size]]
-        scores = np.array(baseline.score(batch), dtype=np.float64, copy=True)
+        batch_users = None if users is None else users[start : start + batch_size]
+        scores = np.array(scores_of(baseline, batch, batch_users), dtype=np.float64, copy=True)
         n_items = scores.shape[1]
         if exclude is not None:
             for r, items in enumerate(exclude[start : start + batch_size]):
@@ -69,13 +82,15 @@ def rank(
     return out
 
 
-def validation_ndcg(baseline: Baseline, histories: list[list[int]], targets: list[list[int]], chunk_size: int) -> float:
+def validation_ndcg(baseline: Baseline, histories: list[list[int]], targets: list[list[int]], chunk_size: int,
+                    users: list[int] | None = None) -> float:
     """Full-ranking NDCG@10 with each user's history items masked: what a trained baseline
-    selects its epoch (SASRec) or lambda (EASE) on."""
+    selects its epoch (SASRec, LightGCN) or lambda (EASE) on."""
     from pagellm.eval.metrics import evaluate_full_ranking, history_mask
 
     res = evaluate_full_ranking(
-        lambda a, b: baseline.score(histories[a:b]), history_mask(histories, baseline.n_items), targets,
+        lambda a, b: scores_of(baseline, histories[a:b], None if users is None else users[a:b]),
+        history_mask(histories, baseline.n_items), targets,
         n_items=baseline.n_items, recall_ks=(), ndcg_ks=(10,), prefix="", chunk_size=chunk_size,
     )
     return float(res["ndcg@10"] or 0.0)
@@ -100,9 +115,13 @@ def make_baseline(name: str, params: dict[str, Any] | None = None) -> Baseline:
         from pagellm.eval.baselines.ease import EASE
 
         return EASE(params)
+    if name == "lightgcn":
+        from pagellm.eval.baselines.lightgcn import LightGCN
+
+        return LightGCN(params)
     from pagellm.eval.baselines.sasrec import SASRec
 
     return SASRec(params)
 
 
-__all__ = ["Baseline", "check_sequences", "make_baseline", "rank", "validation_ndcg"]
+__all__ = ["Baseline", "check_sequences", "make_baseline", "rank", "scores_of", "validation_ndcg"]

@@ -1,6 +1,6 @@
 """Every baseline's name and its hyperparameters with their defaults, without torch.
 
-`pagellm.config` checks `eval.baselines` (names) and `eval.sasrec` / `eval.ease` (parameter names) against
+`pagellm.config` checks `eval.baselines` (names) and `eval.sasrec` / `eval.ease` / `eval.lightgcn` (parameter names) against
 this table when a config loads, and the baselines take their defaults from it, so a name or
 parameter is accepted at load time if and only if the baseline knows it.
 """
@@ -56,6 +56,31 @@ EASE_DEFAULTS: dict[str, Any] = {
     "verbose": True,
 }
 
+# LightGCN (pagellm/eval/baselines/lightgcn.py): the paper's settings (64 dimensions, 3
+# layers, BPR batch 2048, L2 1e-4) with the epoch chosen on validation NDCG@10, but Adam at
+# 1e-2 instead of 1e-3: small tables have a few batches per epoch, and at 1e-3 MovieLens
+# peaked at validation NDCG@10 0.035 (epoch 55) against 0.045 at 1e-2 (epoch 60); Musical
+# Instruments was level (0.0665 / 0.0658), and Beauty peaks by epoch 15 (docs/BENCHMARKS.md).
+LIGHTGCN_DEFAULTS: dict[str, Any] = {
+    "dim": 64,
+    "layers": 3,
+    "lr": 1e-2,
+    "reg": 1e-4,
+    "batch_size": 2048,
+    "init_std": 0.1,
+    # With a validation step: at most `epochs`, validated every `eval_every`, stopped after
+    # `patience` validations without a better NDCG@10, the best kept.
+    "epochs": 1000,
+    "eval_every": 5,
+    "patience": 10,
+    "fixed_epochs": 200,  # without a validation step
+    "seed": 0,
+    "threads": None,  # sparse products over the whole graph: every core this process may use
+    "score_batch": 1024,
+    "verbose": True,
+}
+
 # Baseline name (as in `eval.baselines`) -> its parameters and their defaults.
-BASELINE_PARAMS: dict[str, dict[str, Any]] = {"popularity": {}, "sasrec": SASREC_DEFAULTS, "ease": EASE_DEFAULTS}
+BASELINE_PARAMS: dict[str, dict[str, Any]] = {"popularity": {}, "sasrec": SASREC_DEFAULTS, "ease": EASE_DEFAULTS,
+                                              "lightgcn": LIGHTGCN_DEFAULTS}
 BASELINES: tuple[str, ...] = tuple(BASELINE_PARAMS)
