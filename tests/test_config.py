@@ -45,7 +45,8 @@ def test_every_declared_name_loads():
         assert load_config(None, [f"ppo.kl_estimator={name}"]).ppo.kl_estimator == name
     for name in names.POLICY_LOSSES:
         assert load_config(None, [f"ppo.policy_loss={name}"]).ppo.policy_loss == name
-    assert load_config(None, ["eval.baselines=[sasrec]", "eval.sasrec={hidden: 16, epochs: 1}"]).eval.sasrec == {
+    assert load_config(None, ["eval.baselines=[sasrec]", "guided.evaluator=[sasrec]",
+                              "eval.sasrec={hidden: 16, epochs: 1}"]).eval.sasrec == {
         "hidden": 16, "epochs": 1}
     assert load_config(None, ["eval.ease={lambdas: [10, 20]}"]).eval.baseline_params("ease") == {"lambdas": [10, 20]}
 
@@ -61,7 +62,7 @@ def test_guided_evaluator_reads_its_older_forms_and_needs_its_models_in_the_eval
     with pytest.raises(ConfigError, match="eval.baselines leaves it out"):
         load_config(None, ["stage3.algorithm=guided", "eval.baselines=[popularity,sasrec]"])
     assert load_config(None, ["stage3.algorithm=guided", "eval.baselines=[sasrec]", "guided.evaluator=[sasrec]"])
-    assert load_config(None, ["eval.baselines=[popularity]"])  # not guided: nothing to show
+    assert load_config(None, ["stage3.algorithm=ppo", "eval.baselines=[popularity]"])  # not guided: nothing to show
 
 
 @pytest.mark.parametrize(
@@ -72,7 +73,7 @@ def test_guided_evaluator_reads_its_older_forms_and_needs_its_models_in_the_eval
         (["ppo.samples_per_prompt=3"], "must be a multiple of ppo.samples_per_prompt"),  # batch 64
         (["ppo.hits_reward_weight=1.0"], "needs ppo.prompts=cuts"),
         (["ppo.model_reward_weight=0"], "all 0: nothing to optimise"),
-        (["ppo.prior_reward_weight=1", "reward.page_prior=false"], "needs the page prior"),
+        (["stage3.algorithm=ppo", "ppo.prior_reward_weight=1", "reward.page_prior=false"], "needs the page prior"),
         (["stage3.algorithm=degre", "degre.value_model=page_prior", "reward.page_prior=false"], "needs the page prior"),
         (["degre.policy_weight=-1"], "greater than or equal to 0"),
         (["ppo.kl_estimator=k4"], "allowed: k1, k2, k3"),
@@ -100,15 +101,16 @@ def test_hr_pct_pages_zero_turns_it_off_and_100_is_enough():
 def test_a_hits_only_reward_trains_no_reward_model():
     from jobs.pipeline import wanted
 
-    cfg = load_config(None, ["ppo.model_reward_weight=0", "ppo.hits_reward_weight=1", "ppo.prompts=cuts",
-                             "ppo.reward=sum"])
+    cfg = load_config(None, ["stage3.algorithm=ppo", "ppo.model_reward_weight=0", "ppo.hits_reward_weight=1",
+                             "ppo.prompts=cuts", "ppo.reward=sum"])
     assert not wanted(cfg, "reward") and wanted(cfg, "stage3")
     assert wanted(load_config(None), "reward")
 
 
 @pytest.mark.parametrize(
     "overrides, module, folder, reward",
-    [([], "jobs.ppo", "ppo", True),
+    [([], "jobs.guided", "guided", True),  # the embedded default (configs/tiny.yaml)
+     (["stage3.algorithm=ppo"], "jobs.ppo", "ppo", True),
      (["stage3.algorithm=grpo"], "jobs.ppo", "grpo", True),
      (["stage3.algorithm=dpo"], "jobs.dpo", "dpo", False),  # offline pairs: no reward model
      (["stage3.algorithm=dpo", "dpo.on_policy=true"], "jobs.dpo", "dpo", True),
@@ -145,15 +147,19 @@ def test_a_saved_run_config_switched_to_grpo_gets_the_group_presets(tmp_path):
     assert (cfg.ppo.advantage, cfg.ppo.samples_per_prompt) == ("grpo", 4)
 
 
-def test_retired_ppo_enabled_and_publish_read_as_the_stage3_keys():
-    assert load_config(None, ["ppo.enabled=false"]).stage3.algorithm == "none"
-    assert load_config(None, ["ppo.enabled=true"]).stage3.algorithm == "ppo"
-    assert load_config(None, ["ppo.publish=last"]).stage3.publish == "last"
+def test_retired_ppo_enabled_and_publish_read_as_the_stage3_keys(tmp_path):
+    old = tmp_path / "old.yaml"  # a config from before the stage3 section: no stage3 keys of its own
+    old.write_text("seed: 0\n")
+    assert load_config(old, ["ppo.enabled=false"]).stage3.algorithm == "none"
+    assert load_config(old, ["ppo.enabled=true"]).stage3.algorithm == "ppo"
+    assert load_config(old, ["ppo.publish=last"]).stage3.publish == "last"
     for conflict in (["ppo.enabled=false", "stage3.algorithm=dpo"], ["ppo.enabled=true", "stage3.algorithm=none"],
                      ["ppo.publish=last", "stage3.publish=best_val"]):
         with pytest.raises(ConfigError, match="removed") as err:
-            load_config(None, conflict)
+            load_config(old, conflict)
         assert "\n" not in str(err.value)
+    with pytest.raises(ConfigError, match="removed"):  # the embedded default says guided
+        load_config(None, ["ppo.enabled=true"])
     with pytest.raises(ConfigError, match="unknown pair family 'clicks'"):
         load_config(None, ["stage3.algorithm=dpo", "dpo.families=[ranking, clicks]"])
 
@@ -170,7 +176,7 @@ def test_baselines_listed_twice_fail():
      ("fine", "coarse", False), ("coarse", "fine", False), ("sum", "coarse", False), ("sum", "fine", False)],
 )
 def test_ppo_reward_needs_heads_the_reward_model_trains(ppo_reward, reward_heads, ok):
-    overrides = [f"ppo.reward={ppo_reward}", f"reward.heads={reward_heads}"]
+    overrides = ["stage3.algorithm=ppo", f"ppo.reward={ppo_reward}", f"reward.heads={reward_heads}"]
     if ok:
         assert load_config(None, overrides).ppo.reward == ppo_reward
         return
@@ -227,14 +233,15 @@ def test_loading_a_config_imports_no_torch():
 
 
 @pytest.mark.parametrize(
-    "setting, field",
-    [("ppo.advantage=nope", "ppo.advantage"), ("ppo.policy_loss=nope", "ppo.policy_loss"),
-     ("eval.baselines=[nope]", "eval.baselines.0"), ("reward.heads=coarse", "ppo.reward")],
+    "settings, field",
+    [(["ppo.advantage=nope"], "ppo.advantage"), (["ppo.policy_loss=nope"], "ppo.policy_loss"),
+     (["eval.baselines=[nope]"], "eval.baselines.0"), (["stage3.algorithm=ppo", "reward.heads=coarse"], "ppo.reward")],
 )
-def test_pagellm_run_rejects_a_bad_config_at_once(setting, field):
+def test_pagellm_run_rejects_a_bad_config_at_once(settings, field):
     """`pagellm run --set ...` (even without --out): exit 2 in well under 10 s, one line on stderr."""
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "jobs.cli", "run", "--set", setting], cwd=ROOT,
+    args = [arg for s in settings for arg in ("--set", s)]
+    proc = subprocess.run([sys.executable, "-m", "jobs.cli", "run", *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and time.perf_counter() - t0 < 10
     (line,) = proc.stderr.splitlines()
@@ -253,4 +260,5 @@ def test_a_catalogue_too_large_for_ease_fails_once_the_data_stage_knows_it(tmp_p
     check_catalogue(folder, load_config(None, []))  # 300 items: fine
     with pytest.raises(ValueError, match="remove ease from eval.baselines"):
         check_catalogue(folder, load_config(None, ["eval.ease={max_items: 299}"]))
-    check_catalogue(folder, load_config(None, ["eval.ease={max_items: 299}", "eval.baselines=[popularity,sasrec]"]))
+    check_catalogue(folder, load_config(None, ["eval.ease={max_items: 299}", "eval.baselines=[popularity,sasrec]",
+                                               "guided.evaluator=[sasrec]"]))

@@ -250,7 +250,7 @@ def test_a_kept_evaluator_weight_is_published_with_its_evaluator_and_served(run_
 
 def test_guided_config_needs_a_term_to_choose():
     with pytest.raises(ValueError, match="no term to choose"):
-        load_config(None, SMALL + ["guided.penalties=[]", "guided.evaluator=none"])  # qualities are off by default
+        load_config(None, SMALL + ["guided.penalties=[]", "guided.evaluator=none", "guided.qualities=[]"])
     with pytest.raises(ValueError, match="qualities must all be > 0"):
         load_config(None, SMALL + ["guided.qualities=[0]"])
     assert load_config(None, SMALL + ["guided.penalties=[]", "guided.evaluator=none",
@@ -271,7 +271,8 @@ def test_a_prior_without_a_category_discount_or_a_quality_weight_publishes_the_s
     assert layout.repeat_penalty == 0.0 == layout.quality_weight
     assert any("as it is" in line for line in lines)
     # With the quality term off (the default) only the penalty's reason is given.
-    selection = run_guided_stage(load_config(None, SMALL + ["guided.evaluator=none"]), run_dir, **QUIET)
+    selection = run_guided_stage(load_config(None, SMALL + ["guided.evaluator=none", "guided.qualities=[]"]), run_dir,
+                                 **QUIET)
     assert selection["published_step"] == 0 and "quality" not in selection["reason"] and "c = 0" in selection["reason"]
 
 

@@ -34,7 +34,7 @@ SETTINGS = [
     "model.lora.target_modules=[q_proj, v_proj, down_proj]",
     # Synchronous, with a large step: the third batch is sampled by a policy that moved.
     "ppo.steps=3", "ppo.max_staleness=0", "ppo.lr=1e-2", "ppo.batch_size=8", "ppo.mini_batch_size=4",
-    "ppo.epochs=1", "ppo.checkpoint_every=3", "ppo.rollout_actors=2", "stage3.publish=last",
+    "ppo.epochs=1", "ppo.checkpoint_every=3", "ppo.rollout_actors=2", "stage3.publish=last", "stage3.algorithm=ppo",
 ]
 
 

@@ -17,7 +17,8 @@ from pagellm.vocab import Vocab
 
 SETTINGS = ["data.simulator.users=40", "data.simulator.items=40", "data.simulator.categories=4",
             "data.simulator.interactions_per_user=20", "model.init.n_layer=1", "model.init.n_embd=32",
-            "ppo.steps=4", "ppo.batch_size=16", "ppo.mini_batch_size=8", "ppo.epochs=1", "ppo.checkpoint_every=2"]
+            "ppo.steps=4", "ppo.batch_size=16", "ppo.mini_batch_size=8", "ppo.epochs=1", "ppo.checkpoint_every=2",
+            "stage3.algorithm=ppo"]
 
 
 @pytest.fixture(scope="module")
