@@ -33,7 +33,7 @@ from scipy import sparse
 
 from pagellm.eval.baselines import check_sequences, validation_ndcg
 from pagellm.eval.baselines.params import BASELINE_PARAMS
-from pagellm.eval.baselines.sasrec import _Threads
+from pagellm.eval.baselines.sasrec import TorchThreads
 from pagellm.eval.metrics import history_mask
 
 DEFAULTS: dict[str, Any] = BASELINE_PARAMS["lightgcn"]  # pagellm/eval/baselines/params.py
@@ -138,7 +138,7 @@ class LightGCN:
         n_epochs = p["epochs"] if validated else p["fixed_epochs"]
         self.training_log, best, best_state, stale = [], -1.0, None, 0
         batches = max(1, math.ceil(len(rows) / p["batch_size"]))
-        with _Threads(p["threads"]):
+        with TorchThreads(p["threads"]):
             for epoch in range(1, n_epochs + 1):
                 t0 = time.perf_counter()
                 total = 0.0

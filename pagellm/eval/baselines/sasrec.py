@@ -117,8 +117,9 @@ def _trim(*batches: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return tuple(b[:, first:] for b in batches)
 
 
-class _Threads:
-    """Use `n` intra-op threads inside the block, restore the previous count after."""
+class TorchThreads:
+    """Use `n` intra-op threads inside the block (None: every core this process may use),
+    restore the previous count after. SASRec and LightGCN train inside one."""
 
     def __init__(self, n: int | None) -> None:
         self.n = n or len(os.sched_getaffinity(0))
@@ -181,7 +182,7 @@ class SASRec:
         opt = torch.optim.Adam(self.net.parameters(), lr=p["lr"], betas=(0.9, 0.98))
         self.training_log = []
         best, best_state, stale = -1.0, None, 0
-        with _Threads(p["threads"]):
+        with TorchThreads(p["threads"]):
             n_epochs = p["epochs"] if val_histories is not None else p["fixed_epochs"]
             for epoch in range(1, n_epochs + 1):
                 t0 = time.perf_counter()
@@ -248,7 +249,7 @@ class SASRec:
         self.net.eval()
         out = np.empty((len(histories), self.n_items), dtype=np.float32)
         step = self.params["score_batch"]
-        with _Threads(self.params["threads"]):
+        with TorchThreads(self.params["threads"]):
             for a in range(0, len(histories), step):
                 (seqs,) = _trim(torch.from_numpy(_left_pad(histories[a : a + step], self.params["max_len"])))
                 h = self.net.encode(seqs)[:, -1]
