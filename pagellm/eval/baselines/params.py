@@ -60,7 +60,8 @@ EASE_DEFAULTS: dict[str, Any] = {
 # layers, BPR batch 2048, L2 1e-4) with the epoch chosen on validation NDCG@10, but Adam at
 # 1e-2 instead of 1e-3: small tables have a few batches per epoch, and at 1e-3 MovieLens
 # peaked at validation NDCG@10 0.035 (epoch 55) against 0.045 at 1e-2 (epoch 60); Musical
-# Instruments was level (0.0665 / 0.0658), and Beauty peaks by epoch 15 (docs/BENCHMARKS.md).
+# Instruments was level (0.0665 / 0.0658). Beauty peaks by epoch 15 at 1e-2 (0.0344) but
+# creeps past it at 1e-3 (0.0369 by epoch 200, ten times the fit; docs/BENCHMARKS.md).
 LIGHTGCN_DEFAULTS: dict[str, Any] = {
     "dim": 64,
     "layers": 3,
