@@ -19,6 +19,7 @@ import torch
 
 from pagellm.config import Config
 from pagellm.eval.baselines import make_baseline, rank, scores_of
+from pagellm.eval.baselines.params import BASELINE_PARAMS
 from pagellm.eval.metrics import (evaluate_full_ranking, evaluate_lists, expected_relevance, history_mask, hr_at_pct,
                                   random_pages, tail_items_from_counts)
 from pagellm.eval.output_cache import CACHE_DIR, OutputCache, files_key, input_key
@@ -115,7 +116,7 @@ def fitted_baseline(name: str, params: dict, es: EvalSet, seed: int, cache: Outp
     MovieLens's loss still falls steeply at epoch 20), EASE its lambda. Without one they use
     their fixed settings (`fixed_epochs`, `fixed_lambda`)."""
     torch.manual_seed(seed)
-    if name in ("sasrec", "lightgcn"):  # they seed their own init and order: one run's seed for every model
+    if "seed" in BASELINE_PARAMS[name]:  # it seeds its own init and order: one run's seed for every model
         params = {"seed": seed, **params}
     model = make_baseline(name, params if name != "popularity" else None)
     trained = hasattr(model, "restore")
