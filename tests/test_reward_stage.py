@@ -277,3 +277,72 @@ def test_heads_keep_their_own_peak_lr_under_deepspeeds_schedule():
         assert len(heads) == len(body) == 1, (heads, body)
         assert heads.pop() == pytest.approx(10 * body.pop())
     assert max(g["lr"] for g in optimizer.param_groups) < 1e-2  # decaying after the peak
+
+
+def test_split_pairs_sets_the_better_half_above_the_worse_and_skips_ties():
+    from pagellm.train.onpolicy_pairs import split_pairs
+
+    # sorted: 1, 2 | 3, 0: the best above the best of the worse half, and so on
+    assert split_pairs(np.array([0.1, 0.9, 0.5, 0.3])) == [(1, 3), (2, 0)]
+    assert split_pairs(np.array([2.0, 2.0, 1.0])) == []  # the one pair would be a tie
+    assert split_pairs(np.array([1.0, 1.0, 1.0, 1.0])) == []  # the prior sees no difference: no pair
+    assert split_pairs(np.array([3.0, 1.0, 2.0])) == [(0, 2)]  # an odd sample out
+
+
+@pytest.mark.parametrize("setting, message", [
+    (["reward.onpolicy_samples=1"], "makes no pair"),
+    (["reward.onpolicy_samples=4", "reward.page_prior=false"], "ranks the policy's pages by the page prior"),
+    (["reward.onpolicy_samples=4", "reward.heads=none"], "trains none"),
+])
+def test_onpolicy_settings_that_cannot_work_fail_at_load(setting, message):
+    from pagellm.config import load_config
+
+    with pytest.raises(ValueError, match=message):
+        load_config(None, setting)
+
+
+def test_onpolicy_pairs_rank_the_policys_own_pages_by_the_prior_and_train_the_heads(reward_run, tmp_path):
+    """`reward.onpolicy_samples`: the SFT policy's sampled pages, paired better-above-worse by
+    the page prior fitted first, are trained on and held out by user like the data pairs."""
+    import shutil
+
+    from pagellm.config import load_config
+    from pagellm.models.page_prior import PagePrior, first_item_preferences, item_categories
+    from pagellm.models.policy import load_policy
+    from pagellm.train.onpolicy_pairs import FAMILY, onpolicy_prompts, write_pairs
+    from pagellm.train.reward import ONPOLICY_FILE, run_reward_stage
+    from pagellm.vocab import PromptEncoder
+
+    folder, _ = reward_run
+    run_dir = tmp_path / "run"
+    for part in ("data", "sft"):
+        shutil.copytree(folder.root / part, run_dir / part)
+    cfg = load_config(None, SMALL + ["reward.onpolicy_samples=4", "reward.epochs=1"])
+    metrics = run_reward_stage(cfg, run_dir, log=lambda *_: None)
+    data_pairs = pd.read_parquet(run_dir / "data" / "pairs.parquet")
+    onpolicy = pd.read_parquet(run_dir / ONPOLICY_FILE)
+    prompts = onpolicy_prompts(cfg, run_dir)
+    assert set(onpolicy["family"]) == {FAMILY} and 0 < len(onpolicy) <= 2 * len(prompts)
+    assert metrics["pairs"]["train"] + metrics["pairs"]["val"] == len(data_pairs) + len(onpolicy)
+    assert metrics["val_pairs_by_family"].get(FAMILY, 0) > 0 and FAMILY in metrics["pair_accuracy"]["sum"]
+    # The prior is fitted on the data pairs alone (it ranked the others) and survives publishing.
+    prior = PagePrior.load(run_dir / "reward")
+    assert prior is not None and metrics["page_prior"]["train_pairs"] + metrics["page_prior"]["heldout_pairs"] == len(
+        data_pairs)
+
+    # Each pair: the prior values the chosen page above the rejected one; pages are written
+    # under the decoding constraints (page_len distinct items, none the prompt excluded).
+    model, tokenizer, layout = load_policy(run_dir / "sft", trainable=False)
+    encoder = PromptEncoder(tokenizer, layout)
+    ids = [encoder.encode_prompt(int(u), list(p)) for u, p in zip(onpolicy["user_index"], onpolicy["prompt"])]
+    pref = first_item_preferences(model, layout, ids)
+    cats = item_categories(run_dir / "data")
+    chosen, rejected = [list(p) for p in onpolicy["chosen"]], [list(p) for p in onpolicy["rejected"]]
+    assert (prior.score(pref, chosen, cats) > prior.score(pref, rejected, cats)).all()
+    banned = {(u, tuple(p)): set(ex) for u, p, ex in prompts}
+    for u, p, page in zip([*onpolicy["user_index"]] * 2, [*onpolicy["prompt"]] * 2, chosen + rejected):
+        assert len(page) == cfg.data.page_len == len(set(page)) and not set(page) & banned[(int(u), tuple(p))]
+
+    # Deterministic in the seed: a resumed stage rebuilds the same pairs.
+    again = write_pairs(run_dir / "sft", prompts, run_dir / "reward", cats, 4, cfg.data.page_len, cfg.seed)
+    pd.testing.assert_frame_equal(again, onpolicy)

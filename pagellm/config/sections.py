@@ -249,6 +249,30 @@ class RewardConfig(TrainCommon):
     # rating, so they overstate it (tiny: b 1.1-3.0 vs 0.5-0.75; the prior's fidelity 0.58 vs
     # 0.64, docs/BENCHMARKS.md).
     prior_quality: Literal["next_item", "pairs"] = "next_item"
+    # On-policy pairs (pagellm/train/onpolicy_pairs.py): the SFT policy writes this many pages
+    # for every user's latest prompt and training cut points, the page prior ranks them, and
+    # each page of the better half is paired above one of the worse half; the heads train on
+    # these beside the data stage's pairs. 0 = the data stage's pairs only. The pairs the data
+    # stage builds (golden page vs a corruption of it) are pages the policy never writes, and
+    # on them the heads learn "looks like the SFT policy's page": on the tiny world R ranked the
+    # policy's own samples at within-user Spearman 0.26 with the true utility; with 32 it tracks
+    # the prior it learns from (docs/BENCHMARKS.md, "On-policy pairs"). Needs reward.page_prior.
+    onpolicy_samples: int = Field(0, ge=0)
+    # Train the reward model with its backbone's dropout off (TRL's RewardConfig default):
+    # the two pages of a pair get different dropout masks, and at the tiny model's 0.3 that
+    # noise swamps the small score differences between pages the policy writes.
+    disable_dropout: bool = True
+
+    @model_validator(mode="after")
+    def _onpolicy(self) -> "RewardConfig":
+        if self.onpolicy_samples == 1:
+            raise ValueError("reward.onpolicy_samples=1 makes no pair (a better and a worse page): use 0 or >= 2")
+        if self.onpolicy_samples and not self.page_prior:
+            raise ValueError("reward.onpolicy_samples ranks the policy's pages by the page prior: "
+                             "set reward.page_prior=true")
+        if self.onpolicy_samples and self.heads == "none":
+            raise ValueError("reward.onpolicy_samples builds pairs for the heads, but reward.heads=none trains none")
+        return self
 
 
 class EvalConfig(Strict):

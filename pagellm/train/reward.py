@@ -24,12 +24,14 @@ import torch
 from torch.utils.data import Dataset
 
 from pagellm.config import Config, RewardConfig
+from pagellm.models.page_prior import PagePrior
 from pagellm.models.reward import heads_for, pad_pages, reward_model_from_policy, save_reward_model
 from pagellm.runfolder import publish_dir, write_json
 from pagellm.train.reward_loss import accuracy_by_family, multi_head_loss, pair_accuracy, pair_loglik
 from pagellm.vocab import PromptEncoder
 
 REPORT_HEADS = ("coarse", "fine", "sum")
+ONPOLICY_FILE = "reward_onpolicy_pairs.parquet"  # in the run folder, beside data/
 
 
 def user_in_validation(user_index, val_fraction: float, seed: int) -> np.ndarray:
@@ -75,6 +77,21 @@ def collate_pairs(batch, layout) -> dict[str, torch.Tensor]:
 def _split_scores(scores, n: int) -> tuple[dict, dict]:
     by_head = scores.by_head()
     return {h: s[:n] for h, s in by_head.items()}, {h: s[n:] for h, s in by_head.items()}
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Every dropout layer of `model` to p = 0 (as TRL's disable_dropout_in_model)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
+def training_pairs(data_dir: Path, onpolicy_path: str | None) -> pd.DataFrame:
+    """The data stage's pairs, and the on-policy pairs after them when the stage built some."""
+    pairs = pd.read_parquet(data_dir / "pairs.parquet")
+    if onpolicy_path is None:
+        return pairs
+    return pd.concat([pairs, pd.read_parquet(onpolicy_path)], ignore_index=True)
 
 
 def reward_step(engine, batch: dict[str, torch.Tensor]):
@@ -147,8 +164,10 @@ def _train_loop(config: dict) -> None:
     model, tokenizer, layout = reward_model_from_policy(
         config["sft_dir"], heads_for(train_cfg.heads), cfg.model, slots=cfg.data.page_len,
         logit_term=train_cfg.logit_term)
+    if train_cfg.disable_dropout:
+        disable_dropout(model)
     encoder = PromptEncoder(tokenizer, layout)
-    pairs = pd.read_parquet(Path(config["data_dir"]) / "pairs.parquet")
+    pairs = training_pairs(Path(config["data_dir"]), config.get("onpolicy_path"))
     val = user_in_validation(pairs["user_index"], train_cfg.val_fraction, cfg.seed)
     train_rows, val_rows = pair_rows(encoder, pairs[~val]), pair_rows(encoder, pairs[val])
     rows = train_rows + val_rows
@@ -294,6 +313,33 @@ def prior_only_stage(cfg: Config, run_dir: Path, pairs: pd.DataFrame, val: np.nd
     return metrics
 
 
+def build_onpolicy_pairs(cfg: Config, run_dir: Path, log=print) -> pd.DataFrame:
+    """`reward.onpolicy_samples` pages per prompt from the SFT policy, ranked by the prior just
+    fitted into <run>/reward, as pairs; written to <run>/ONPOLICY_FILE (the training workers
+    read it). Rebuilt on every call: the same seed and SFT policy give the same pairs, so a
+    resumed stage trains on what the interrupted one did."""
+    import time
+
+    from pagellm.models.page_prior import item_categories
+    from pagellm.train.harness import in_worker
+    from pagellm.train.onpolicy_pairs import onpolicy_prompts, write_pairs
+
+    t0 = time.perf_counter()
+    prompts = onpolicy_prompts(cfg, run_dir)
+    onpolicy = in_worker(write_pairs, (run_dir / "sft").resolve(), prompts, (run_dir / "reward").resolve(),
+                         item_categories(run_dir / "data"), cfg.reward.onpolicy_samples, cfg.data.page_len,
+                         cfg.seed)
+    if onpolicy.empty:
+        raise ValueError(f"reward.onpolicy_samples={cfg.reward.onpolicy_samples}: the prior ranked every "
+                         f"sampled page of {len(prompts):,} prompts alike, no on-policy pair")
+    tmp = run_dir / (ONPOLICY_FILE + ".tmp")
+    onpolicy.to_parquet(tmp)
+    tmp.replace(run_dir / ONPOLICY_FILE)  # atomic: a worker never reads half a file
+    log(f"[reward] on-policy pairs: {cfg.reward.onpolicy_samples} pages x {len(prompts):,} prompts -> "
+        f"{len(onpolicy):,} pairs ranked by the page prior ({time.perf_counter() - t0:.0f}s)")
+    return onpolicy
+
+
 def run_reward_stage(cfg: Config, run_dir: Path, log=print) -> dict:
     """Train (or resume) the reward model; writes <run>/reward/ and its metrics."""
     from pagellm.train.harness import fit, in_worker
@@ -312,10 +358,20 @@ def run_reward_stage(cfg: Config, run_dir: Path, log=print) -> dict:
                          f"validation ({pairs['user_index'].nunique()} users with pairs); change it")
     if rc.heads == "none":
         return prior_only_stage(cfg, run_dir, pairs, val, log)
-    log(f"[reward] heads {rc.heads}: {int((~val).sum())} train / {int(val.sum())} held-out pairs, "
-        f"{rc.epochs} epoch(s), {rc.workers} worker(s), ZeRO-{rc.zero_stage}")
+    # The prior first: on-policy pairs are ranked by it. Publishing the heads replaces
+    # out_dir, so the fitted prior is saved again after that.
+    out_dir.mkdir(parents=True, exist_ok=True)
+    prior_stats = fit_prior(cfg, run_dir, pairs, val, log) if rc.page_prior else None
+    prior = PagePrior.load(out_dir) if rc.page_prior else None
     loop_config = {"cfg": cfg.model_dump(mode="json"), "data_dir": str(data_dir.resolve()),
                    "sft_dir": str(sft_dir.resolve())}
+    if rc.onpolicy_samples:
+        onpolicy = build_onpolicy_pairs(cfg, run_dir, log)
+        loop_config["onpolicy_path"] = str((run_dir / ONPOLICY_FILE).resolve())
+        pairs = pd.concat([pairs, onpolicy], ignore_index=True)
+        val = user_in_validation(pairs["user_index"], rc.val_fraction, cfg.seed)
+    log(f"[reward] heads {rc.heads}: {int((~val).sum())} train / {int(val.sum())} held-out pairs, "
+        f"{rc.epochs} epoch(s), {rc.workers} worker(s), ZeRO-{rc.zero_stage}")
     # One Ray Train run per head set: an ablation must not resume the other heads' checkpoint.
     name = "reward" if rc.heads == "sum" else f"reward_{rc.heads}"
     result = fit(_train_loop, loop_config, rc, run_dir, name=name, checkpoint_score=("val_loglik", "max"))
@@ -339,8 +395,9 @@ def run_reward_stage(cfg: Config, run_dir: Path, log=print) -> dict:
         "history": history,
         "checkpoint": result.best_checkpoint_path,
     }
-    if rc.page_prior:  # before metrics.json, which marks the stage done
-        metrics["page_prior"] = fit_prior(cfg, run_dir, pairs, val, log)
+    if prior is not None:  # before metrics.json, which marks the stage done
+        prior.save(out_dir, {"fit": prior_stats})
+        metrics["page_prior"] = prior_stats
     write_json(out_dir / "metrics.json", metrics)
     plot_accuracy(metrics["pair_accuracy"], out_dir / "accuracy_by_family.png")
     write_report(metrics, out_dir / "report.md")
