@@ -39,12 +39,14 @@ def split_pairs(values: np.ndarray) -> list[tuple[int, int]]:
 
 
 def write_pairs(sft_dir: Path, prompt_rows: list[tuple[int, list[int], list[int]]], prior_dir: Path,
-                item_cat: np.ndarray, samples: int, page_len: int, seed: int, batch_prompts: int = 32) -> pd.DataFrame:
+                item_cat: np.ndarray, samples: int, page_len: int, seed: int, device: str = "cpu",
+                batch_prompts: int = 32) -> pd.DataFrame:
     """The pairs of `prompt_rows` = [(user, prompt items, excluded items)]: `samples` sampled
     pages each (constrained, temperature 1, as PPO's rollouts), ranked by the page prior in
-    `prior_dir`. Columns as the data stage's pairs.parquet, family "onpolicy". Deterministic
-    in `seed`, so a resumed reward stage trains on the same pairs. Runs where it is called
-    (the reward stage calls it in a worker that exits after)."""
+    `prior_dir`. Columns as the data stage's pairs.parquet, family "onpolicy", `window` the
+    prompt's row in `prompt_rows`. Deterministic in `seed` on one device, so a resumed reward
+    stage trains on the same pairs. Runs where it is called (the reward stage calls it in a
+    worker that exits after)."""
     import torch
 
     from pagellm.models.decoding import generate_pages
@@ -55,10 +57,10 @@ def write_pairs(sft_dir: Path, prompt_rows: list[tuple[int, list[int], list[int]
     prior = PagePrior.load(prior_dir)
     if prior is None:
         raise FileNotFoundError(f"{prior_dir}: no page prior to rank on-policy pages with")
-    model, tokenizer, layout = load_policy(sft_dir, trainable=False)
+    model, tokenizer, layout = load_policy(sft_dir, trainable=False, device=device)
     model.eval()
     encoder = PromptEncoder(tokenizer, layout)
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator(device=device).manual_seed(seed)
     out: dict[str, list] = {c: [] for c in _COLUMNS}
     for start in range(0, len(prompt_rows), batch_prompts):
         chunk = prompt_rows[start : start + batch_prompts]

@@ -328,7 +328,7 @@ def build_onpolicy_pairs(cfg: Config, run_dir: Path, log=print) -> pd.DataFrame:
     prompts = onpolicy_prompts(cfg, run_dir)
     onpolicy = in_worker(write_pairs, (run_dir / "sft").resolve(), prompts, (run_dir / "reward").resolve(),
                          item_categories(run_dir / "data"), cfg.reward.onpolicy_samples, cfg.data.page_len,
-                         cfg.seed)
+                         cfg.seed, "cuda" if cfg.reward.use_gpu else "cpu", gpus=int(cfg.reward.use_gpu))
     if onpolicy.empty:
         raise ValueError(f"reward.onpolicy_samples={cfg.reward.onpolicy_samples}: the prior ranked every "
                          f"sampled page of {len(prompts):,} prompts alike, no on-policy pair")
