@@ -61,7 +61,7 @@ def write_pairs(sft_dir: Path, prompt_rows: list[tuple[int, list[int], list[int]
     model.eval()
     encoder = PromptEncoder(tokenizer, layout)
     generator = torch.Generator(device=device).manual_seed(seed)
-    out: dict[str, list] = {c: [] for c in _COLUMNS}
+    rows = []
     for start in range(0, len(prompt_rows), batch_prompts):
         chunk = prompt_rows[start : start + batch_prompts]
         prompts = [encoder.encode_prompt(u, p) for u, p, _ in chunk for _ in range(samples)]
@@ -72,11 +72,9 @@ def write_pairs(sft_dir: Path, prompt_rows: list[tuple[int, list[int], list[int]
         values = prior.score(first_item_preferences(model, layout, prompts), pages, item_cat)
         for n, (user, items, _) in enumerate(chunk):
             own = pages[n * samples : (n + 1) * samples]
-            for better, worse in split_pairs(values[n * samples : (n + 1) * samples]):
-                for column, value in zip(_COLUMNS, (user, start + n, FAMILY, list(items), list(own[better]),
-                                                    list(own[worse]), 0)):
-                    out[column].append(value)
-    return pd.DataFrame(out)
+            rows += [(user, start + n, FAMILY, list(items), list(own[better]), list(own[worse]), 0)
+                     for better, worse in split_pairs(values[n * samples : (n + 1) * samples])]
+    return pd.DataFrame(rows, columns=_COLUMNS)
 
 
 def onpolicy_prompts(cfg, run_dir: Path) -> list[tuple[int, list[int], list[int]]]:

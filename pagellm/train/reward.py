@@ -313,10 +313,10 @@ def prior_only_stage(cfg: Config, run_dir: Path, pairs: pd.DataFrame, val: np.nd
     return metrics
 
 
-def build_onpolicy_pairs(cfg: Config, run_dir: Path, log=print) -> pd.DataFrame:
+def build_onpolicy_pairs(cfg: Config, run_dir: Path, log=print) -> Path:
     """`reward.onpolicy_samples` pages per prompt from the SFT policy, ranked by the prior just
     fitted into <run>/reward, as pairs; written to <run>/ONPOLICY_FILE (the training workers
-    read it). Rebuilt on every call: the same seed and SFT policy give the same pairs, so a
+    read it), whose path is returned. Rebuilt on every call: the same seed and SFT policy give the same pairs, so a
     resumed stage trains on what the interrupted one did."""
     import time
 
@@ -337,7 +337,7 @@ def build_onpolicy_pairs(cfg: Config, run_dir: Path, log=print) -> pd.DataFrame:
     tmp.replace(run_dir / ONPOLICY_FILE)  # atomic: a worker never reads half a file
     log(f"[reward] on-policy pairs: {cfg.reward.onpolicy_samples} pages x {len(prompts):,} prompts -> "
         f"{len(onpolicy):,} pairs ranked by the page prior ({time.perf_counter() - t0:.0f}s)")
-    return onpolicy
+    return (run_dir / ONPOLICY_FILE).resolve()
 
 
 def run_reward_stage(cfg: Config, run_dir: Path, log=print) -> dict:
@@ -366,9 +366,9 @@ def run_reward_stage(cfg: Config, run_dir: Path, log=print) -> dict:
     loop_config = {"cfg": cfg.model_dump(mode="json"), "data_dir": str(data_dir.resolve()),
                    "sft_dir": str(sft_dir.resolve())}
     if rc.onpolicy_samples:
-        onpolicy = build_onpolicy_pairs(cfg, run_dir, log)
-        loop_config["onpolicy_path"] = str((run_dir / ONPOLICY_FILE).resolve())
-        pairs = pd.concat([pairs, onpolicy], ignore_index=True)
+        loop_config["onpolicy_path"] = str(build_onpolicy_pairs(cfg, run_dir, log))
+        # What the workers train on, by the same function: held-out metrics cover the same pairs.
+        pairs = training_pairs(data_dir, loop_config["onpolicy_path"])
         val = user_in_validation(pairs["user_index"], rc.val_fraction, cfg.seed)
     log(f"[reward] heads {rc.heads}: {int((~val).sum())} train / {int(val.sum())} held-out pairs, "
         f"{rc.epochs} epoch(s), {rc.workers} worker(s), ZeRO-{rc.zero_stage}")
