@@ -42,7 +42,8 @@ NODE_START_TIMEOUT_S = 180
 PIPELINE_SETTINGS = [
     "data.simulator.users=80", "data.simulator.items=60", "data.simulator.categories=6",
     "data.simulator.interactions_per_user=20", "data.sft_windows=1",
-    "sft.meta_epochs=1", "sft.epochs=1", "reward.epochs=1", "ppo.steps=2", "ppo.batch_size=16", "ppo.mini_batch_size=8",
+    "sft.meta_epochs=1", "sft.epochs=1", "reward.epochs=1", "reward.onpolicy_samples=8",
+    "ppo.steps=2", "ppo.batch_size=16", "ppo.mini_batch_size=8",
     "ppo.epochs=1", "ppo.checkpoint_every=1", "stage3.publish=last", "eval.list_len=20", "eval.max_users=40",
     "eval.baselines=[popularity]", "stage3.algorithm=ppo",  # the actor-based RL loop on a real cluster
 ]

@@ -20,7 +20,8 @@ from pagellm.models.reward import (
 )
 from pagellm.models.reward_scorer import RewardScorer
 from pagellm.train.engine import weight_decay_groups
-from pagellm.train.reward_loss import accuracy_by_family, bradley_terry_loss, multi_head_loss, pair_accuracy
+from pagellm.train.reward_loss import (accuracy_by_family, bradley_terry_loss, multi_head_loss, pair_accuracy,
+                                       pair_losses)
 from pagellm.vocab import PromptEncoder, Vocab
 
 GPT2 = {"n_layer": 1, "n_embd": 16, "n_head": 2, "n_positions": 64}
@@ -72,6 +73,22 @@ def test_multi_head_loss_sums_each_head_and_reports_accuracy():
     assert extras["acc_sum"] == 1.0  # sums: 1 > 0 and 3 > 1
     with pytest.raises(ValueError, match="heads differ"):
         multi_head_loss({"coarse": torch.zeros(1)}, {"fine": torch.zeros(1)})
+
+
+def test_a_pair_with_a_margin_regresses_it_and_one_without_keeps_bradley_terry():
+    chosen = torch.tensor([2.0, 1.0, 0.5], requires_grad=True)
+    rejected = torch.tensor([0.0, 0.0, 0.0])
+    margin = torch.tensor([float("nan"), 3.0, 0.5])
+    losses = pair_losses(chosen, rejected, margin)
+    # -log σ(2); ½ (1 - 3)²; ½ (0.5 - 0.5)²
+    assert losses.tolist() == pytest.approx([math.log1p(math.exp(-2.0)), 2.0, 0.0], abs=1e-6)
+    losses.sum().backward()
+    # A pair short of its margin is pulled up, one at its margin not at all (BT would still push it).
+    assert chosen.grad.tolist() == pytest.approx([-(1 - 1 / (1 + math.exp(-2.0))), -2.0, 0.0], abs=1e-6)
+    assert pair_losses(chosen, rejected).tolist() == pytest.approx(
+        [-math.log(1 / (1 + math.exp(-d))) for d in (2.0, 1.0, 0.5)], abs=1e-6)  # no margins: BT
+    loss, _ = multi_head_loss({"coarse": chosen}, {"coarse": rejected}, margin)
+    assert loss.item() == pytest.approx(losses.mean().item())
 
 
 def test_accuracy_by_family():

@@ -16,7 +16,8 @@ from pagellm.train.reward import heldout_metrics, user_in_validation
 SMALL = ["data.simulator.users=60", "data.simulator.items=80", "data.simulator.categories=5",
          "data.simulator.interactions_per_user=30", "data.sft_windows=2",
          "model.init={n_layer: 1, n_embd: 16, n_head: 2, n_positions: 96}",
-         "reward.epochs=2", "reward.batch_size=16", "reward.lr=3e-3", "reward.val_fraction=0.25", "reward.log_every=50"]
+         "reward.epochs=2", "reward.batch_size=16", "reward.lr=3e-3", "reward.val_fraction=0.25", "reward.log_every=50",
+         "reward.onpolicy_samples=0"]  # the data pairs alone here; the on-policy test sets its own S
 METRIC_KEYS = {"pair_accuracy", "score_variance", "val_loglik", "pairs", "epochs_run"}
 
 
@@ -239,15 +240,17 @@ def test_heads_none_fits_the_prior_alone_and_fidelity_measures_it(reward_run, tm
 def test_heads_none_is_refused_where_a_stage_reads_the_heads():
     from pagellm.config import load_config
 
+    none = ["reward.heads=none", "reward.onpolicy_samples=0"]  # the tiny default builds on-policy pairs for heads
+
     with pytest.raises(ValueError, match="set reward.page_prior=true"):
-        load_config(None, ["reward.heads=none", "reward.page_prior=false", "stage3.algorithm=none"])
+        load_config(None, [*none, "reward.page_prior=false", "stage3.algorithm=none"])
     with pytest.raises(ValueError, match="trains none"):
-        load_config(None, ["reward.heads=none", "stage3.algorithm=ppo"])  # PPO reads R by default
+        load_config(None, [*none, "stage3.algorithm=ppo"])  # PPO reads R by default
     with pytest.raises(ValueError, match="trains none"):
-        load_config(None, ["reward.heads=none", "stage3.algorithm=dpo", "dpo.on_policy=true", "dpo.ranker=reward"])
+        load_config(None, [*none, "stage3.algorithm=dpo", "dpo.on_policy=true", "dpo.ranker=reward"])
     for ok in (["stage3.algorithm=guided"], ["stage3.algorithm=ppo", "ppo.model_reward_weight=0",
                                              "ppo.prior_reward_weight=1"]):
-        assert load_config(None, ["reward.heads=none", *ok]).reward.heads == "none"
+        assert load_config(None, [*none, *ok]).reward.heads == "none"
 
 
 def test_heads_keep_their_own_peak_lr_under_deepspeeds_schedule():
@@ -279,14 +282,17 @@ def test_heads_keep_their_own_peak_lr_under_deepspeeds_schedule():
     assert max(g["lr"] for g in optimizer.param_groups) < 1e-2  # decaying after the peak
 
 
-def test_split_pairs_sets_the_better_half_above_the_worse_and_skips_ties():
-    from pagellm.train.onpolicy_pairs import split_pairs
+def test_sample_pairs_are_disjoint_better_first_with_their_margin_and_skip_ties():
+    from pagellm.train.onpolicy_pairs import sample_pairs
 
-    # sorted: 1, 2 | 3, 0: the best above the best of the worse half, and so on
-    assert split_pairs(np.array([0.1, 0.9, 0.5, 0.3])) == [(1, 3), (2, 0)]
-    assert split_pairs(np.array([2.0, 2.0, 1.0])) == []  # the one pair would be a tie
-    assert split_pairs(np.array([1.0, 1.0, 1.0, 1.0])) == []  # the prior sees no difference: no pair
-    assert split_pairs(np.array([3.0, 1.0, 2.0])) == [(0, 2)]  # an odd sample out
+    values = np.array([0.1, 0.9, 0.5, 0.3, 0.7, 0.2, 0.4])
+    pairs = sample_pairs(values, np.random.default_rng(0))
+    used = [i for a, b, _ in pairs for i in (a, b)]
+    assert len(pairs) == 3 and len(set(used)) == 6  # every sample in at most one pair; one left over
+    for better, worse, margin in pairs:
+        assert values[better] > values[worse] and margin == pytest.approx(values[better] - values[worse])
+    assert sample_pairs(values, np.random.default_rng(0)) == pairs  # seeded
+    assert sample_pairs(np.array([1.0, 1.0, 1.0, 1.0]), np.random.default_rng(0)) == []  # ties: no pair
 
 
 @pytest.mark.parametrize("setting, message", [
@@ -303,7 +309,8 @@ def test_onpolicy_settings_that_cannot_work_fail_at_load(setting, message):
 
 def test_onpolicy_pairs_rank_the_policys_own_pages_by_the_prior_and_train_the_heads(reward_run, tmp_path):
     """`reward.onpolicy_samples`: the SFT policy's sampled pages, paired better-above-worse by
-    the page prior fitted first, are trained on and held out by user like the data pairs."""
+    the page prior fitted first, with its margin, are trained on and held out by user like the
+    data pairs."""
     import shutil
 
     from pagellm.config import load_config
@@ -339,6 +346,9 @@ def test_onpolicy_pairs_rank_the_policys_own_pages_by_the_prior_and_train_the_he
     cats = item_categories(run_dir / "data")
     chosen, rejected = [list(p) for p in onpolicy["chosen"]], [list(p) for p in onpolicy["rejected"]]
     assert (prior.score(pref, chosen, cats) > prior.score(pref, rejected, cats)).all()
+    # ... and the pair's margin is that difference, the target the heads regress.
+    np.testing.assert_allclose(onpolicy["margin"], prior.score(pref, chosen, cats) - prior.score(pref, rejected, cats),
+                               rtol=1e-4, atol=1e-4)
     banned = {(u, tuple(p)): set(ex) for u, p, ex in prompts}
     for u, p, page in zip([*onpolicy["user_index"]] * 2, [*onpolicy["prompt"]] * 2, chosen + rejected):
         assert len(page) == cfg.data.page_len == len(set(page)) and not set(page) & banned[(int(u), tuple(p))]

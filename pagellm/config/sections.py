@@ -250,14 +250,14 @@ class RewardConfig(TrainCommon):
     # 0.64, docs/BENCHMARKS.md).
     prior_quality: Literal["next_item", "pairs"] = "next_item"
     # On-policy pairs (pagellm/train/onpolicy_pairs.py): the SFT policy writes this many pages
-    # for every user's latest prompt and training cut points, the page prior ranks them, and
-    # each page of the better half is paired above one of the worse half; the heads train on
-    # these beside the data stage's pairs. 0 = the data stage's pairs only. The pairs the data
-    # stage builds (golden page vs a corruption of it) are pages the policy never writes, and
-    # on them the heads learn "looks like the SFT policy's page": on the tiny world R ranked the
-    # policy's own samples at within-user Spearman 0.26 with the true utility; with 128, 0.62
-    # (3 seeds; the prior it learns from 0.68; docs/BENCHMARKS.md, "On-policy pairs"), at ~10x
-    # the stage's time. Needs reward.page_prior.
+    # for every user's latest prompt and training cut points, the page prior scores them, and
+    # they are paired at random, each pair with the prior's score difference as the margin the
+    # heads regress; the heads train on these beside the data stage's pairs. 0 = the data
+    # stage's pairs only. The pairs the data stage builds (golden page vs a corruption of it)
+    # are pages the policy never writes, and on them the heads learn "looks like the SFT
+    # policy's page": on the tiny world R ranked the policy's own samples at within-user
+    # Spearman 0.26 with the true utility; with 128, ~0.6 (the prior it learns from 0.68;
+    # docs/BENCHMARKS.md, "On-policy pairs"), at ~10x the stage's time. Needs reward.page_prior.
     onpolicy_samples: int = Field(0, ge=0)
     # Train the reward model with its backbone's dropout off (TRL's RewardConfig default):
     # the two pages of a pair get different dropout masks, and at the tiny model's 0.3 that

@@ -41,17 +41,10 @@ def collate_pairs(pairs: list[dict], encoder: PromptEncoder, pad) -> dict:
             "chosen_items": torch.tensor([len(p["chosen"]) for p in pairs])}
 
 
-def _no_dropout(model) -> None:
-    """The reference log-probs were taken without dropout; with it, the policy's margin at
-    step 0 would be noise instead of 0 (TRL's DPO trainer drops it for the same reason)."""
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-
-
 def _train_loop(config: dict) -> None:
     """One Ray Train worker."""
-    from pagellm.train.engine import build_engine, micro_batch_size, setup_distributed_for_deepspeed
+    from pagellm.train.engine import (build_engine, disable_dropout, micro_batch_size,
+                                      setup_distributed_for_deepspeed)
     from pagellm.train.harness import distributed_loader, patience_exhausted, run_epochs
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -62,7 +55,9 @@ def _train_loop(config: dict) -> None:
 
     torch.manual_seed(cfg.seed)
     model, tokenizer, layout = load_policy(config["init_dir"], cfg.model, trainable=True)
-    _no_dropout(model)
+    # The reference log-probs were taken without dropout; with it, the margin at step 0
+    # would be noise instead of 0 (TRL's DPO trainer drops it for the same reason).
+    disable_dropout(model)
     encoder = PromptEncoder(tokenizer, layout)
     probe = RankingProbe.from_data(Path(config["data_dir"]), encoder, cfg.data.page_len, train_cfg.val_users,
                                   part="stage3")

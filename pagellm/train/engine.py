@@ -124,6 +124,13 @@ def weight_decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dic
     return [g for g in groups if g["params"]]
 
 
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Every dropout layer of `model` to p = 0 (as TRL's disable_dropout_in_model)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
 def build_engine(
     model: torch.nn.Module,
     params: Iterable[Any] | None,

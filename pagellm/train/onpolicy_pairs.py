@@ -4,10 +4,10 @@ The data stage's pairs set a golden page against a corruption of it. Neither is 
 SFT policy writes, and stage 3 asks the reward one thing only: which of the pages this
 policy writes for a user is better. Trained on the golden pairs alone the heads answer
 "which looks more like what the policy writes" (docs/BENCHMARKS.md, reward fidelity). So the
-policy writes S pages for each prompt, the page prior (fitted on training data only) ranks
-them, and the better half is paired above the worse half: the heads learn the prior's
-judgement on the policy's own pages, and can carry it where the prior cannot go (the prompt's
-whole sequence, any page, serving's /v1/score).
+policy writes S pages for each prompt, the page prior (fitted on training data only) scores
+them, and they are paired at random, each pair carrying the prior's score difference as its
+margin: the heads learn the prior's judgement on the policy's own pages, and can carry it where
+the prior cannot go (the prompt's whole sequence, any page, serving's /v1/score).
 
 Prompts: every user's latest training positives (as evaluation and serving write for) and
 the SFT cut points of their training history (`pagellm.rl.prompts.prompt_rows`). No
@@ -16,35 +16,43 @@ validation or test item is read; the simulator's truth never is.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 FAMILY = "onpolicy"
-_COLUMNS = ["user_index", "window", "family", "prompt", "chosen", "rejected", "filled"]
+_COLUMNS = ["user_index", "window", "family", "prompt", "chosen", "rejected", "filled", "margin"]
 
 
-def split_pairs(values: np.ndarray) -> list[tuple[int, int]]:
-    """Pairs (better, worse) of sample indices: the samples sorted by value (stable), the i-th
-    of the better half above the i-th of the worse half; a tie makes no pair.
+def sample_pairs(values: np.ndarray, rng: np.random.Generator) -> list[tuple[int, int, float]]:
+    """Disjoint random pairs (better, worse, value difference) of sample indices: the
+    samples shuffled and taken two by two, the higher value first; a tie makes no pair.
 
-    Why halves and not all S(S-1)/2 pairs: each sample is in one pair, so no page's score is
-    fitted many times over, and the pairs' margins run from the widest (best vs middle) to
-    the narrowest, as the differences between a policy's pages do."""
+    Why random pairs with their margin, and not "the better half above the worse half"
+    (session 30): every sample is in one pair, so no page's score is fitted many times
+    over; the margins run from nearly equal pages to the widest, as the differences
+    between a policy's pages do; and the heads regress each margin (`pair_losses`), so
+    they learn how much better a page is. Halves with Bradley–Terry's hard target taught
+    only "which side of the median" (docs/BENCHMARKS.md, "On-policy pairs")."""
     values = np.asarray(values, dtype=np.float64)
-    order = np.argsort(-values, kind="stable")
-    half = len(order) // 2
-    return [(int(a), int(b)) for a, b in zip(order[:half], order[half : 2 * half]) if values[a] > values[b]]
+    order = rng.permutation(len(values))
+    pairs = []
+    for a, b in zip(order[0::2], order[1::2]):
+        if values[a] != values[b]:
+            better, worse = (a, b) if values[a] > values[b] else (b, a)
+            pairs.append((int(better), int(worse), float(values[better] - values[worse])))
+    return pairs
 
 
 def write_pairs(sft_dir: Path, prompt_rows: list[tuple[int, list[int], list[int]]], prior_dir: Path,
                 item_cat: np.ndarray, samples: int, page_len: int, seed: int, device: str = "cpu",
-                batch_prompts: int = 32) -> pd.DataFrame:
+                batch_prompts: int = 32, progress_every: int = 10) -> pd.DataFrame:
     """The pairs of `prompt_rows` = [(user, prompt items, excluded items)]: `samples` sampled
     pages each (constrained, temperature 1, as PPO's rollouts), ranked by the page prior in
     `prior_dir`. Columns as the data stage's pairs.parquet, family "onpolicy", `window` the
-    prompt's row in `prompt_rows`. Deterministic in `seed` on one device, so a resumed reward
+    prompt's row in `prompt_rows`, plus `margin`, the prior's R_p(chosen) − R_p(rejected). Deterministic in `seed` on one device, so a resumed reward
     stage trains on the same pairs. Runs where it is called (the reward stage calls it in a
     worker that exits after)."""
     import torch
@@ -61,8 +69,13 @@ def write_pairs(sft_dir: Path, prompt_rows: list[tuple[int, list[int], list[int]
     model.eval()
     encoder = PromptEncoder(tokenizer, layout)
     generator = torch.Generator(device=device).manual_seed(seed)
+    rng = np.random.default_rng(seed)  # the pairing: CPU-side, the same on every device
     rows = []
-    for start in range(0, len(prompt_rows), batch_prompts):
+    t0 = time.perf_counter()
+    for batch_no, start in enumerate(range(0, len(prompt_rows), batch_prompts)):
+        if batch_no % progress_every == 0:  # a worker's prints reach the driver's log
+            print(f"[reward] on-policy pages: {start:,}/{len(prompt_rows):,} prompts x {samples} "
+                  f"({time.perf_counter() - t0:.0f}s)", flush=True)
         chunk = prompt_rows[start : start + batch_prompts]
         prompts = [encoder.encode_prompt(u, p) for u, p, _ in chunk for _ in range(samples)]
         with torch.inference_mode():
@@ -72,8 +85,8 @@ def write_pairs(sft_dir: Path, prompt_rows: list[tuple[int, list[int], list[int]
         values = prior.score(first_item_preferences(model, layout, prompts), pages, item_cat)
         for n, (user, items, _) in enumerate(chunk):
             own = pages[n * samples : (n + 1) * samples]
-            rows += [(user, start + n, FAMILY, list(items), list(own[better]), list(own[worse]), 0)
-                     for better, worse in split_pairs(values[n * samples : (n + 1) * samples])]
+            rows += [(user, start + n, FAMILY, list(items), list(own[better]), list(own[worse]), 0, margin)
+                     for better, worse, margin in sample_pairs(values[n * samples : (n + 1) * samples], rng)]
     return pd.DataFrame(rows, columns=_COLUMNS)
 
 

@@ -47,9 +47,9 @@ def user_in_validation(user_index, val_fraction: float, seed: int) -> np.ndarray
 
 
 class PairRows(Dataset):
-    """(prompt_ids, chosen_page_ids, rejected_page_ids) per pair; page ids end with eos."""
+    """(prompt_ids, chosen_page_ids, rejected_page_ids, margin) per pair; page ids end with eos."""
 
-    def __init__(self, rows: list[tuple[list[int], list[int], list[int]]], what: str):
+    def __init__(self, rows: list[tuple[list[int], list[int], list[int], float]], what: str):
         if not rows:
             raise ValueError(f"no {what} pairs: the data stage built none, or the user split left this side empty")
         self.rows = rows
@@ -61,29 +61,24 @@ class PairRows(Dataset):
         return self.rows[i]
 
 
-def pair_rows(encoder: PromptEncoder, pairs: pd.DataFrame) -> list[tuple[list[int], list[int], list[int]]]:
+def pair_rows(encoder: PromptEncoder, pairs: pd.DataFrame) -> list[tuple[list[int], list[int], list[int], float]]:
+    """Token rows of `pairs`; margin NaN where the pair has none (the data stage's pairs)."""
+    margins = pairs["margin"] if "margin" in pairs else [float("nan")] * len(pairs)
     return [
-        (encoder.encode_prompt(int(u), p), encoder.encode_page(c), encoder.encode_page(r))
-        for u, p, c, r in zip(pairs["user_index"], pairs["prompt"], pairs["chosen"], pairs["rejected"])
+        (encoder.encode_prompt(int(u), p), encoder.encode_page(c), encoder.encode_page(r), float(m))
+        for u, p, c, r, m in zip(pairs["user_index"], pairs["prompt"], pairs["chosen"], pairs["rejected"], margins)
     ]
 
 
 def collate_pairs(batch, layout) -> dict[str, torch.Tensor]:
-    """B pairs -> 2B right-padded rows: chosen pages first, then rejected pages."""
-    rows = [(p, c) for p, c, _ in batch] + [(p, r) for p, _, r in batch]
-    return pad_pages(rows, layout)
+    """B pairs -> 2B right-padded rows: chosen pages first, then rejected pages; and the B margins."""
+    rows = [(p, c) for p, c, _, _ in batch] + [(p, r) for p, _, r, _ in batch]
+    return {**pad_pages(rows, layout), "margin": torch.tensor([m for *_, m in batch], dtype=torch.float32)}
 
 
 def _split_scores(scores, n: int) -> tuple[dict, dict]:
     by_head = scores.by_head()
     return {h: s[:n] for h, s in by_head.items()}, {h: s[n:] for h, s in by_head.items()}
-
-
-def disable_dropout(model: torch.nn.Module) -> None:
-    """Every dropout layer of `model` to p = 0 (as TRL's disable_dropout_in_model)."""
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
 
 
 def training_pairs(data_dir: Path, onpolicy_path: str | None) -> pd.DataFrame:
@@ -94,22 +89,27 @@ def training_pairs(data_dir: Path, onpolicy_path: str | None) -> pd.DataFrame:
     return pd.concat([pairs, pd.read_parquet(onpolicy_path)], ignore_index=True)
 
 
-def reward_step(engine, batch: dict[str, torch.Tensor]):
+def _pair_scores(engine, batch: dict[str, torch.Tensor]) -> tuple[dict, dict, torch.Tensor]:
+    """Each head's chosen and rejected scores of a collated batch, and its margins."""
     batch = {k: v.to(engine.device) for k, v in batch.items()}
-    chosen, rejected = _split_scores(engine(**batch), batch["input_ids"].shape[0] // 2)
-    return multi_head_loss(chosen, rejected)
+    margin = batch.pop("margin")
+    chosen, rejected = _split_scores(engine(**batch), margin.shape[0])
+    return chosen, rejected, margin
+
+
+def reward_step(engine, batch: dict[str, torch.Tensor]):
+    return multi_head_loss(*_pair_scores(engine, batch))
 
 
 def evaluate_pairs(engine, loader) -> dict[str, float]:
-    """Pair-weighted means over this rank's validation shard: BT loss, log-likelihood of
-    R = Σ enabled heads, and accuracy per head."""
+    """Pair-weighted means over this rank's validation shard: the training loss, the
+    Bradley–Terry log-likelihood of R = Σ enabled heads, and accuracy per head."""
     sums: dict[str, float] = {}
     n_total = 0
     for batch in loader:
-        batch = {k: v.to(engine.device) for k, v in batch.items()}
-        n = batch["input_ids"].shape[0] // 2
-        chosen, rejected = _split_scores(engine(**batch), n)
-        loss, extras = multi_head_loss(chosen, rejected)
+        chosen, rejected, margin = _pair_scores(engine, batch)
+        n = margin.shape[0]
+        loss, extras = multi_head_loss(chosen, rejected, margin)
         total_c, total_r = sum(chosen.values()), sum(rejected.values())
         values = {"loss": float(loss), "loglik": float(pair_loglik(total_c, total_r).mean()), **extras}
         for key, value in values.items():
@@ -154,7 +154,8 @@ def _train_loop(config: dict) -> None:
     import torch.distributed as dist
 
     from pagellm.models.positions import check_context
-    from pagellm.train.engine import build_engine, micro_batch_size, setup_distributed_for_deepspeed
+    from pagellm.train.engine import (build_engine, disable_dropout, micro_batch_size,
+                                      setup_distributed_for_deepspeed)
     from pagellm.train.harness import distributed_loader, patience_exhausted, run_epochs
 
     cfg = Config.model_validate(config["cfg"])
@@ -171,7 +172,7 @@ def _train_loop(config: dict) -> None:
     val = user_in_validation(pairs["user_index"], train_cfg.val_fraction, cfg.seed)
     train_rows, val_rows = pair_rows(encoder, pairs[~val]), pair_rows(encoder, pairs[val])
     rows = train_rows + val_rows
-    check_context(model.policy, max(len(p) for p, _, _ in rows), max(max(len(c), len(r)) for _, c, r in rows))
+    check_context(model.policy, max(len(p) for p, *_ in rows), max(max(len(c), len(r)) for _, c, r, _ in rows))
     mbs = micro_batch_size(train_cfg.batch_size, dist.get_world_size())
     collate = partial(collate_pairs, layout=layout)
     loader = distributed_loader(PairRows(train_rows, "training"), mbs, shuffle=True, seed=cfg.seed, collate_fn=collate)
@@ -314,10 +315,10 @@ def prior_only_stage(cfg: Config, run_dir: Path, pairs: pd.DataFrame, val: np.nd
 
 
 def build_onpolicy_pairs(cfg: Config, run_dir: Path, log=print) -> Path:
-    """`reward.onpolicy_samples` pages per prompt from the SFT policy, ranked by the prior just
-    fitted into <run>/reward, as pairs; written to <run>/ONPOLICY_FILE (the training workers
-    read it), whose path is returned. Rebuilt on every call: the same seed and SFT policy give the same pairs, so a
-    resumed stage trains on what the interrupted one did."""
+    """`reward.onpolicy_samples` pages per prompt from the SFT policy, paired with the margins
+    of the prior just fitted into <run>/reward; written to <run>/ONPOLICY_FILE (the training
+    workers read it), whose path is returned. Rebuilt on every call: the same seed and SFT
+    policy give the same pairs, so a resumed stage trains on what the interrupted one did."""
     import time
 
     from pagellm.models.page_prior import item_categories
@@ -336,7 +337,7 @@ def build_onpolicy_pairs(cfg: Config, run_dir: Path, log=print) -> Path:
     onpolicy.to_parquet(tmp)
     tmp.replace(run_dir / ONPOLICY_FILE)  # atomic: a worker never reads half a file
     log(f"[reward] on-policy pairs: {cfg.reward.onpolicy_samples} pages x {len(prompts):,} prompts -> "
-        f"{len(onpolicy):,} pairs ranked by the page prior ({time.perf_counter() - t0:.0f}s)")
+        f"{len(onpolicy):,} pairs, each with the page prior's margin ({time.perf_counter() - t0:.0f}s)")
     return (run_dir / ONPOLICY_FILE).resolve()
 
 

@@ -1,6 +1,7 @@
 """Bradley–Terry loss and pair accuracy for the reward model (plain functions, no Ray).
 
 A pair is (chosen, rejected) scores of one head; P(chosen ≻ rejected) = σ(R_chosen − R_rejected).
+A pair that carries a teacher's margin (the on-policy pairs) regresses it instead (`pair_losses`).
 
 Why each enabled head gets its own BT term (L = L_coarse + L_fine) instead of one term on
 R_c + R_f: each head is then a calibrated scorer on its own. Serving uses R_c alone as a
@@ -36,20 +37,42 @@ def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Te
     return -pair_loglik(chosen, rejected).mean()
 
 
-def multi_head_loss(
-    chosen: Mapping[str, torch.Tensor], rejected: Mapping[str, torch.Tensor]
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """Σ over the heads present of their BT losses; also each head's loss and accuracy.
+def pair_losses(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | None = None) -> torch.Tensor:
+    """[B] per pair: −log σ(chosen − rejected) where `margin` is NaN (or not given), and
+    ½ (chosen − rejected − margin)² where it is a number.
 
-    `chosen`/`rejected`: head name -> scores [B]. Extras: `loss_<head>`, `acc_<head>`,
-    and `acc_sum` (accuracy of the summed score, what PPO optimises by default).
+    A margin is a teacher's score difference (the page prior's, for on-policy pairs): the
+    head then learns how much better a page is, not only that it is (Margin-MSE, as IR
+    distils a cross-encoder into a ranker, Hofstätter et al. 2020). Bradley–Terry's hard
+    target pushes every pair apart alike, the nearly-equal ones too, so fine differences
+    are taught as noise (docs/BENCHMARKS.md, "On-policy pairs")."""
+    bt = -pair_loglik(chosen, rejected)
+    if margin is None:
+        return bt
+    margin = margin.to(bt.dtype)
+    graded = ~torch.isnan(margin)
+    regress = 0.5 * (chosen.float() - rejected.float() - torch.nan_to_num(margin)) ** 2
+    return torch.where(graded, regress, bt)
+
+
+def multi_head_loss(
+    chosen: Mapping[str, torch.Tensor], rejected: Mapping[str, torch.Tensor], margin: torch.Tensor | None = None
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Σ over the heads present of their mean pair losses (`pair_losses`: Bradley–Terry,
+    or the margin's squared error where a pair has one); also each head's loss and accuracy.
+
+    `chosen`/`rejected`: head name -> scores [B]; `margin` [B] or None. Extras:
+    `loss_<head>`, `acc_<head>`, and `acc_sum` (accuracy of the summed score, what PPO
+    optimises by default).
     """
     if not chosen or set(chosen) != set(rejected):
         raise ValueError(f"heads differ or are empty: chosen {sorted(chosen)}, rejected {sorted(rejected)}")
     total = 0.0
     extras: dict[str, float] = {}
     for head in sorted(chosen):
-        loss = bradley_terry_loss(chosen[head], rejected[head])
+        if chosen[head].numel() == 0:
+            raise ValueError("pair loss of an empty batch")
+        loss = pair_losses(chosen[head], rejected[head], margin).mean()
         total = total + loss
         extras[f"loss_{head}"] = float(loss.detach())
         extras[f"acc_{head}"] = pair_accuracy(chosen[head], rejected[head])
