@@ -50,9 +50,10 @@ def write_pairs(sft_dir: Path, prompt_rows: list[tuple[int, list[int], list[int]
                 item_cat: np.ndarray, samples: int, page_len: int, seed: int, device: str = "cpu",
                 batch_prompts: int = 32, progress_every: int = 10) -> pd.DataFrame:
     """The pairs of `prompt_rows` = [(user, prompt items, excluded items)]: `samples` sampled
-    pages each (constrained, temperature 1, as PPO's rollouts), ranked by the page prior in
-    `prior_dir`. Columns as the data stage's pairs.parquet, family "onpolicy", `window` the
-    prompt's row in `prompt_rows`, plus `margin`, the prior's R_p(chosen) − R_p(rejected). Deterministic in `seed` on one device, so a resumed reward
+    pages each (constrained, temperature 1, as PPO's rollouts), scored by the page prior in
+    `prior_dir` and paired by `sample_pairs`. Columns as the data stage's pairs.parquet,
+    family "onpolicy", `window` the prompt's row in `prompt_rows`, plus `margin`, the prior's
+    R_p(chosen) − R_p(rejected). Deterministic in `seed` on one device, so a resumed reward
     stage trains on the same pairs. Runs where it is called (the reward stage calls it in a
     worker that exits after)."""
     import torch

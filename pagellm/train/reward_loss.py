@@ -32,9 +32,7 @@ def pair_loglik(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
 
 def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
     """Mean over pairs of −log σ(chosen − rejected)."""
-    if chosen.numel() == 0:
-        raise ValueError("Bradley–Terry loss of an empty batch")
-    return -pair_loglik(chosen, rejected).mean()
+    return pair_losses(chosen, rejected).mean()
 
 
 def pair_losses(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | None = None) -> torch.Tensor:
@@ -46,6 +44,8 @@ def pair_losses(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tens
     distils a cross-encoder into a ranker, Hofstätter et al. 2020). Bradley–Terry's hard
     target pushes every pair apart alike, the nearly-equal ones too, so fine differences
     are taught as noise (docs/BENCHMARKS.md, "On-policy pairs")."""
+    if chosen.numel() == 0:
+        raise ValueError("pair loss of an empty batch")
     bt = -pair_loglik(chosen, rejected)
     if margin is None:
         return bt
@@ -70,8 +70,6 @@ def multi_head_loss(
     total = 0.0
     extras: dict[str, float] = {}
     for head in sorted(chosen):
-        if chosen[head].numel() == 0:
-            raise ValueError("pair loss of an empty batch")
         loss = pair_losses(chosen[head], rejected[head], margin).mean()
         total = total + loss
         extras[f"loss_{head}"] = float(loss.detach())
